@@ -1,0 +1,43 @@
+# Two commands: `make demo` and `make test`. Both set up .venv and the data when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install data test lint demo bench-compress bench-search clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data:
+	@if [ ! -f $(FMNIST) ]; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
+	  { echo "cannot install Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; }; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check autoslim tests
+	$(BIN)/ruff format --check autoslim tests
+
+test: $(STAMP) data lint
+	$(BIN)/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+demo: $(STAMP) data
+	$(BIN)/autoslim search --budget 2MB
+
+bench-compress: $(STAMP) data
+	$(BIN)/python benchmarks/bench_compress.py
+
+bench-search: $(STAMP) data
+	$(BIN)/python benchmarks/bench_search.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache studies/*/runs

@@ -1,0 +1,260 @@
+"""The deployable artifact: one self-contained ONNX file, built from a compressed model.
+
+- float export with ``torch.onnx.export(..., external_data=False)`` at opset 21 (dynamic batch);
+- layers with int8/int4 weights and uint8 activations: ONNX Runtime's ``quantize_static`` in QDQ
+  format, per-channel symmetric weights, with the activation ranges that recovery trained with
+  passed as overrides (so what was trained is what ships);
+- weight-only layers (int8/int4 weights, float activations): the weight stored as an integer
+  initializer with a per-channel ``DequantizeLinear``;
+- fp16 layers: the weight stored as float16 with a ``Cast`` back to float (half the bytes; ORT
+  CPU computes in fp32);
+- everything else stays float. The file is written to a temp name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from .config import CompressionConfig
+from .errors import ExportError
+from .passes.quantize import QRANGE, layer_config
+
+__all__ = ["ExportResult", "export_onnx", "ort_session", "onnx_predict", "OPSET"]
+
+OPSET = 21
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    size_bytes: int
+    layers: dict[str, str] = field(default_factory=dict)  # layer -> scheme in the file
+    skipped: list[dict] = field(default_factory=list)
+    agreement: float | None = None  # top-1 agreement with the PyTorch model, when gated
+
+
+def _float_export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    import warnings
+
+    model.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            model,
+            (example,),
+            None,
+            dynamo=True,
+            external_data=False,
+            opset_version=OPSET,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
+        prog.save(str(path), external_data=False)
+
+
+class _Reader:
+    """CalibrationDataReader over a float32 array."""
+
+    def __init__(self, name: str, x: np.ndarray, batch: int = 64) -> None:
+        self.name, self.x, self.batch, self.i = name, x, batch, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.x):
+            return None
+        out = {self.name: self.x[self.i : self.i + self.batch]}
+        self.i += self.batch
+        return out
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def _weight_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Conv/Gemm/MatMul nodes keyed by the torch module name of their weight initializer."""
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
+            w = node.input[1]
+            if w in inits and w.endswith(".weight"):
+                out[w[: -len(".weight")]] = node
+    return out
+
+
+def _pack(q: np.ndarray, bits: int) -> bytes:
+    """Raw bytes of integer values: int8 as is, int4 two per byte (low nibble first)."""
+    flat = q.astype(np.int8).ravel()
+    if bits == 8:
+        return flat.tobytes()
+    nib = (flat & 0x0F).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _store_weight(model: onnx.ModelProto, wname: str, bits: int) -> None:
+    """Replace float initializer ``wname`` by fp16+Cast or int8/int4+DequantizeLinear."""
+    g = model.graph
+    idx = next(i for i, t in enumerate(g.initializer) if t.name == wname)
+    w = numpy_helper.to_array(g.initializer[idx]).astype(np.float32)
+    del g.initializer[idx]
+    if bits == 16:
+        g.initializer.append(numpy_helper.from_array(w.astype(np.float16), wname + "_fp16"))
+        g.node.insert(
+            0,
+            helper.make_node(
+                "Cast", [wname + "_fp16"], [wname], to=TensorProto.FLOAT, name=wname + "_cast"
+            ),
+        )
+        return
+    qmin, qmax = QRANGE[bits]
+    absmax = np.abs(w.reshape(w.shape[0], -1)).max(1)
+    scale = np.maximum(2 * absmax / (qmax - qmin), np.finfo(np.float32).tiny).astype(np.float32)
+    q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), qmin, qmax)
+    dtype = TensorProto.INT8 if bits == 8 else TensorProto.INT4
+    g.initializer.append(helper.make_tensor(wname + "_q", dtype, q.shape, _pack(q, bits), raw=True))
+    g.initializer.append(numpy_helper.from_array(scale, wname + "_scale"))
+    g.initializer.append(
+        helper.make_tensor(
+            wname + "_zp", dtype, scale.shape, _pack(np.zeros(scale.shape), bits), raw=True
+        )
+    )
+    g.node.insert(
+        0,
+        helper.make_node(
+            "DequantizeLinear",
+            [wname + "_q", wname + "_scale", wname + "_zp"],
+            [wname],
+            axis=0,
+            name=wname + "_dq",
+        ),
+    )
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    example: torch.Tensor,
+    config: CompressionConfig | None = None,
+    act_ranges: dict[str, list[float]] | None = None,
+    calib: torch.Tensor | None = None,
+    factorized: set[str] | None = None,
+) -> ExportResult:
+    """Write ``model`` (float weights, fake quantization stripped) as the artifact of ``config``."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = config or CompressionConfig()
+    act_ranges = act_ranges or {}
+    factorized = factorized or set()
+    result = ExportResult(path, 0)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmpd:
+        fp = Path(tmpd) / "float.onnx"
+        try:
+            _float_export(model, example[:1], fp)
+        except Exception as e:  # noqa: BLE001 - torch.onnx raises many types
+            raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e)[:300]}") from e
+        om = onnx.load(str(fp))
+        nodes = _weight_nodes(om)
+        torch_layers = [
+            n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+        ]
+        static: dict[str, int] = {}
+        storage: dict[str, int] = {}
+        for name in torch_layers:
+            cfg = layer_config(config, name, factorized)
+            if not cfg.quantized:
+                continue
+            if name not in nodes:
+                result.skipped.append(
+                    {
+                        "layer": name,
+                        "reason": "no ONNX node uses its weight "
+                        "(folded or renamed by the exporter); left float",
+                    }
+                )
+                continue
+            if cfg.act_bits == 8:
+                static[name] = cfg.weight_bits
+            else:
+                storage[name] = cfg.weight_bits
+        out = Path(tmpd) / "out.onnx"
+        if static:
+            if calib is None:
+                raise ExportError("int8 activations need calibration images (calib=...)")
+            input_name = om.graph.input[0].name
+            overrides: dict[str, list[dict]] = {}
+            for name, bits in static.items():
+                node = nodes[name]
+                wq = QuantType.QInt4 if bits == 4 else QuantType.QInt8
+                overrides[node.input[1]] = [{"quant_type": wq, "axis": 0, "symmetric": True}]
+                if name in act_ranges:
+                    lo, hi = act_ranges[name]
+                    overrides[node.input[0]] = [
+                        {
+                            "rmin": np.array(min(lo, 0.0), np.float32),
+                            "rmax": np.array(max(hi, 0.0), np.float32),
+                        }
+                    ]
+            exclude = [n.name for lname, n in nodes.items() if lname not in static]
+            logging.getLogger().setLevel(logging.ERROR)  # ORT's "consider pre-processing" noise
+            quantize_static(
+                str(fp),
+                str(out),
+                _Reader(input_name, calib.numpy().astype(np.float32)),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+                nodes_to_exclude=exclude,
+                extra_options={
+                    "TensorQuantOverrides": overrides,
+                    "WeightSymmetric": True,
+                    "ActivationSymmetric": False,
+                },
+            )
+            om = onnx.load(str(out))
+            for name, bits in static.items():
+                result.layers[name] = f"int{bits}-weights/uint8-activations QDQ"
+        for name, bits in storage.items():
+            _store_weight(om, name + ".weight", bits)
+            result.layers[name] = "fp16 weights" if bits == 16 else f"int{bits} weight-only DQ"
+        onnx.checker.check_model(om)
+        final = Path(tmpd) / "final.onnx"
+        onnx.save_model(om, str(final), save_as_external_data=False)
+        os.replace(final, path)  # atomic: never a half-written artifact
+    result.size_bytes = path.stat().st_size
+    return result
+
+
+def ort_session(path: str | Path, *, threads: int = 1, providers: list[str] | None = None):
+    """An ONNX Runtime session on the artifact (1 thread by default: deployable latency)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+def onnx_predict(session, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits of the artifact on ``x`` (batched)."""
+    name = session.get_inputs()[0].name
+    outs = [
+        session.run(None, {name: x[i : i + batch_size].numpy()})[0]
+        for i in range(0, len(x), batch_size)
+    ]
+    return torch.from_numpy(np.concatenate(outs))

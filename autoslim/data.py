@@ -1,0 +1,247 @@
+"""Datasets by name, held in memory as tensors, with a deterministic train/validation split.
+
+Names:
+- ``fashion-mnist``: IDX .gz files from ``/usr/share/datasets/fashion-mnist/`` (Debian package
+  ``dataset-fashion-mnist``) or ``data_dir``.
+- ``cifar10``: torchvision's on-disk layout (``cifar-10-batches-py``), never downloaded.
+- ``imagefolder:PATH``: a user's own images, ``PATH/train/<class>/*`` and optionally
+  ``PATH/test/<class>/*`` (otherwise 20% of train, seeded, becomes test).
+
+The test split is only for final reports; search decisions use the validation split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+__all__ = ["Split", "DataSplits", "load_dataset", "list_datasets", "FASHION_MNIST_DIR"]
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as a float tensor (N, C, H, W), already normalised, and int64 labels (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, n: int | None) -> Split:
+        """The first ``n`` samples (the split is already shuffled by its seed)."""
+        if n is None or n >= len(self):
+            return self
+        return Split(self.x[:n], self.y[:n])
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Train / validation / test splits plus what is needed to reproduce and describe them."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    seed: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image."""
+        c, h, w = self.train.x.shape[1:]
+        return int(c), int(h), int(w)
+
+    def fingerprint(self) -> str:
+        """A short hash naming the dataset, split sizes, seed and normalisation."""
+        key = (
+            f"{self.name}|{len(self.train)}|{len(self.val)}|{len(self.test)}|{self.seed}"
+            f"|{self.mean}|{self.std}|{self.meta.get('source_hash', '')}"
+        )
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
+    return ["fashion-mnist", "cifar10", "imagefolder:PATH"]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file; reinstall the dataset package")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(
+            f"{path}: IDX header says {dims} but holds {data.size} bytes; file is truncated"
+        )
+    return data.reshape(dims)
+
+
+def _fashion_mnist(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    root = Path(data_dir) if data_dir else FASHION_MNIST_DIR
+    missing = [f for pair in _FMNIST_FILES.values() for f in pair if not (root / f).is_file()]
+    if missing:
+        raise DataError(
+            f"Fashion-MNIST not found: expected {', '.join(missing)} in {root}; "
+            "install it with `sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR"
+        )
+    xtr, ytr = (_read_idx(root / f) for f in _FMNIST_FILES["train"])
+    xte, yte = (_read_idx(root / f) for f in _FMNIST_FILES["test"])
+    return xtr[:, None], ytr, xte[:, None], yte
+
+
+def _cifar10(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    root = Path(data_dir) if data_dir else Path("data")
+    base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    if not (base / "data_batch_1").is_file():
+        raise DataError(
+            f"CIFAR-10 not found: expected torchvision's layout cifar-10-batches-py/data_batch_1 "
+            f"under {root}; autoslim never downloads, so place the extracted archive there and "
+            "pass --data-dir DIR"
+        )
+
+    def load(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for n in names:
+            with open(base / n, "rb") as f:
+                # torchvision's own CIFAR-10 layout is a pickle; only read from the user's data dir.
+                d = pickle.load(f, encoding="latin1")  # noqa: S301
+            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d["labels"], dtype=np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    xtr, ytr = load([f"data_batch_{i}" for i in range(1, 6)])
+    xte, yte = load(["test_batch"])
+    return xtr, ytr, xte, yte
+
+
+def _imagefolder(path: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    root = Path(path)
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    if not train_dir.is_dir():
+        raise DataError(
+            f"imagefolder: {root} is not a directory; expected PATH/train/<class>/<image> "
+            "(or PATH/<class>/<image>)"
+        )
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and d.name != "test")
+    if len(classes) < 2:
+        raise DataError(
+            f"imagefolder: found {len(classes)} class folders in {train_dir}; need at least 2 "
+            "subfolders, one per class"
+        )
+
+    def load(d: Path) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for ci, c in enumerate(classes):
+            for p in sorted((d / c).glob("*")):
+                if p.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}:
+                    continue
+                img = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
+                xs.append(img.transpose(2, 0, 1))
+                ys.append(ci)
+        if not xs:
+            raise DataError(f"imagefolder: no images under {d}; expected .png/.jpg files")
+        shapes = {x.shape for x in xs}
+        if len(shapes) > 1:
+            raise DataError(
+                f"imagefolder: images under {d} have {len(shapes)} different sizes; "
+                "resize them to one size first"
+            )
+        return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+    x, y = load(train_dir)
+    if (root / "test").is_dir():
+        xte, yte = load(root / "test")
+        return x, y, xte, yte
+    perm = np.random.default_rng(seed + 1).permutation(len(y))
+    n_test = max(1, len(y) // 5)
+    te, tr = perm[:n_test], perm[n_test:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def load_dataset(
+    name: str = "fashion-mnist",
+    *,
+    data_dir: str | Path | None = None,
+    val_size: int = 5000,
+    seed: int = 0,
+    limit_train: int | None = None,
+) -> DataSplits:
+    """Load a dataset by name and split its training set into train and validation.
+
+    The split is a seeded permutation of the training set: the same ``seed`` and ``val_size``
+    always give the same, disjoint train and validation sets. The test set is kept apart and
+    untouched. Images are scaled to [0, 1] and normalised by the train split's per-channel mean
+    and std, which are recorded with the split. ``limit_train`` keeps only the first N training
+    images after the split (for quick runs and tests).
+    """
+    dd = Path(data_dir) if data_dir else None
+    if name == "fashion-mnist":
+        xtr, ytr, xte, yte = _fashion_mnist(dd)
+    elif name == "cifar10":
+        xtr, ytr, xte, yte = _cifar10(dd)
+    elif name.startswith("imagefolder:"):
+        xtr, ytr, xte, yte = _imagefolder(name.split(":", 1)[1], seed)
+    else:
+        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(list_datasets())}")
+    n = len(ytr)
+    if not 0 < val_size < n:
+        raise DataError(
+            f"val_size must be between 1 and {n - 1} for {name} ({n} training images); got {val_size}"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    if limit_train is not None:
+        train_idx = train_idx[:limit_train]
+    num_classes = int(max(ytr.max(), yte.max())) + 1
+
+    xtr_f = torch.from_numpy(xtr[train_idx]).float().div_(255.0)
+    mean = tuple(float(v) for v in xtr_f.mean(dim=(0, 2, 3)))
+    std = tuple(float(v) for v in xtr_f.std(dim=(0, 2, 3)))
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+
+    def norm(a: np.ndarray) -> torch.Tensor:
+        return (torch.from_numpy(np.array(a, copy=True)).float().div_(255.0) - m) / s
+
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(ytr).tobytes())
+    h.update(np.ascontiguousarray(yte).tobytes())
+    return DataSplits(
+        name=name,
+        train=Split((xtr_f - m) / s, torch.from_numpy(ytr[train_idx]).long()),
+        val=Split(norm(xtr[val_idx]), torch.from_numpy(ytr[val_idx]).long()),
+        test=Split(norm(xte), torch.from_numpy(yte).long()),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        seed=seed,
+        meta={
+            "source_hash": h.hexdigest()[:16],
+            "val_indices_hash": hashlib.sha256(val_idx.tobytes()).hexdigest()[:16],
+            "limit_train": limit_train,
+        },
+    )

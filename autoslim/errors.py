@@ -1,0 +1,36 @@
+"""One exception tree. Every message says the rule, the value it got and how to fix it.
+
+Exit codes (used by the CLI): 0 ok, 1 runtime failure, 2 usage/input error, 130 after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AutoslimError", "UsageError", "DataError", "ModelError", "ConfigError", "ExportError"]
+
+
+class AutoslimError(Exception):
+    """Base of every error autoslim raises on purpose. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class UsageError(AutoslimError, ValueError):
+    """Bad input from the user: a flag, a file, a name. The CLI exits with 2."""
+
+    exit_code = 2
+
+
+class DataError(UsageError):
+    """A dataset is missing or malformed."""
+
+
+class ModelError(UsageError):
+    """A model name or factory cannot be resolved."""
+
+
+class ConfigError(UsageError):
+    """A compression config, search space or study file is invalid."""
+
+
+class ExportError(AutoslimError):
+    """Building or checking the deployable artifact failed."""

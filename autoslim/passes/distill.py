@@ -1,0 +1,149 @@
+"""Distillation recovery (our own code, small): Hinton KD from the uncompressed teacher.
+
+Loss = ``alpha * T^2 * KL(softmax(s/T) || softmax(t/T)) + (1 - alpha) * CE(s, y)``. The
+teacher's logits for the fine-tune subset are computed once and cached (in memory and on disk,
+keyed by teacher hash and subset), since a teacher forward costs several times a pruned student's
+forward+backward. Batch-norm statistics are re-estimated after pruning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DistillConfig
+from ..data import Split
+
+__all__ = ["Recovery", "kd_loss", "teacher_logits", "recalibrate_bn", "distill"]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Fine-tune budget set by the caller: SGD + Nesterov with cosine decay."""
+
+    steps: int = 200
+    batch_size: int = 128
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    subset: int = 10000  # training images used for recovery (teacher logits cached for them)
+    bn_batches: int = 20
+    qat_fraction: float = 0.3  # last share of the steps runs with fake quantization
+    seed: int = 0
+
+
+def kd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, cfg: DistillConfig
+) -> torch.Tensor:
+    t = cfg.temperature
+    soft = F.kl_div(
+        F.log_softmax(student / t, 1),
+        F.log_softmax(teacher / t, 1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+    return cfg.alpha * soft + (1 - cfg.alpha) * F.cross_entropy(student, y)
+
+
+_MEMO: dict[str, torch.Tensor] = {}
+
+
+@torch.no_grad()
+def teacher_logits(
+    teacher: nn.Module, split: Split, *, key: str, cache: Path | None = None, batch_size: int = 512
+) -> torch.Tensor:
+    """The teacher's logits on ``split``, computed once per (teacher, subset) key."""
+    digest = hashlib.sha256(f"{key}|{len(split)}".encode()).hexdigest()[:16]
+    if digest in _MEMO:
+        return _MEMO[digest]
+    path = cache / f"{digest}.pt" if cache else None
+    if path is not None and path.is_file():
+        out = torch.load(path, weights_only=True)
+    else:
+        teacher.eval()
+        out = torch.cat(
+            [teacher(split.x[i : i + batch_size]) for i in range(0, len(split), batch_size)]
+        )
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(out, tmp)
+            os.replace(tmp, path)
+    _MEMO[digest] = out
+    return out
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batches: int, batch_size: int) -> int:
+    """Re-estimate BatchNorm running statistics on ``x`` (cumulative average); return #BNs."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return len(bns)
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i in range(min(batches, math.ceil(len(x) / batch_size))):
+        model(x[i * batch_size : (i + 1) * batch_size])
+    for m, mom in saved:
+        m.momentum = mom
+    model.eval()
+    return len(bns)
+
+
+def distill(
+    student: nn.Module,
+    split: Split,
+    logits: torch.Tensor,
+    cfg: DistillConfig,
+    *,
+    steps: int,
+    recovery: Recovery,
+    start_step: int = 0,
+    total_steps: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> float:
+    """Run ``steps`` KD steps on ``split`` (with cached teacher ``logits``); return last loss.
+
+    The cosine schedule spans ``total_steps`` (default ``steps``) starting at ``start_step``,
+    so recovery can be split into phases (float, then fake-quantised) on one schedule.
+    """
+    if steps <= 0:
+        return float("nan")
+    total = total_steps or steps
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(
+        params, lr=recovery.lr, momentum=0.9, nesterov=True, weight_decay=recovery.weight_decay
+    )
+    gen = torch.Generator().manual_seed(recovery.seed + start_step)
+    student.train()
+    n, loss_v = len(split), float("nan")
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    for s in range(start_step, start_step + steps):
+        lr = 0.5 * recovery.lr * (1 + math.cos(math.pi * s / total))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if pos + recovery.batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + recovery.batch_size]
+        pos += recovery.batch_size
+        loss = kd_loss(student(split.x[idx]), logits[idx], split.y[idx], cfg)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"recovery loss became {loss.item()} at step {s}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_v = loss.item()
+        if on_step is not None:
+            on_step(s, loss_v)
+    student.eval()
+    return loss_v

@@ -1,0 +1,183 @@
+"""The public verbs: ``compress`` a model by a config, ``export`` it as the deployable artifact.
+
+compress: prune (Torch-Pruning) -> low-rank -> BN re-estimation -> float KD recovery ->
+fold BN + fake-quantise (calibrated) -> quantization-aware KD recovery. export: ONNX (+QDQ)
+artifact, then a correctness gate comparing the artifact's predictions with the PyTorch model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .artifact import ExportResult, export_onnx
+from .config import CompressionConfig
+from .data import DataSplits, Split
+from .errors import ExportError
+from .measure import agreement, artifact_accuracy
+from .models import stem_and_classifier
+from .passes import PassReport
+from .passes.distill import Recovery, distill, recalibrate_bn, teacher_logits
+from .passes.lowrank import factorize_model
+from .passes.prune import prune_model
+from .passes.quantize import calibrate, fold_batchnorm, quantize_model, strip_fake_quant
+from .teacher import cache_dir, predict
+
+__all__ = ["Compressed", "compress", "export", "GATE_AGREEMENT"]
+
+GATE_AGREEMENT = 0.99
+
+
+@dataclass
+class Compressed:
+    """A compressed, recovered PyTorch model plus everything needed to export it faithfully."""
+
+    model: nn.Module
+    config: CompressionConfig
+    reports: list[PassReport]
+    example: torch.Tensor
+    calib: torch.Tensor
+    act_ranges: dict[str, list[float]] = field(default_factory=dict)
+    factorized: set[str] = field(default_factory=set)
+    recovery_loss: float = float("nan")
+
+    def report_dict(self) -> dict:
+        return {r.name: r.to_dict() for r in self.reports}
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def compress(
+    model: nn.Module,
+    config: CompressionConfig,
+    *,
+    data: DataSplits,
+    recovery: Recovery | None = None,
+    teacher_key: str | None = None,
+    classifier: str | None = None,
+    stem: str | None = None,
+    calib_size: int = 256,
+    progress: bool = False,
+) -> Compressed:
+    """Compress a copy of ``model`` (the trained original, also the KD teacher) per ``config``.
+
+    ``recovery`` sets the KD fine-tune (steps, batch, lr, subset); ``Recovery(steps=0)`` skips
+    training (BN statistics are still re-estimated after pruning). ``classifier`` and ``stem``
+    name the layers never pruned on output / never factorised (guessed when omitted).
+    ``teacher_key`` keys the on-disk cache of teacher logits (e.g. the teacher's content hash).
+    """
+    recovery = recovery or Recovery()
+    g_stem, g_cls = stem_and_classifier("", model)
+    classifier = classifier or g_cls
+    stem = stem or g_stem
+    teacher = model.eval()
+    student = copy.deepcopy(model)
+    c, h, w = data.input_shape
+    example = torch.zeros(1, c, h, w)
+    reports = [prune_model(student, config, example=example, classifier=classifier)]
+    lr_report = factorize_model(student, config, skip=tuple(x for x in (stem,) if x))
+    reports.append(lr_report)
+    factorized = {t["layer"] for t in lr_report.touched}
+    train = data.train.subset(recovery.subset)
+    calib = data.train.x[:calib_size]
+    changed = any(r.touched for r in reports)
+    if changed:
+        recalibrate_bn(
+            student, train.x, batches=recovery.bn_batches, batch_size=recovery.batch_size
+        )
+    quantized = any(lc.quantized for lc in config.layers.values()) or config.default.quantized
+    steps = recovery.steps if (changed or quantized) else 0  # identity: nothing to recover
+    q_steps = int(round(steps * recovery.qat_fraction)) if quantized else 0
+    f_steps = steps - q_steps
+    logits = None
+    if steps > 0:
+        key = teacher_key or "anon-" + str(id(model))
+        logits = teacher_logits(
+            teacher,
+            train,
+            key=f"{key}|{data.fingerprint()}",
+            cache=cache_dir() / "logits" if teacher_key else None,
+        )
+    bar = tqdm(total=steps, desc="recover", disable=not progress, file=sys.stderr, leave=False)
+
+    def tick(_s: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    loss = float("nan")
+    if f_steps > 0:
+        loss = distill(
+            student,
+            train,
+            logits,
+            config.distill,
+            steps=f_steps,
+            recovery=recovery,
+            total_steps=steps,
+            on_step=tick,
+        )
+    act_ranges: dict[str, list[float]] = {}
+    if quantized:
+        student = fold_batchnorm(student)
+        reports.append(quantize_model(student, config, factorized=factorized))
+        act_ranges = calibrate(student, calib)
+        if q_steps > 0:
+            loss = distill(
+                student,
+                train,
+                logits,
+                config.distill,
+                steps=q_steps,
+                recovery=recovery,
+                start_step=f_steps,
+                total_steps=steps,
+                on_step=tick,
+            )
+    bar.close()
+    student.eval()
+    return Compressed(student, config, reports, example, calib, act_ranges, factorized, loss)
+
+
+def export(
+    compressed: Compressed,
+    path: str | Path,
+    *,
+    check: Split | None = None,
+    min_agreement: float = GATE_AGREEMENT,
+) -> ExportResult:
+    """Write the deployable ONNX file for ``compressed``; optionally gate it on ``check``.
+
+    The gate runs the file in ONNX Runtime on ``check`` and compares top-1 predictions with the
+    PyTorch model's; below ``min_agreement`` the file is removed and :class:`ExportError` says why.
+    """
+    ref = predict(compressed.model, check.x).argmax(1) if check is not None else None
+    float_model = strip_fake_quant(copy.deepcopy(compressed.model))
+    result = export_onnx(
+        float_model,
+        path,
+        example=compressed.example,
+        config=compressed.config,
+        act_ranges=compressed.act_ranges,
+        calib=compressed.calib,
+        factorized=compressed.factorized,
+    )
+    if check is not None:
+        acc, pred = artifact_accuracy(result.path, check)
+        agree = agreement(pred, ref)
+        result.agreement = agree
+        if agree < min_agreement:
+            Path(result.path).unlink(missing_ok=True)
+            raise ExportError(
+                f"correctness gate: the artifact agrees with the PyTorch model on {agree:.2%} of "
+                f"{len(check)} images (need >= {min_agreement:.0%}); layers "
+                f"{sorted(compressed.act_ranges)[:3]}... may have activations outside their "
+                "calibrated range: try act_bits=32 for them or more calibration images"
+            )
+    return result

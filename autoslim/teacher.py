@@ -1,0 +1,268 @@
+"""Teacher training and the teacher cache.
+
+``train_teacher`` trains a model with a recipe and saves a checkpoint with metadata (recipe,
+val/test accuracy, size, content hash) in the cache directory; ``get_teacher`` returns the cached
+checkpoint for the same (model, dataset split, recipe) key or trains it once. Checkpoints are
+plain state dicts plus JSON-able metadata, loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import DataSplits, Split, load_dataset
+from .errors import UsageError
+from .models import build_model
+
+__all__ = [
+    "TeacherRecipe",
+    "Teacher",
+    "train_teacher",
+    "get_teacher",
+    "load_checkpoint",
+    "evaluate_accuracy",
+    "cache_dir",
+    "augment",
+]
+
+
+def cache_dir() -> Path:
+    """Where teachers and other reusable results live: ``$AUTOSLIM_CACHE`` or ~/.cache/autoslim."""
+    return Path(os.environ.get("AUTOSLIM_CACHE", Path.home() / ".cache" / "autoslim"))
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """How a teacher is trained. SGD + Nesterov, one-cycle LR, random crop (+flip)."""
+
+    epochs: int = 6
+    batch_size: int = 128
+    max_lr: float = 0.1
+    weight_decay: float = 5e-4
+    crop_padding: int = 2
+    flip: bool = True
+    seed: int = 0
+    max_steps: int | None = None  # stop early after this many steps (quick runs, tests)
+
+    def key(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@dataclass
+class Teacher:
+    """A trained model plus the metadata its checkpoint carries."""
+
+    model: nn.Module
+    meta: dict
+    path: Path | None = None
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.meta.get("content_hash", ""))
+
+
+def augment(x: torch.Tensor, *, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop (zero padding of ``padding`` px) and horizontal flip."""
+    b, _, h, w = x.shape
+    if padding > 0:
+        xp = F.pad(x, (padding, padding, padding, padding))
+        oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
+        ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
+        rows = (oy[:, None] + torch.arange(h))[:, :, None]  # (b, h, 1)
+        cols = (ox[:, None] + torch.arange(w))[:, None, :]  # (b, 1, w)
+        bi = torch.arange(b)[:, None, None]
+        x = xp.permute(0, 2, 3, 1)[bi, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        m = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(m[:, None, None, None], x.flip(3), x)
+    return x.contiguous()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits of ``model`` (in eval mode) on ``x``, batched."""
+    was_training = model.training
+    model.eval()
+    out = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate_accuracy(model: nn.Module, split: Split, batch_size: int = 512) -> float:
+    """Top-1 accuracy of a PyTorch model on a split."""
+    logits = predict(model, split.x, batch_size)
+    return float((logits.argmax(1) == split.y).float().mean())
+
+
+def _state_hash(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _model_size_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.state_dict().values())
+
+
+def train_teacher(
+    model_name: str,
+    data: DataSplits,
+    *,
+    recipe: TeacherRecipe | None = None,
+    progress: bool = True,
+    save_to: Path | None = None,
+) -> Teacher:
+    """Train ``model_name`` on ``data.train`` with ``recipe``; evaluate on val and test."""
+    recipe = recipe or TeacherRecipe()
+    torch.manual_seed(recipe.seed)
+    c, h, _ = data.input_shape
+    model = build_model(model_name, in_channels=c, num_classes=data.num_classes, image_size=h)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    n = len(data.train)
+    steps_per_epoch = max(1, n // recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    if recipe.max_steps is not None:
+        total = min(total, recipe.max_steps)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=recipe.max_lr,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=recipe.weight_decay,
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.max_lr, total_steps=total)
+    t0 = time.perf_counter()
+    step, val_acc = 0, float("nan")
+    epochs = -(-total // steps_per_epoch)
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        n_steps = min(steps_per_epoch, total - step)
+        bar = tqdm(
+            range(n_steps),
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=not progress,
+            file=sys.stderr,
+            leave=True,
+            dynamic_ncols=True,
+        )
+        for i in bar:
+            idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+            x = augment(data.train.x[idx], padding=recipe.crop_padding, flip=recipe.flip, gen=gen)
+            loss = F.cross_entropy(model(x), data.train.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{val_acc:.4f}")
+        val_acc = evaluate_accuracy(model, data.val)
+        bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{val_acc:.4f}")
+        bar.close()
+    train_time = time.perf_counter() - t0
+    model.eval()
+    state = model.state_dict()
+    meta = {
+        "model": model_name,
+        "dataset": data.name,
+        "data_fingerprint": data.fingerprint(),
+        "recipe": dataclasses.asdict(recipe),
+        "val_accuracy": val_acc,
+        "test_accuracy": evaluate_accuracy(model, data.test),
+        "size_bytes": _model_size_bytes(model),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "content_hash": _state_hash(state),
+        "train_seconds": round(train_time, 1),
+        "steps": step,
+        "torch": str(torch.__version__),
+    }
+    teacher = Teacher(model, meta)
+    if save_to is not None:
+        _save(teacher, save_to)
+    return teacher
+
+
+def _save(teacher: Teacher, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": teacher.model.state_dict(), "meta": teacher.meta}, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+    teacher.path = path
+
+
+def load_checkpoint(path: str | Path, model_name: str, data: DataSplits) -> Teacher:
+    """Load a checkpoint (a state dict, or autoslim's {state_dict, meta}) with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist; train one with `autoslim train`")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise UsageError(
+            f"cannot load {path} with weights_only=True ({type(e).__name__}); save a plain "
+            "state_dict with torch.save(model.state_dict(), path)"
+        ) from e
+    state = obj["state_dict"] if isinstance(obj, dict) and "state_dict" in obj else obj
+    meta = dict(obj.get("meta", {})) if isinstance(obj, dict) and "meta" in obj else {}
+    c, h, _ = data.input_shape
+    model = build_model(model_name, in_channels=c, num_classes=data.num_classes, image_size=h)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UsageError(
+            f"checkpoint {path} does not fit model {model_name!r} for {data.name}: "
+            f"{str(e).splitlines()[0]}; pass the --model it was trained as"
+        ) from e
+    model.eval()
+    if not meta:
+        meta = {"model": model_name, "dataset": data.name, "source": str(path)}
+    meta.setdefault("content_hash", _state_hash(model.state_dict()))
+    meta.setdefault("size_bytes", _model_size_bytes(model))
+    if "test_accuracy" not in meta:
+        meta["val_accuracy"] = evaluate_accuracy(model, data.val)
+        meta["test_accuracy"] = evaluate_accuracy(model, data.test)
+    return Teacher(model, meta, path)
+
+
+def teacher_path(model_name: str, data: DataSplits, recipe: TeacherRecipe) -> Path:
+    """The cache path for (model, dataset split, recipe)."""
+    key = f"{model_name}|{data.fingerprint()}|{recipe.key()}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in model_name)[-40:]
+    return cache_dir() / "teachers" / f"{safe}-{data.name.split(':')[0]}-{digest}.pt"
+
+
+def get_teacher(
+    model_name: str = "resnet18",
+    data: DataSplits | None = None,
+    *,
+    recipe: TeacherRecipe | None = None,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> Teacher:
+    """The teacher for (model, data, recipe): a user checkpoint, the cached one, or train it now."""
+    data = data or load_dataset()
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint, model_name, data)
+    recipe = recipe or TeacherRecipe()
+    path = teacher_path(model_name, data, recipe)
+    if path.is_file():
+        return load_checkpoint(path, model_name, data)
+    if progress:
+        print(f"training teacher {model_name} on {data.name} (cached at {path})", file=sys.stderr)
+    return train_teacher(model_name, data, recipe=recipe, progress=progress, save_to=path)
