@@ -1,0 +1,57 @@
+"""Pure computation on trial results: Pareto masks and hypervolume. No I/O, no Optuna."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["pareto_mask", "hypervolume"]
+
+
+def _as_min(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    sign = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+    return np.asarray(values, dtype=float) * sign
+
+
+def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Boolean mask of the non-dominated rows of ``values`` (n x k) under ``directions``."""
+    v = _as_min(values, directions)
+    n = len(v)
+    mask = np.ones(n, dtype=bool)
+    for i in range(n):
+        if not np.all(np.isfinite(v[i])):
+            mask[i] = False
+            continue
+        dominated = np.all(v <= v[i], axis=1) & np.any(v < v[i], axis=1)
+        if dominated.any():
+            mask[i] = False
+    return mask
+
+
+def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> float:
+    """Hypervolume dominated by ``values`` w.r.t. ``reference`` (exact, by slicing; k <= 3)."""
+    v = _as_min(values, directions)
+    ref = _as_min(np.asarray([reference], dtype=float), directions)[0]
+    v = v[np.all(v < ref, axis=1)]
+    if len(v) == 0:
+        return 0.0
+    v = v[pareto_mask(v, ["minimize"] * v.shape[1])]
+    if v.shape[1] == 1:
+        return float(ref[0] - v[:, 0].min())
+    if v.shape[1] == 2:
+        v = v[np.argsort(v[:, 0])]
+        hv, prev_y = 0.0, ref[1]
+        for x, y in v:
+            if y < prev_y:
+                hv += (ref[0] - x) * (prev_y - y)
+                prev_y = y
+        return float(hv)
+    # k = 3: sweep over the last axis, 2-D hypervolume of each slab
+    order = np.argsort(v[:, 2])
+    v = v[order]
+    hv = 0.0
+    for i in range(len(v)):
+        z_next = v[i + 1, 2] if i + 1 < len(v) else ref[2]
+        hv += hypervolume(v[: i + 1, :2], ["minimize"] * 2, ref[:2]) * (z_next - v[i, 2])
+    return float(hv)

@@ -1,0 +1,270 @@
+"""The search runner: the only module that imports Optuna.
+
+An Optuna study (local SQLite file by default, any RDB URL with ``storage``) samples the bound
+search space; each trial's parameters become a CompressionConfig that :func:`study.evaluate`
+turns into a measured artifact. Budgets are Optuna constraints (feasible iff <= 0). A stored
+fingerprint (model, teacher hash, data split, space, objectives, device) guards resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+from tqdm.auto import tqdm
+
+from .errors import UsageError
+from .report import trials_frame, write_outputs
+from .study import (
+    OBJECTIVES,
+    CandidateFailed,
+    StudySpec,
+    Task,
+    build_task,
+    estimate,
+    evaluate,
+    measure_baseline,
+)
+
+__all__ = ["search", "open_study", "load_study", "SearchResult"]
+
+BASELINES = [(0.0, 8, 8), (0.3, 8, 8), (0.5, 8, 8)]  # (prune, weight bits, act bits)
+
+
+class SearchResult:
+    """What ``search`` returns: the Optuna study, the trial table and where outputs went."""
+
+    def __init__(self, study: optuna.Study, frame, outputs: dict[str, Path], task: Task) -> None:
+        self.study, self.frame, self.outputs, self.task = study, frame, outputs, task
+
+    @property
+    def front(self):
+        return self.frame[self.frame["front"]]
+
+
+def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=spec.seed, n_startup_trials=max(4, min(10, spec.trials // 3))
+        )
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            seed=spec.seed, population_size=max(4, min(50, spec.trials // 4))
+        )
+    return optuna.samplers.RandomSampler(seed=spec.seed)
+
+
+def open_study(
+    spec: StudySpec,
+    *,
+    fingerprint: dict[str, str] | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+) -> optuna.Study:
+    """Create or resume the study; refuse to resume one with a different fingerprint."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=spec.storage_url,
+            load_if_exists=True,
+            directions=[OBJECTIVES[o] for o in spec.objectives],
+            sampler=sampler,
+        )
+    except ValueError as e:
+        raise UsageError(
+            f"cannot open study {spec.name!r} in {spec.storage_url}: {e}; "
+            "use another --name or --storage"
+        ) from e
+    if fingerprint is not None:
+        stored = study.user_attrs.get("fingerprint")
+        if stored is None:
+            study.set_user_attr("fingerprint", fingerprint)
+            study.set_user_attr("spec", spec.to_dict())
+            study.set_metric_names(list(spec.objectives))
+        elif stored != fingerprint:
+            diff = sorted(
+                k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
+            )
+            raise UsageError(
+                f"study {spec.name!r} in {spec.storage_url} was run with a different "
+                f"{', '.join(diff)} (stored {', '.join(f'{k}={stored.get(k)}' for k in diff)}); "
+                "refusing to resume: pass a new --name or delete "
+                f"{spec.run_dir} to start over"
+            )
+    return study
+
+
+def load_study(name_or_dir: str | Path, *, storage: str | None = None) -> optuna.Study:
+    """Open an existing study by name (``studies/runs/NAME``), folder or storage URL."""
+    from .study import STUDIES_DIR
+
+    p = Path(name_or_dir)
+    run_dir = p if p.is_dir() else STUDIES_DIR / "runs" / str(name_or_dir)
+    url = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    if storage is None and not (run_dir / "study.db").is_file():
+        raise UsageError(
+            f"no study found at {run_dir}; run `autoslim search` first or pass --storage URL"
+        )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = optuna.get_all_study_names(storage=url)
+    if not names:
+        raise UsageError(f"storage {url} holds no study")
+    name = p.name if p.name in names else names[0]
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def _done(study: optuna.Study) -> int:
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            n += 1
+        elif t.state == optuna.trial.TrialState.FAIL and "fail_reason" in t.user_attrs:
+            n += 1
+    return n
+
+
+def _suggest(trial: optuna.Trial, task: Task) -> dict[str, Any]:
+    params = {}
+    for d in task.space.dims:
+        k = d.knob
+        if k.choices is not None:
+            params[d.name] = trial.suggest_categorical(d.name, list(k.choices))
+        else:
+            params[d.name] = trial.suggest_float(d.name, k.low, k.high, step=k.step)
+    return params
+
+
+def _objective(task: Task):
+    spec = task.spec
+
+    def objective(trial: optuna.Trial) -> tuple[float, ...]:
+        config = task.space.to_config(_suggest(trial, task))
+        trial.set_user_attr("config", config.to_json())
+        trial.set_user_attr("summary", config.summary())
+        try:
+            res = evaluate(task, config, spec.run_dir / "trials" / f"{trial.number:05d}")
+        except CandidateFailed as e:
+            trial.set_user_attr("fail_reason", str(e)[:500])
+            raise
+        for k, v in res.items():
+            if k != "config":
+                trial.set_user_attr(k, v)
+        if res["status"] == "over_budget":
+            size = res["size_estimate"]
+            metrics = {"accuracy": 0.0, "latency": task.baseline["latency_ms"], "size": size}
+        else:
+            size = res["size_bytes"]
+            metrics = {"accuracy": res["val_accuracy"], "latency": res["latency_ms"], "size": size}
+        constraints = {}
+        if spec.budget is not None:
+            constraints["size"] = float(size - spec.budget)
+        if spec.max_latency_ms is not None:
+            constraints["latency"] = float(metrics["latency"] - spec.max_latency_ms)
+        if spec.max_accuracy_drop is not None:
+            drop = task.baseline["val_accuracy"] - metrics["accuracy"]
+            constraints["accuracy_drop"] = float(drop - spec.max_accuracy_drop)
+        for k, v in constraints.items():
+            trial.set_constraint(k, v)
+        trial.set_user_attr("constraints", constraints)
+        trial.set_user_attr("feasible", all(v <= 0 for v in constraints.values()))
+        return tuple(float(metrics[o]) for o in spec.objectives)
+
+    return objective
+
+
+def _fitting_baseline(task: Task) -> list[tuple[float, int, int]]:
+    """The by-hand pipeline as a trial: the smallest uniform int8 ratio that fits the budget."""
+    if task.spec.budget is None:
+        return []
+    for i in range(10, 19):
+        r = i * 0.05
+        params = task.space.uniform_params(prune=r, weight_bits=8, act_bits=8)
+        if estimate(task, task.space.to_config(params)) <= task.spec.budget:
+            return [(r, 8, 8)]
+    return []
+
+
+def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
+    """Run (or resume) the study described by ``spec`` until it holds ``spec.trials`` trials."""
+    task = build_task(spec, progress=progress)
+    study = open_study(spec, fingerprint=task.fingerprint(), sampler=_sampler(spec))
+    log = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
+    base = measure_baseline(task, spec.run_dir)
+    study.set_user_attr("baseline", base)
+    study.set_user_attr(
+        "teacher", {k: v for k, v in task.teacher.meta.items() if isinstance(v, (str, int, float))}
+    )
+    done = _done(study)
+    if not study.get_trials(deepcopy=False):
+        for prune, wb, ab in BASELINES + _fitting_baseline(task):
+            study.enqueue_trial(
+                task.space.uniform_params(prune=prune, weight_bits=wb, act_bits=ab),
+                skip_if_exists=True,
+            )
+    remaining = max(0, spec.trials - done)
+    log(
+        f"study {spec.name}: {done} trials stored, {remaining} to run "
+        f"({len(task.space.dims)} dimensions; storage {spec.storage_url})"
+    )
+    if remaining:
+        bar = tqdm(
+            total=remaining,
+            desc="trials",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        best = {"acc": -math.inf}
+
+        def cb(st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+            bar.update(1)
+            if t.user_attrs.get("feasible") and t.user_attrs.get("status") == "ok":
+                best["acc"] = max(best["acc"], t.user_attrs["val_accuracy"])
+            bar.set_postfix(
+                best_feasible_acc=f"{best['acc']:.4f}" if best["acc"] > 0 else "-",
+                last=t.user_attrs.get("status", t.state.name.lower()),
+            )
+
+        logging.getLogger("optuna").setLevel(logging.ERROR)
+        try:
+            study.optimize(
+                _objective(task),
+                n_trials=remaining,
+                catch=(CandidateFailed,),
+                callbacks=[cb],
+                gc_after_trial=True,
+            )
+        finally:
+            bar.close()
+    frame = trials_frame(study)
+    outputs = write_outputs(study, frame, spec.run_dir)
+    return SearchResult(study, frame, outputs, task)
+
+
+def summary_json(result: SearchResult) -> str:
+    cols = [
+        "trial",
+        "val_accuracy",
+        "test_accuracy",
+        "size_bytes",
+        "latency_ms",
+        "speedup",
+        "compression",
+        "summary",
+    ]
+    front = result.front[[c for c in cols if c in result.front.columns]]
+    return json.dumps(
+        {
+            "front": front.to_dict(orient="records"),
+            "outputs": {k: str(v) for k, v in result.outputs.items()},
+            "baseline": result.study.user_attrs.get("baseline"),
+        },
+        indent=2,
+        default=str,
+    )

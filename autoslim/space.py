@@ -1,0 +1,400 @@
+"""Search-space files (``search_spaces/*.toml``): load, validate, bind to a model.
+
+Schema (documented with examples in ``search_spaces/README.md``)::
+
+    skip = ["conv1", "fc"]          # layers/groups never touched (globs)
+
+    [distill]
+    temperature = {min = 2.0, max = 8.0}
+    alpha = [0.5, 0.7, 0.9]
+
+    [[rules]]
+    match = "layer4.*"              # glob on the module name; or  regex = "..."
+    prune = {min = 0.0, max = 0.8, step = 0.05}
+    weight_bits = [8, 4]
+    act_bits = 8
+    rank = ["off", 0.5]
+    share = ["weight_bits", "rank"] # these knobs: one parameter for all layers matched
+                                    # (true = all knobs of the rule)
+
+A knob is a fixed value (scalar), a choice list (array) or a range (``{min, max, step?}``).
+Rules are tried in order and the first whose pattern matches a name wins; ``prune`` applies to
+coupled channel groups (named by their first module), the other knobs to Conv2d/Linear layers.
+Activation bits apply where the weights are integer (8 or 4); float weights keep float inputs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ACT_BITS, WEIGHT_BITS, CompressionConfig, DistillConfig, LayerConfig
+from .errors import ConfigError
+from .passes.prune import list_groups
+
+__all__ = ["Knob", "Rule", "SearchSpace", "Dimension", "BoundSpace", "load_space", "SPACES_DIR"]
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+_KNOBS = ("prune", "weight_bits", "act_bits", "rank")
+_RULE_KEYS = {"match", "regex", *_KNOBS, "share"}
+_TOP_KEYS = {"name", "description", "skip", "distill", "rules", "round_to", "importance"}
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A fixed value, a list of choices, or a numeric range [low, high] with optional step."""
+
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.choices is not None and len(self.choices) == 1
+
+    def values(self) -> tuple[Any, ...]:
+        return self.choices or ()
+
+
+def _err(file: str, path: str, value: Any, hint: str) -> ConfigError:
+    return ConfigError(f"{file}: {path} = {value!r}: {hint}")
+
+
+def _knob(file: str, path: str, raw: Any, kind: str) -> Knob:
+    if isinstance(raw, dict):
+        extra = set(raw) - {"min", "max", "step"}
+        if extra or "min" not in raw or "max" not in raw:
+            raise _err(
+                file, path, raw, "a range needs exactly {min = ..., max = ...} and optional step"
+            )
+        lo, hi, st = raw["min"], raw["max"], raw.get("step")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
+            raise _err(file, path, raw, "range bounds must be numbers")
+        if not lo < hi:
+            raise _err(file, path, raw, f"empty range: min ({lo}) must be < max ({hi})")
+        if st is not None and (not isinstance(st, (int, float)) or st <= 0 or st > hi - lo):
+            raise _err(file, path, raw, "step must be > 0 and <= max - min")
+        if kind in ("weight_bits", "act_bits"):
+            raise _err(file, path, raw, "bits are a choice list, e.g. [8, 4], not a range")
+        if kind == "prune" and not (0 <= lo and hi < 1):
+            raise _err(file, path, raw, "prune ratios must lie in [0, 1)")
+        if kind in ("rank", "temperature") and lo <= 0:
+            raise _err(file, path, raw, "must be > 0")
+        if kind == "rank" and hi > 1:
+            raise _err(file, path, raw, "rank ratio must be <= 1")
+        if kind == "alpha" and not (0 <= lo and hi <= 1):
+            raise _err(file, path, raw, "alpha must lie in [0, 1]")
+        return Knob(low=float(lo), high=float(hi), step=None if st is None else float(st))
+    vals = tuple(raw) if isinstance(raw, list) else (raw,)
+    if not vals:
+        raise _err(file, path, raw, "empty choice list: give at least one value")
+    for v in vals:
+        if kind == "weight_bits" and v not in WEIGHT_BITS:
+            raise _err(file, path, v, f"the exporter writes weight bits {list(WEIGHT_BITS)} only")
+        if kind == "act_bits" and v not in ACT_BITS:
+            raise _err(file, path, v, f"the exporter writes activation bits {list(ACT_BITS)} only")
+        if kind == "rank" and not (v == "off" or (isinstance(v, (int, float)) and 0 < v <= 1)):
+            raise _err(file, path, v, 'rank is a ratio in (0, 1] or "off"')
+        if kind == "prune" and not (isinstance(v, (int, float)) and 0 <= v < 1):
+            raise _err(file, path, v, "prune ratios must lie in [0, 1)")
+        if kind == "temperature" and not (isinstance(v, (int, float)) and v > 0):
+            raise _err(file, path, v, "temperature must be > 0")
+        if kind == "alpha" and not (isinstance(v, (int, float)) and 0 <= v <= 1):
+            raise _err(file, path, v, "alpha must lie in [0, 1]")
+    return Knob(choices=vals)
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    is_regex: bool
+    knobs: dict[str, Knob]
+    share: tuple[str, ...] = ()
+    index: int = 0
+
+    def matches(self, name: str) -> bool:
+        if self.is_regex:
+            return re.fullmatch(self.pattern, name) is not None
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+    @property
+    def label(self) -> str:
+        return f"rule{self.index}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated search-space file."""
+
+    path: str
+    rules: tuple[Rule, ...]
+    skip: tuple[str, ...] = ()
+    temperature: Knob = Knob(choices=(4.0,))
+    alpha: Knob = Knob(choices=(0.9,))
+    round_to: int = 8
+    importance: str = "magnitude"
+    name: str = ""
+    text_hash: str = ""
+
+    def skipped(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.skip)
+
+    def rule_for(self, name: str, knob: str) -> Rule | None:
+        """The first rule matching ``name`` decides (first match wins); None if it lacks ``knob``."""
+        for r in self.rules:
+            if r.matches(name):
+                return r if knob in r.knobs else None
+        return None
+
+    def bind(
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        *,
+        classifier: str | None,
+        stem: str | None = None,
+    ) -> BoundSpace:
+        return BoundSpace.build(self, model, example, classifier=classifier, stem=stem)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space TOML file (a bare name looks in ``search_spaces/``)."""
+    p = Path(path)
+    if not p.exists() and not p.suffix and (SPACES_DIR / f"{p}.toml").exists():
+        p = SPACES_DIR / f"{p}.toml"
+    if not p.is_file():
+        avail = sorted(x.stem for x in SPACES_DIR.glob("*.toml")) if SPACES_DIR.is_dir() else []
+        raise ConfigError(f"search space {path!r} not found; give a TOML file or one of {avail}")
+    text = p.read_text()
+    try:
+        d = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from e
+    f = str(p)
+    for k in set(d) - _TOP_KEYS:
+        raise _err(f, k, d[k], f"unknown key; expected one of {sorted(_TOP_KEYS)}")
+    rules = []
+    raw_rules = d.get("rules", [])
+    if not isinstance(raw_rules, list) or not raw_rules:
+        raise _err(f, "rules", raw_rules, "give at least one [[rules]] table")
+    for i, r in enumerate(raw_rules):
+        where = f"rules[{i}]"
+        if not isinstance(r, dict):
+            raise _err(f, where, r, "each rule is a table")
+        for k in set(r) - _RULE_KEYS:
+            raise _err(
+                f, f"{where}.{k}", r[k], f"unknown key; expected some of {sorted(_RULE_KEYS)}"
+            )
+        if ("match" in r) == ("regex" in r):
+            raise _err(f, where, r, "give exactly one of match (glob) or regex")
+        pattern = r.get("match", r.get("regex"))
+        if not isinstance(pattern, str) or not pattern:
+            raise _err(f, f"{where}.match", pattern, "pattern must be a non-empty string")
+        if "regex" in r:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise _err(f, f"{where}.regex", pattern, f"invalid regex: {e}") from e
+        knobs = {k: _knob(f, f"{where}.{k}", r[k], k) for k in _KNOBS if k in r}
+        if not knobs:
+            raise _err(f, where, r, f"a rule needs at least one knob of {list(_KNOBS)}")
+        share = r.get("share", False)
+        if share is True:
+            share = list(knobs)
+        elif share is False:
+            share = []
+        if not isinstance(share, list) or not set(share) <= set(knobs):
+            raise _err(
+                f,
+                f"{where}.share",
+                share,
+                f"share is true, false or a list of this rule's knobs {sorted(knobs)}",
+            )
+        rules.append(Rule(pattern, "regex" in r, knobs, tuple(share), i))
+    dist = d.get("distill", {})
+    if not isinstance(dist, dict) or set(dist) - {"temperature", "alpha"}:
+        raise _err(f, "distill", dist, "expected a table with temperature and/or alpha")
+    skip = d.get("skip", [])
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        raise _err(f, "skip", skip, "a list of layer-name globs")
+    round_to = d.get("round_to", 8)
+    if not isinstance(round_to, int) or round_to < 1:
+        raise _err(f, "round_to", round_to, "a positive integer (channels rounded to it)")
+    importance = d.get("importance", "magnitude")
+    try:
+        CompressionConfig(importance=importance)
+    except ConfigError as e:
+        raise _err(f, "importance", importance, str(e)) from e
+    return SearchSpace(
+        path=f,
+        rules=tuple(rules),
+        skip=tuple(skip),
+        temperature=_knob(f, "distill.temperature", dist.get("temperature", 4.0), "temperature"),
+        alpha=_knob(f, "distill.alpha", dist.get("alpha", 0.9), "alpha"),
+        round_to=round_to,
+        importance=importance,
+        name=str(d.get("name", p.stem)),
+        text_hash=hashlib.sha256(text.encode()).hexdigest()[:16],
+    )
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One named search dimension and the layers/groups it controls."""
+
+    name: str
+    knob: Knob
+    targets: tuple[str, ...]
+    kind: str  # prune | weight_bits | act_bits | rank | temperature | alpha
+
+
+@dataclass
+class BoundSpace:
+    """A search space bound to a model's groups and layers: named dimensions + fixed values."""
+
+    space: SearchSpace
+    dims: list[Dimension]
+    fixed: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> {target: value}
+    groups: dict[str, int] = field(default_factory=dict)  # group name -> channels
+    layers: list[str] = field(default_factory=list)
+    matched: dict[str, list[str]] = field(default_factory=dict)  # rule label -> names
+
+    @classmethod
+    def build(
+        cls,
+        space: SearchSpace,
+        model: nn.Module,
+        example: torch.Tensor,
+        *,
+        classifier: str | None,
+        stem: str | None = None,
+    ) -> BoundSpace:
+        groups = {g.name: g.channels for g in list_groups(model, example, classifier=classifier)}
+        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        dims: dict[str, Dimension] = {}
+        fixed: dict[str, dict[str, Any]] = {k: {} for k in _KNOBS}
+        matched: dict[str, list[str]] = {r.label: [] for r in space.rules}
+
+        def add(kind: str, target: str) -> None:
+            rule = space.rule_for(target, kind)
+            if rule is None or space.skipped(target):
+                return
+            if target not in matched[rule.label]:
+                matched[rule.label].append(target)
+            knob = rule.knobs[kind]
+            if knob.fixed:
+                fixed[kind][target] = knob.choices[0]
+                return
+            name = f"{kind}/{rule.label}" if kind in rule.share else f"{kind}/{target}"
+            old = dims.get(name)
+            dims[name] = Dimension(name, knob, (*(old.targets if old else ()), target), kind)
+
+        for g in groups:
+            if stem is not None and g == stem and space.skipped(stem):
+                continue
+            add("prune", g)
+        for name in layers:
+            for kind in ("weight_bits", "act_bits", "rank"):
+                add(kind, name)
+        out = list(dims.values())
+        if not space.temperature.fixed:
+            out.append(Dimension("kd/temperature", space.temperature, (), "temperature"))
+        if not space.alpha.fixed:
+            out.append(Dimension("kd/alpha", space.alpha, (), "alpha"))
+        return cls(space, out, fixed, groups, layers, matched)
+
+    def fingerprint(self) -> str:
+        desc = json.dumps(
+            {
+                "dims": [(d.name, repr(d.knob), d.targets) for d in self.dims],
+                "fixed": self.fixed,
+                "hash": self.space.text_hash,
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+    def to_config(self, params: dict[str, Any]) -> CompressionConfig:
+        """Turn sampled parameters (dimension name -> value) into a CompressionConfig."""
+        values: dict[str, dict[str, Any]] = {k: dict(v) for k, v in self.fixed.items()}
+        for d in self.dims:
+            if d.kind in _KNOBS:
+                for t in d.targets:
+                    values[d.kind][t] = params[d.name]
+        prune = {g: float(r) for g, r in values["prune"].items() if float(r) > 0}
+        layers = {}
+        for name in self.layers:
+            wb = int(values["weight_bits"].get(name, 32))
+            ab = int(values["act_bits"].get(name, 32))
+            if wb >= 16:
+                ab = 32  # float weights keep float activations
+            rank = values["rank"].get(name, "off")
+            rank = None if rank == "off" else float(rank)
+            if (wb, ab, rank) != (32, 32, None):
+                layers[name] = LayerConfig(wb, ab, rank)
+        t = params.get("kd/temperature", self.space.temperature.values()[:1] or (4.0,))
+        a = params.get("kd/alpha", self.space.alpha.values()[:1] or (0.9,))
+        t = t[0] if isinstance(t, tuple) else t
+        a = a[0] if isinstance(a, tuple) else a
+        return CompressionConfig(
+            prune=prune,
+            layers=layers,
+            distill=DistillConfig(float(t), float(a)),
+            round_to=self.space.round_to,
+            importance=self.space.importance,
+        )
+
+    def uniform_params(self, *, prune: float, weight_bits: int, act_bits: int) -> dict[str, Any]:
+        """Parameters for a uniform baseline, for the dimensions that admit those values."""
+        want = {
+            "prune": prune,
+            "weight_bits": weight_bits,
+            "act_bits": act_bits,
+            "rank": "off",
+            "temperature": 4.0,
+            "alpha": 0.9,
+        }
+        out: dict[str, Any] = {}
+        for d in self.dims:
+            v = want.get(d.kind)
+            if v is None:
+                v = d.knob.choices[0] if d.knob.choices else (d.knob.low + d.knob.high) / 2
+            k = d.knob
+            if k.choices is not None:
+                if v not in k.choices:
+                    v = k.choices[0]
+            else:
+                v = min(max(float(v), k.low), k.high)
+            out[d.name] = v
+        return out
+
+    def describe(self) -> str:
+        """Which names each rule matched and how many dimensions result."""
+        lines = []
+        for r in self.space.rules:
+            names = self.matched.get(r.label, [])
+            pat = ("regex " if r.is_regex else "match ") + repr(r.pattern)
+            knobs = ", ".join(sorted(r.knobs))
+            shown = ", ".join(names[:8]) + (f", ... (+{len(names) - 8})" if len(names) > 8 else "")
+            lines.append(
+                f"{r.label} {pat} [{knobs}{'; shared: ' + ','.join(r.share) if r.share else ''}]: "
+                f"{len(names)} matched{': ' + shown if names else ''}"
+            )
+        unmatched = [n for n in self.layers if not any(n in v for v in self.matched.values())]
+        lines.append(f"unmatched layers (left as they are): {len(unmatched)}")
+        lines.append(
+            f"{len(self.dims)} dimensions "
+            f"({len(self.groups)} prunable groups, {len(self.layers)} conv/linear layers)"
+        )
+        return "\n".join(lines)

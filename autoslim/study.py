@@ -1,0 +1,295 @@
+"""Study definitions (``studies/*.toml``), the task they describe, and one trial's evaluation.
+
+A study file names the model, dataset, teacher recipe, search space, objectives, budgets,
+latency backend, trial count and recovery fidelity. ``autoslim search`` with no file uses
+``studies/default.toml``; CLI flags override file values. Outputs go to ``studies/runs/NAME/``
+(ignored by git): the Optuna storage, one folder per trial with its artifact, tables, plots.
+
+:func:`evaluate` is the one runner of a candidate: size pre-check (analytic, before training)
+-> compress -> recover -> export -> measure on the artifact. It returns plain data and never
+imports Optuna, so other workers or a remote agent can run it the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact import estimate_size, export_onnx
+from .config import CompressionConfig
+from .data import DataSplits, load_dataset
+from .errors import AutoslimError, ConfigError, UsageError
+from .measure import artifact_accuracy, get_backend
+from .models import stem_and_classifier
+from .passes.distill import Recovery
+from .passes.lowrank import factorize_model
+from .passes.prune import prune_model
+from .pipeline import compress, export
+from .space import BoundSpace, load_space
+from .teacher import Teacher, TeacherRecipe, get_teacher
+from .units import parse_latency_ms, parse_size
+
+__all__ = ["StudySpec", "Task", "load_study_spec", "build_task", "evaluate", "STUDIES_DIR"]
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+OBJECTIVES = {"accuracy": "maximize", "latency": "minimize", "size": "minimize"}
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+@dataclass
+class StudySpec:
+    """Everything that defines a study. Plain data; fields mirror the TOML keys."""
+
+    name: str = "default"
+    model: str = "resnet18"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    val_size: int = 5000
+    split_seed: int = 0
+    limit_train: int | None = None
+    teacher_checkpoint: str | None = None
+    teacher_epochs: int = 6
+    teacher_max_steps: int | None = None
+    space: str = "default"
+    objectives: list[str] = field(default_factory=lambda: ["accuracy", "latency"])
+    budget: int | None = None
+    max_latency_ms: float | None = None
+    max_accuracy_drop: float | None = None
+    backend: str = "onnxruntime-cpu"
+    trials: int = 20
+    sampler: str = "tpe"
+    seed: int = 0
+    recovery_steps: int = 60
+    recovery_batch_size: int = 128
+    recovery_lr: float = 0.01
+    recovery_subset: int = 5000
+    latency_runs: int = 200
+    gate_images: int = 1000
+    storage: str | None = None
+    out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError(
+                f"objectives must be distinct names from {list(OBJECTIVES)}; got {self.objectives}"
+            )
+        if "accuracy" not in self.objectives:
+            raise ConfigError(f"objectives must include 'accuracy'; got {self.objectives}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {SAMPLERS}; got {self.sampler!r}")
+        if self.trials < 1:
+            raise ConfigError(f"trials must be >= 1; got {self.trials}")
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
+            raise ConfigError(
+                f"max_accuracy_drop is a fraction in [0, 1] (0.01 = 1 pt); "
+                f"got {self.max_accuracy_drop}"
+            )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else STUDIES_DIR / "runs" / self.name
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+
+    def recovery(self) -> Recovery:
+        return Recovery(
+            steps=self.recovery_steps,
+            batch_size=self.recovery_batch_size,
+            lr=self.recovery_lr,
+            subset=self.recovery_subset,
+            seed=self.seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(StudySpec)}
+
+
+def load_study_spec(path: str | Path | None = None, **overrides: Any) -> StudySpec:
+    """Read a study TOML (default ``studies/default.toml``) and apply non-None ``overrides``."""
+    p = Path(path) if path else STUDIES_DIR / "default.toml"
+    if not p.is_file() and not p.suffix and (STUDIES_DIR / f"{p}.toml").is_file():
+        p = STUDIES_DIR / f"{p}.toml"
+    values: dict[str, Any] = {}
+    if p.is_file():
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from e
+        flat: dict[str, Any] = {}
+        for k, v in raw.items():
+            if isinstance(v, dict) and k in ("teacher", "recovery"):
+                flat.update({f"{k}_{kk}": vv for kk, vv in v.items()})
+            else:
+                flat[k] = v
+        unknown = sorted(set(flat) - _FIELDS)
+        if unknown:
+            raise ConfigError(f"{p}: unknown keys {unknown}; expected some of {sorted(_FIELDS)}")
+        values.update(flat)
+        values.setdefault("name", p.stem)
+    elif path is not None:
+        raise UsageError(f"study file {path} not found; give a TOML file like studies/default.toml")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("budget") is not None:
+        values["budget"] = parse_size(values["budget"])
+    if values.get("max_latency_ms") is not None:
+        values["max_latency_ms"] = parse_latency_ms(values["max_latency_ms"])
+    try:
+        return StudySpec(**values)
+    except TypeError as e:
+        raise ConfigError(f"study: {e}") from e
+
+
+@dataclass
+class Task:
+    """What a trial needs: data, teacher, bound space, backend and baseline measurements."""
+
+    spec: StudySpec
+    data: DataSplits
+    teacher: Teacher
+    space: BoundSpace
+    classifier: str | None
+    stem: str | None
+    baseline: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def example(self) -> torch.Tensor:
+        return torch.zeros(1, *self.data.input_shape)
+
+    def fingerprint(self) -> dict[str, str]:
+        s = self.spec
+        return {
+            "model": s.model,
+            "teacher_hash": self.teacher.content_hash,
+            "data_split": self.data.fingerprint(),
+            "space": self.space.fingerprint(),
+            "objectives": ",".join(s.objectives),
+            "backend": s.backend,
+            "budget": str(s.budget),
+            "recovery": json.dumps(dataclasses.asdict(s.recovery()), sort_keys=True),
+        }
+
+
+def build_task(spec: StudySpec, *, progress: bool = True) -> Task:
+    """Load data, get (or train once) the teacher, bind the space, measure the fp32 baseline."""
+    get_backend(spec.backend)  # fail fast on an unavailable backend
+    data = load_dataset(
+        spec.dataset,
+        data_dir=spec.data_dir,
+        val_size=spec.val_size,
+        seed=spec.split_seed,
+        limit_train=spec.limit_train,
+    )
+    recipe = TeacherRecipe(epochs=spec.teacher_epochs, max_steps=spec.teacher_max_steps)
+    teacher = get_teacher(
+        spec.model, data, recipe=recipe, checkpoint=spec.teacher_checkpoint, progress=progress
+    )
+    stem, classifier = stem_and_classifier(spec.model, teacher.model)
+    space = load_space(spec.space).bind(
+        teacher.model, torch.zeros(1, *data.input_shape), classifier=classifier, stem=stem
+    )
+    return Task(spec, data, teacher, space, classifier, stem)
+
+
+def measure_baseline(task: Task, out_dir: Path) -> dict[str, float]:
+    """The teacher as an fp32 ONNX artifact: size, val/test accuracy, latency (same backend)."""
+    path = out_dir / "teacher_fp32.onnx"
+    res = export_onnx(copy.deepcopy(task.teacher.model), path, example=task.example)
+    lat = get_backend(task.spec.backend).measure(
+        path, input_shape=task.data.input_shape, runs=task.spec.latency_runs
+    )
+    task.baseline = {
+        "size_bytes": res.size_bytes,
+        "val_accuracy": artifact_accuracy(path, task.data.val)[0],
+        "test_accuracy": artifact_accuracy(path, task.data.test)[0],
+        "latency_ms": lat.median_ms,
+    }
+    return task.baseline
+
+
+def estimate(task: Task, config: CompressionConfig) -> int:
+    """Analytic artifact size of ``config`` (prune + factorise a copy, no training): ~0.5 s."""
+    m = copy.deepcopy(task.teacher.model)
+    prune_model(m, config, example=task.example, classifier=task.classifier)
+    rep = factorize_model(m, config, skip=(task.stem,) if task.stem else ())
+    return estimate_size(m, config, factorized={t["layer"] for t in rep.touched})
+
+
+class CandidateFailed(AutoslimError):
+    """A candidate could not be turned into a verified artifact (recorded, study continues)."""
+
+
+def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str, Any]:
+    """Run one candidate end to end and return its measurements as plain data.
+
+    Over-budget candidates (by the analytic estimate) return ``status='over_budget'`` before
+    any training. Failures raise :class:`CandidateFailed` with a diagnosis.
+    """
+    spec, t0 = task.spec, time.perf_counter()
+    est = estimate(task, config)
+    out: dict[str, Any] = {
+        "config": config.to_dict(),
+        "summary": config.summary(),
+        "size_estimate": est,
+    }
+    if spec.budget is not None and est > spec.budget:
+        out.update(status="over_budget", seconds=round(time.perf_counter() - t0, 2))
+        return out
+    try:
+        c = compress(
+            task.teacher.model,
+            config,
+            data=task.data,
+            recovery=spec.recovery(),
+            teacher_key=task.teacher.content_hash,
+            classifier=task.classifier,
+            stem=task.stem,
+        )
+    except (FloatingPointError, RuntimeError) as e:
+        raise CandidateFailed(f"compression/recovery failed: {type(e).__name__}: {e}") from e
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    path = trial_dir / "model.onnx"
+    try:
+        res = export(c, path, check=task.data.val.subset(spec.gate_images))
+    except AutoslimError as e:
+        raise CandidateFailed(str(e)) from e
+    val_acc, _ = artifact_accuracy(path, task.data.val)
+    test_acc, _ = artifact_accuracy(path, task.data.test)
+    if not math.isfinite(val_acc):
+        raise CandidateFailed("validation accuracy is NaN")
+    lat = get_backend(spec.backend).measure(
+        path, input_shape=task.data.input_shape, runs=spec.latency_runs
+    )
+    (trial_dir / "config.json").write_text(config.to_json())
+    (trial_dir / "reports.json").write_text(json.dumps(c.report_dict(), indent=1, default=str))
+    out.update(
+        status="ok",
+        val_accuracy=val_acc,
+        test_accuracy=test_acc,
+        size_bytes=res.size_bytes,
+        latency_ms=lat.median_ms,
+        latency_p90_ms=lat.p90_ms,
+        agreement=res.agreement,
+        num_params=c.num_params(),
+        artifact=str(path),
+        artifact_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        recovery_loss=c.recovery_loss,
+        skipped_layers=sum(len(r.skipped) for r in c.reports) + len(res.skipped),
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    return out

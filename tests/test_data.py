@@ -1,0 +1,175 @@
+"""Datasets: deterministic disjoint splits, recorded normalisation, clear errors, imagefolder."""
+
+from __future__ import annotations
+
+import gzip
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FMNIST_DIR
+from PIL import Image
+
+from autoslim import DataError, DataSplits, Split, list_datasets, load_dataset
+
+
+def _raw_idx(name: str) -> np.ndarray:
+    """An IDX file read independently of autoslim (big-endian header, then bytes)."""
+    with gzip.open(FMNIST_DIR / name, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _to_uint8(split: Split, data: DataSplits) -> np.ndarray:
+    """Undo the normalisation: the original 0..255 pixels, one row per image."""
+    m = torch.tensor(data.mean).view(1, -1, 1, 1)
+    s = torch.tensor(data.std).view(1, -1, 1, 1)
+    px = ((split.x * s + m) * 255.0).round()
+    assert float(px.min()) >= 0 and float(px.max()) <= 255
+    return px.to(torch.uint8).reshape(len(split), -1).numpy()
+
+
+def _row_keys(rows: np.ndarray, labels: np.ndarray) -> Counter:
+    return Counter(r.tobytes() + bytes([int(y)]) for r, y in zip(rows, labels, strict=True))
+
+
+@pytest.fixture(scope="module")
+def full_seed0() -> DataSplits:
+    return load_dataset("fashion-mnist", val_size=5000, seed=0)
+
+
+def test_same_seed_gives_same_split(fmnist: DataSplits) -> None:
+    again = load_dataset("fashion-mnist", val_size=500, limit_train=2000, seed=0)
+    assert torch.equal(again.train.x, fmnist.train.x)
+    assert torch.equal(again.train.y, fmnist.train.y)
+    assert torch.equal(again.val.x, fmnist.val.x)
+    assert again.meta["val_indices_hash"] == fmnist.meta["val_indices_hash"]
+    assert again.fingerprint() == fmnist.fingerprint()
+
+
+def test_other_seed_gives_other_split(fmnist: DataSplits) -> None:
+    other = load_dataset("fashion-mnist", val_size=500, limit_train=2000, seed=1)
+    assert other.meta["val_indices_hash"] != fmnist.meta["val_indices_hash"]
+    assert not torch.equal(other.val.x, fmnist.val.x)
+    assert not torch.equal(other.train.y, fmnist.train.y)
+    assert other.fingerprint() != fmnist.fingerprint()
+
+
+def test_train_and_val_partition_the_training_set(full_seed0: DataSplits) -> None:
+    """Train + val hold every training image exactly once (as a multiset of image+label rows),
+    so no image is in both and none is lost."""
+    d = full_seed0
+    assert (len(d.train), len(d.val)) == (55000, 5000)
+    raw_x = _raw_idx("train-images-idx3-ubyte.gz").reshape(60000, -1)
+    raw_y = _raw_idx("train-labels-idx1-ubyte.gz")
+    train_keys = _row_keys(_to_uint8(d.train, d), d.train.y.numpy())
+    val_keys = _row_keys(_to_uint8(d.val, d), d.val.y.numpy())
+    assert train_keys + val_keys == _row_keys(raw_x, raw_y)
+    # Every validation image that also appears in train is a true duplicate in the raw data.
+    raw_keys = _row_keys(raw_x, raw_y)
+    for k in val_keys.keys() & train_keys.keys():
+        assert raw_keys[k] >= 2
+
+
+def test_test_split_is_the_same_for_any_seed_and_val_size(
+    fmnist: DataSplits, full_seed0: DataSplits
+) -> None:
+    other = load_dataset("fashion-mnist", val_size=777, limit_train=100, seed=3)
+    raw_x = _raw_idx("t10k-images-idx3-ubyte.gz").reshape(10000, -1)
+    raw_y = _raw_idx("t10k-labels-idx1-ubyte.gz")
+    for d in (fmnist, full_seed0, other):
+        assert len(d.test) == 10000
+        assert np.array_equal(_to_uint8(d.test, d), raw_x)  # same images, same order
+        assert np.array_equal(d.test.y.numpy(), raw_y)
+
+
+def test_normalisation_is_recorded_and_train_is_standardised(full_seed0: DataSplits) -> None:
+    d = full_seed0
+    raw_mean = _raw_idx("train-images-idx3-ubyte.gz").mean() / 255.0
+    assert len(d.mean) == len(d.std) == 1
+    assert d.mean[0] == pytest.approx(raw_mean, abs=0.01)
+    assert 0.2 < d.std[0] < 0.5
+    assert abs(float(d.train.x.mean())) < 1e-3
+    assert float(d.train.x.std()) == pytest.approx(1.0, abs=1e-3)
+    # Validation uses the train statistics, so it is only roughly standardised.
+    assert abs(float(d.val.x.mean())) < 0.05
+
+
+def test_shapes_classes_and_limit_train(fmnist: DataSplits) -> None:
+    assert fmnist.input_shape == (1, 28, 28)
+    assert fmnist.num_classes == 10
+    assert (len(fmnist.train), len(fmnist.val)) == (2000, 500)
+    assert fmnist.train.x.dtype == torch.float32 and fmnist.train.y.dtype == torch.int64
+    assert set(fmnist.train.y.tolist()) == set(range(10))
+    assert fmnist.train.subset(10).x.shape == (10, 1, 28, 28)
+    assert fmnist.train.subset(None) is fmnist.train
+
+
+def test_missing_data_dir_names_the_apt_package(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as e:
+        load_dataset("fashion-mnist", data_dir=tmp_path / "nowhere")
+    assert e.value.exit_code == 2
+    msg = str(e.value)
+    assert "dataset-fashion-mnist" in msg
+    assert "nowhere" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_dataset_name() -> None:
+    with pytest.raises(DataError, match="unknown dataset 'mnist-9000'") as e:
+        load_dataset("mnist-9000")
+    assert e.value.exit_code == 2
+    assert "fashion-mnist" in str(e.value)  # lists what is accepted
+    assert "fashion-mnist" in list_datasets()
+
+
+@pytest.mark.parametrize("val_size", [0, -5, 60000, 70000])
+def test_val_size_out_of_range(val_size: int) -> None:
+    with pytest.raises(DataError, match=rf"val_size must be between 1 and 59999 .*got {val_size}"):
+        load_dataset("fashion-mnist", val_size=val_size)
+
+
+def _write_pngs(folder: Path, value: int, n: int, size=(12, 10)) -> None:
+    """``n`` solid RGB images of ``size`` (width, height) with pixel value ``value``."""
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", size, (value, value // 2, 255 - value)).save(folder / f"{i}.png")
+
+
+def test_imagefolder_with_test_folder(tmp_path: Path) -> None:
+    for split, n in (("train", 6), ("test", 2)):
+        _write_pngs(tmp_path / split / "ants", 10, n)
+        _write_pngs(tmp_path / split / "bees", 240, n)
+    (tmp_path / "train" / "ants" / "notes.txt").write_text("not an image")
+    d = load_dataset(f"imagefolder:{tmp_path}", val_size=2, seed=0)
+    assert d.num_classes == 2
+    assert d.input_shape == (3, 10, 12)  # channels, height, width
+    assert (len(d.train), len(d.val), len(d.test)) == (10, 2, 4)
+    assert d.test.y.tolist() == [0, 0, 1, 1]  # classes in sorted folder order
+    # Class 0 ('ants') is the dark one in the red channel, class 1 the bright one.
+    red = _to_uint8(d.test, d).reshape(4, 3, -1)[:, 0, 0]
+    assert red.tolist() == [10, 10, 240, 240]
+    assert len(d.mean) == 3
+
+
+def test_imagefolder_without_test_folder_holds_out_a_fifth(tmp_path: Path) -> None:
+    _write_pngs(tmp_path / "a", 0, 10)
+    _write_pngs(tmp_path / "b", 255, 10)
+    d = load_dataset(f"imagefolder:{tmp_path}", val_size=4, seed=0)
+    assert (len(d.train), len(d.val), len(d.test)) == (12, 4, 4)
+    assert sorted(d.train.y.tolist() + d.val.y.tolist() + d.test.y.tolist()) == [0] * 10 + [1] * 10
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a directory"):
+        load_dataset(f"imagefolder:{tmp_path / 'missing'}")
+    _write_pngs(tmp_path / "only_class", 0, 3)
+    with pytest.raises(DataError, match="need at least 2"):
+        load_dataset(f"imagefolder:{tmp_path}")
+    _write_pngs(tmp_path / "other", 0, 2, size=(8, 8))
+    with pytest.raises(DataError, match="different sizes"):
+        load_dataset(f"imagefolder:{tmp_path}", val_size=1)
