@@ -224,6 +224,8 @@ def export_onnx(
                         "TensorQuantOverrides": overrides,
                         "WeightSymmetric": True,
                         "ActivationSymmetric": False,
+                        # keep the logits float: quantizing them flips near-tied predictions
+                        "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],
                     },
                 )
             except Exception as e:  # noqa: BLE001 - ORT raises AssertionError and others

@@ -177,6 +177,11 @@ class CompressionConfig:
                     f"{where}: {e}; expected weight_bits, act_bits, rank_ratio"
                 ) from e
 
+        for key in ("prune", "layers"):
+            _check(
+                not (key in d and not isinstance(d[key], Mapping)),
+                f"{key} must be an object of name -> value; got {d.get(key)!r}",
+            )
         kw: dict[str, Any] = {
             k: v for k, v in d.items() if k in ("prune", "round_to", "importance")
         }

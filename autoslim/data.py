@@ -234,7 +234,7 @@ def load_dataset(
         name=name,
         train=Split((xtr_f - m) / s, torch.from_numpy(ytr[train_idx]).long()),
         val=Split(norm(xtr[val_idx]), torch.from_numpy(ytr[val_idx]).long()),
-        test=Split(norm(xte), torch.from_numpy(yte).long()),
+        test=Split(norm(xte), torch.from_numpy(np.array(yte)).long()),
         num_classes=num_classes,
         mean=mean,
         std=std,

@@ -161,8 +161,11 @@ def build_model(
 
 def stem_and_classifier(name: str, model: nn.Module) -> tuple[str | None, str | None]:
     """Module names of the stem conv and the final classifier (guessed for user models)."""
-    if name in _STEM_CLASSIFIER:
-        return _STEM_CLASSIFIER[name]
+    mods = dict(model.named_modules())
+    if name in _STEM_CLASSIFIER and all(n in mods for n in _STEM_CLASSIFIER[name]):
+        stem, cls = _STEM_CLASSIFIER[name]
+        if isinstance(mods[cls], nn.Linear):
+            return stem, cls
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return (convs[0] if convs else None), (

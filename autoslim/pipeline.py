@@ -27,7 +27,7 @@ from .passes.distill import Recovery, distill, recalibrate_bn, teacher_logits
 from .passes.lowrank import factorize_model
 from .passes.prune import prune_model
 from .passes.quantize import calibrate, fold_batchnorm, quantize_model, strip_fake_quant
-from .teacher import cache_dir, predict
+from .teacher import cache_dir, predict, state_hash
 
 __all__ = ["Compressed", "compress", "export", "GATE_AGREEMENT"]
 
@@ -98,7 +98,7 @@ def compress(
     f_steps = steps - q_steps
     logits = None
     if steps > 0:
-        key = teacher_key or "anon-" + str(id(model))
+        key = teacher_key or "anon-" + state_hash(model.state_dict())
         logits = teacher_logits(
             teacher,
             train,

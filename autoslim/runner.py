@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +196,10 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
     """Run (or resume) the study described by ``spec`` until it holds ``spec.trials`` trials."""
     task = build_task(spec, progress=progress)
     study = open_study(spec, fingerprint=task.fingerprint(), sampler=_sampler(spec))
-    log = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
+
+    def log(*a: object) -> None:
+        print(*a, file=sys.stderr)
+
     base = measure_baseline(task, spec.run_dir)
     study.set_user_attr("baseline", base)
     study.set_user_attr(
@@ -222,7 +227,15 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
         )
         best = {"acc": -math.inf}
 
+        interrupted = {"flag": False}
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            interrupted["flag"] = True
+            raise KeyboardInterrupt
+
         def cb(st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+            if interrupted["flag"]:  # the interrupt landed where Python swallowed it
+                raise KeyboardInterrupt
             bar.update(1)
             if t.user_attrs.get("feasible") and t.user_attrs.get("status") == "ok":
                 best["acc"] = max(best["acc"], t.user_attrs["val_accuracy"])
@@ -232,6 +245,8 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
             )
 
         logging.getLogger("optuna").setLevel(logging.ERROR)
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
         try:
             study.optimize(
                 _objective(task),
@@ -242,6 +257,8 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
             )
         finally:
             bar.close()
+            if main_thread:
+                signal.signal(signal.SIGINT, old)
     frame = trials_frame(study)
     outputs = write_outputs(study, frame, spec.run_dir)
     return SearchResult(study, frame, outputs, task)

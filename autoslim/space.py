@@ -376,6 +376,8 @@ class BoundSpace:
                     v = k.choices[0]
             else:
                 v = min(max(float(v), k.low), k.high)
+                if k.step:  # snap to the grid Optuna samples on
+                    v = round(k.low + round((v - k.low) / k.step) * k.step, 10)
             out[d.name] = v
         return out
 

@@ -75,6 +75,7 @@ class StudySpec:
     recovery_subset: int = 5000
     latency_runs: int = 200
     gate_images: int = 1000
+    gate_agreement: float = 0.99  # artifact vs PyTorch top-1 agreement required
     storage: str | None = None
     out_dir: str | None = None
 
@@ -265,7 +266,9 @@ def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str
     trial_dir.mkdir(parents=True, exist_ok=True)
     path = trial_dir / "model.onnx"
     try:
-        res = export(c, path, check=task.data.val.subset(spec.gate_images))
+        res = export(
+            c, path, check=task.data.val.subset(spec.gate_images), min_agreement=spec.gate_agreement
+        )
     except AutoslimError as e:
         raise CandidateFailed(str(e)) from e
     val_acc, _ = artifact_accuracy(path, task.data.val)

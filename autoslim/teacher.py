@@ -106,7 +106,7 @@ def evaluate_accuracy(model: nn.Module, split: Split, batch_size: int = 512) -> 
     return float((logits.argmax(1) == split.y).float().mean())
 
 
-def _state_hash(state: dict[str, torch.Tensor]) -> str:
+def state_hash(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state):
         h.update(k.encode())
@@ -186,7 +186,7 @@ def train_teacher(
         "test_accuracy": evaluate_accuracy(model, data.test),
         "size_bytes": _model_size_bytes(model),
         "num_params": sum(p.numel() for p in model.parameters()),
-        "content_hash": _state_hash(state),
+        "content_hash": state_hash(state),
         "train_seconds": round(train_time, 1),
         "steps": step,
         "torch": str(torch.__version__),
@@ -231,7 +231,7 @@ def load_checkpoint(path: str | Path, model_name: str, data: DataSplits) -> Teac
     model.eval()
     if not meta:
         meta = {"model": model_name, "dataset": data.name, "source": str(path)}
-    meta.setdefault("content_hash", _state_hash(model.state_dict()))
+    meta.setdefault("content_hash", state_hash(model.state_dict()))
     meta.setdefault("size_bytes", _model_size_bytes(model))
     if "test_accuracy" not in meta:
         meta["val_accuracy"] = evaluate_accuracy(model, data.val)

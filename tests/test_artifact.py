@@ -1,0 +1,113 @@
+"""The deployable artifact: one ONNX file that ONNX Runtime runs, that computes what the
+compressed PyTorch model computes, and whose size follows the compression settings."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from onnx.external_data_helper import uses_external_data
+
+from autoslim import CompressionConfig, Recovery, compress, export
+from autoslim.artifact import onnx_predict, ort_session
+from autoslim.teacher import predict
+
+
+def _num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _ort_vs_torch(built, x: torch.Tensor) -> float:
+    ours = onnx_predict(ort_session(built.result.path), x)
+    ref = predict(built.compressed.model, x)
+    return float((ours - ref).abs().max())
+
+
+def test_float_artifact_is_one_self_contained_file(resnet_artifact) -> None:
+    b = resnet_artifact(0.0)
+    path = b.result.path
+    assert path.suffix == ".onnx"
+    assert list(path.parent.iterdir()) == [path]  # no .data file, no temporary left behind
+    model = onnx.load(str(path), load_external_data=False)
+    assert model.graph.initializer
+    assert not any(uses_external_data(t) for t in model.graph.initializer)
+    assert b.result.size_bytes == path.stat().st_size
+    # fp32: about 4 bytes per parameter (BN folded into the convs, a few KB of graph).
+    assert b.result.size_bytes == pytest.approx(4 * _num_params(b.compressed.model), rel=0.01)
+
+
+@pytest.mark.parametrize("prune", [0.0, 0.3])
+def test_float_artifact_matches_pytorch(resnet_artifact, fmnist, prune: float) -> None:
+    b = resnet_artifact(prune)
+    assert _ort_vs_torch(b, fmnist.val.x[:32]) < 1e-4
+    assert b.result.agreement == 1.0
+    assert b.result.layers == {}  # nothing stored below fp32
+
+
+def test_size_drops_as_pruning_grows(resnet_artifact) -> None:
+    sizes = [resnet_artifact(p).result.size_bytes for p in (0.0, 0.3, 0.6)]
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert sizes[2] < 0.3 * sizes[0]  # 40% of the channels left: ~16% of the weights
+
+
+def test_size_drops_as_bits_drop(resnet_artifact) -> None:
+    fp32 = resnet_artifact(0.0).result.size_bytes
+    weight_only = [resnet_artifact(0.0, bits, 32).result.size_bytes for bits in (16, 8, 4)]
+    static = [resnet_artifact(0.0, bits, 8).result.size_bytes for bits in (8, 4)]
+    assert fp32 > weight_only[0] > weight_only[1] > weight_only[2]
+    assert weight_only[0] > static[0] > static[1]
+    assert 0.45 < weight_only[0] / fp32 < 0.55  # fp16
+    assert 0.2 < weight_only[1] / fp32 < 0.3  # int8 weight-only
+    assert 0.2 < static[0] / fp32 < 0.3  # int8 weights, uint8 activations
+    assert 0.1 < weight_only[2] / fp32 < 0.17  # int4: two weights per byte
+    assert 0.1 < static[1] / fp32 < 0.17
+
+
+@pytest.mark.parametrize(
+    "bits,scheme", [(16, "fp16 weights"), (8, "int8 weight-only DQ"), (4, "int4 weight-only DQ")]
+)
+def test_weight_only_artifact_computes_what_pytorch_computes(
+    resnet_artifact, fmnist, bits: int, scheme: str
+) -> None:
+    """The fake-quantised PyTorch model (trained by recovery) and the file agree exactly."""
+    b = resnet_artifact(0.0, bits, 32)
+    assert set(b.result.layers.values()) == {scheme}
+    assert len(b.result.layers) == 21  # 20 convs + fc
+    assert b.result.skipped == []
+    assert _ort_vs_torch(b, fmnist.val.x[:32]) < 1e-4
+    assert b.result.agreement == 1.0
+
+
+def test_static_int8_artifact_names_its_scheme(resnet_artifact) -> None:
+    b = resnet_artifact(0.0, 8, 8)
+    assert set(b.result.layers.values()) == {"int8-weights/uint8-activations QDQ"}
+    assert len(b.result.layers) == 21
+    ops = {n.op_type for n in onnx.load(str(b.result.path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_uint8_activation_artifact_computes_what_was_trained(
+    tiny_teacher, fmnist, tmp_path, bits: int
+) -> None:
+    """Recovery trains the fake-quantised model; the artifact must compute the same thing
+    ("what was trained is what ships"). Its deviation from the fake-quantised PyTorch model
+    must be small next to the effect of quantization itself. ORT also quantizes tensors that
+    training does not simulate (pooling outputs, residual adds), so a fifth is allowed."""
+    c = compress(
+        tiny_teacher.model,
+        CompressionConfig.uniform(weight_bits=bits, act_bits=8),
+        data=fmnist,
+        recovery=Recovery(steps=0),
+    )
+    result = export(c, tmp_path / "m.onnx", check=fmnist.val, min_agreement=0.0)
+    x = fmnist.val.x
+    artifact = onnx_predict(ort_session(result.path), x)
+    trained = predict(c.model, x)
+    float_teacher = predict(tiny_teacher.model, x)
+    quant_effect = float((trained - float_teacher).abs().max())
+    deviation = float((artifact - trained).abs().max())
+    assert deviation < 0.2 * quant_effect, (
+        f"artifact deviates from the trained model by {deviation:.4f}; "
+        f"quantization itself changes logits by {quant_effect:.4f}"
+    )

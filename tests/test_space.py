@@ -1,0 +1,114 @@
+"""Search-space files: shipped spaces bind, rules match first-wins, bad files explain themselves."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoslim.artifact import estimate_size, export_onnx
+from autoslim.cli import main
+from autoslim.config import CompressionConfig
+from autoslim.errors import ConfigError
+from autoslim.models import build_model
+from autoslim.passes.lowrank import factorize_model
+from autoslim.passes.prune import list_groups, prune_model
+from autoslim.passes.quantize import fold_batchnorm
+from autoslim.space import SPACES_DIR, load_space
+
+X = torch.zeros(1, 1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return build_model("resnet18").eval()
+
+
+@pytest.mark.parametrize("name", ["default", "prune-only", "quantize-only"])
+def test_shipped_spaces_bind_and_give_valid_configs(name, resnet):
+    space = load_space(name)
+    bound = space.bind(resnet, X, classifier="fc", stem="conv1")
+    assert bound.dims, "a shipped space must search something"
+    params = bound.uniform_params(prune=0.5, weight_bits=8, act_bits=8)
+    cfg = bound.to_config(params)
+    assert CompressionConfig.from_json(cfg.to_json()) == cfg
+    if name == "quantize-only":
+        assert not cfg.prune
+    if name == "prune-only":
+        assert set(cfg.prune) == {g.name for g in list_groups(resnet, X, classifier="fc")}
+
+
+def test_first_match_wins_and_share(tmp_path: Path, resnet):
+    f = tmp_path / "s.toml"
+    f.write_text(
+        '[[rules]]\nmatch = "layer4.*"\nweight_bits = 4\n\n'
+        '[[rules]]\nmatch = "*"\nweight_bits = [8, 16]\nshare = true\n'
+    )
+    bound = load_space(f).bind(resnet, X, classifier="fc")
+    assert [d.name for d in bound.dims] == ["weight_bits/rule1"]
+    cfg = bound.to_config({"weight_bits/rule1": 16})
+    assert cfg.layer("layer4.0.conv1").weight_bits == 4  # first rule won
+    assert cfg.layer("layer1.0.conv1").weight_bits == 16
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ('[[rules]]\nmatch = "*"\nprune = {min = 0.5, max = 0.2}\n', "rules[0].prune"),
+        ('[[rules]]\nmatch = "*"\nweight_bits = [8, 3]\n', "rules[0].weight_bits = 3"),
+        ('[[rules]]\nmatch = "*"\nprnue = 0.3\n', "rules[0].prnue"),
+        ('[[rules]]\nregex = "(("\nprune = 0.3\n', "invalid regex"),
+        ('[[rules]]\nmatch = "*"\nact_bits = 4\n', "act_bits = 4"),
+        ('[[rules]]\nmatch = "*"\nrank = [0.0]\n', "rules[0].rank"),
+        ('[[rules]]\nmatch = "*"\nprune = []\n', "empty choice list"),
+        ('colour = "red"\n[[rules]]\nmatch = "*"\nprune = 0.1\n', "colour"),
+        ("skip = []\n", "rules"),
+        ('[[rules]]\nmatch = "*"\nprune = 0.1\n[distill]\nalpha = 2.0\n', "distill.alpha"),
+    ],
+)
+def test_space_errors_name_file_key_and_value(tmp_path: Path, body: str, needle: str):
+    f = tmp_path / "bad.toml"
+    f.write_text(body)
+    with pytest.raises(ConfigError) as e:
+        load_space(f)
+    assert str(f) in str(e.value)
+    assert needle in str(e.value)
+    assert e.value.exit_code == 2
+
+
+def test_space_check_cli(capsys):
+    assert main(["space", "check", str(SPACES_DIR / "default.toml"), "--model", "resnet18"]) == 0
+    out = capsys.readouterr().out
+    assert "rule0" in out and "fc" in out
+    assert "16 dimensions" in out
+    assert main(["space", "check", "no/such/space.toml"]) == 2
+
+
+@pytest.mark.parametrize(
+    "cfg_kw",
+    [
+        {"prune": 0.0, "weight_bits": 32},
+        {"prune": 0.6, "weight_bits": 8},
+        {"prune": 0.5, "weight_bits": 8, "rank_ratio": 0.5},
+        {"prune": 0.3, "weight_bits": 16},
+    ],
+)
+def test_size_estimate_is_close_or_conservative(tmp_path: Path, resnet, cfg_kw):
+    groups = [g.name for g in list_groups(resnet, X, classifier="fc")]
+    cfg = CompressionConfig.uniform(groups=groups, **cfg_kw)
+    m = copy.deepcopy(resnet)
+    prune_model(m, cfg, example=X, classifier="fc")
+    facts = {t["layer"] for t in factorize_model(m, cfg).touched}
+    est = estimate_size(m, cfg, factorized=facts)
+    real = export_onnx(
+        fold_batchnorm(m),
+        tmp_path / "m.onnx",
+        example=X,
+        config=cfg,
+        calib=torch.randn(16, 1, 28, 28),
+        factorized=facts,
+    ).size_bytes
+    assert est >= real or abs(est - real) / real <= 0.02, (est, real)
+    assert abs(est - real) / real <= 0.05, (est, real)
