@@ -1,0 +1,69 @@
+"""Search benchmark: TPE vs NSGA-II vs random at equal trial counts, several seeds.
+
+For each sampler and seed a fresh study of the default study definition (or ``--study``) runs
+``--trials`` trials; the hypervolume of its feasible front (val accuracy up, latency down) is
+taken against a fixed reference point (accuracy 0.5, latency = the fp32 teacher's). Prints
+median and spread per sampler, the feasible share and the median trial wall time / trials per
+hour. Run: ``make bench-search`` (defaults: 40 trials x 3 seeds x 3 samplers: hours on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+
+from autoslim.pareto import hypervolume
+from autoslim.runner import search
+from autoslim.study import load_study_spec
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--study", default=None)
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--samplers", default="tpe,nsga2,random")
+    ap.add_argument("--budget", default="2MB")
+    ap.add_argument("--recovery-steps", type=int, default=None)
+    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--model", default=None)
+    a = ap.parse_args()
+    out: dict[str, list[float]] = {}
+    feasible, secs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for sampler in a.samplers.split(","):
+            for seed in range(a.seeds):
+                spec = load_study_spec(
+                    a.study, name=f"bench-{sampler}-{seed}", out_dir=f"{tmp}/{sampler}-{seed}",
+                    sampler=sampler, seed=seed, trials=a.trials, budget=a.budget,
+                    recovery_steps=a.recovery_steps, limit_train=a.limit_train, model=a.model,
+                )
+                res = search(spec, progress=False)
+                df, base = res.frame, res.study.user_attrs["baseline"]
+                ok = df[(df["status"] == "ok") & df["feasible"]]
+                ref = (0.5, base["latency_ms"])
+                hv = hypervolume(ok[["val_accuracy", "latency_ms"]].to_numpy(),
+                                 ["maximize", "minimize"], ref) if len(ok) else 0.0
+                out.setdefault(sampler, []).append(hv)
+                feasible.append(len(ok) / max(1, len(df)))
+                secs += list(df.loc[df["status"] == "ok", "seconds"])
+                print(f"{sampler} seed {seed}: hypervolume {hv:.5f}, {len(ok)}/{len(df)} "
+                      "feasible", file=sys.stderr)
+    print(f"\n{a.trials} trials x {a.seeds} seeds; reference point (accuracy 0.5, teacher "
+          "latency)\n")
+    print("| sampler | hypervolume median | min | max |")
+    print("|---|---|---|---|")
+    for s, hvs in out.items():
+        print(f"| {s} | {statistics.median(hvs):.5f} | {min(hvs):.5f} | {max(hvs):.5f} |")
+    med = float(np.median(secs)) if secs else float("nan")
+    print(f"\nfeasible share {np.mean(feasible):.2f}; median measured-trial wall time {med:.1f} s "
+          f"({3600 / med:.0f} trials/hour)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
