@@ -239,6 +239,7 @@ class CompressionConfig:
             parts.append(
                 " ".join(f"{k}x{v}" for k, v in sorted(counts.items(), key=lambda t: -t[1]))
             )
-        parts.append(f"default {self.default.short()}")
+        if not counts or self.default != LayerConfig():
+            parts.append(f"default {self.default.short()}")
         parts.append(f"T={self.distill.temperature:g} a={self.distill.alpha:g}")
         return " | ".join(parts)

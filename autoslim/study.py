@@ -66,10 +66,10 @@ class StudySpec:
     max_latency_ms: float | None = None
     max_accuracy_drop: float | None = None
     backend: str = "onnxruntime-cpu"
-    trials: int = 20
+    trials: int = 40
     sampler: str = "tpe"
     seed: int = 0
-    recovery_steps: int = 60
+    recovery_steps: int = 200
     recovery_batch_size: int = 128
     recovery_lr: float = 0.01
     recovery_subset: int = 5000
