@@ -66,10 +66,10 @@ class StudySpec:
     max_latency_ms: float | None = None
     max_accuracy_drop: float | None = None
     backend: str = "onnxruntime-cpu"
-    trials: int = 40
+    trials: int = 25
     sampler: str = "tpe"
     seed: int = 0
-    recovery_steps: int = 200
+    recovery_steps: int = 150
     recovery_batch_size: int = 128
     recovery_lr: float = 0.01
     recovery_subset: int = 5000
