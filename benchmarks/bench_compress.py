@@ -45,8 +45,14 @@ def main() -> int:
     )
     cases = [
         ("identity", autoslim.CompressionConfig()),
-        ("prune 0.5 + int8", autoslim.CompressionConfig.uniform(prune=0.5, weight_bits=8, groups=groups)),
-        ("prune 0.5 + int4 w / uint8 act", autoslim.CompressionConfig.uniform(prune=0.5, weight_bits=4, groups=groups)),
+        (
+            "prune 0.5 + int8",
+            autoslim.CompressionConfig.uniform(prune=0.5, weight_bits=8, groups=groups),
+        ),
+        (
+            "prune 0.5 + int4 w / uint8 act",
+            autoslim.CompressionConfig.uniform(prune=0.5, weight_bits=4, groups=groups),
+        ),
         ("prune 0.5 + int8 + low-rank 0.5 (3x3)", lowrank),
     ]
     backend = get_backend("onnxruntime-cpu")
@@ -59,19 +65,34 @@ def main() -> int:
         rows.append(("teacher fp32 ONNX", t_acc, base.stat().st_size, t_lat.median_ms, 1.0, 0.0))
         for name, cfg in cases:
             t0 = time.perf_counter()
-            c = autoslim.compress(teacher.model, cfg, data=data, recovery=rec,
-                                  teacher_key=teacher.content_hash, progress=True)
+            c = autoslim.compress(
+                teacher.model,
+                cfg,
+                data=data,
+                recovery=rec,
+                teacher_key=teacher.content_hash,
+                progress=True,
+            )
             p = Path(tmp) / "m.onnx"
             r = autoslim.export(c, p, check=data.val.subset(1000))
             wall = time.perf_counter() - t0
             lat = backend.measure(p, input_shape=data.input_shape, runs=a.runs, warmup=30)
             acc = artifact_accuracy(p, data.test)[0]
-            rows.append((name, acc, r.size_bytes, lat.median_ms, lat.median_ms / t_lat.median_ms, wall))
-            print(f"{name}: acc {acc:.4f} size {r.size_bytes} lat {lat.median_ms:.3f} ms "
-                  f"agree {r.agreement:.4f}", file=sys.stderr)
-    print(f"\nteacher test accuracy (PyTorch): {teacher.meta['test_accuracy']:.4f}; "
-          f"recovery: {a.steps} KD steps, batch 128\n")
-    print("| artifact | test acc | size (bytes) | latency median (ms) | vs teacher | compress+recover (s) |")
+            rows.append(
+                (name, acc, r.size_bytes, lat.median_ms, lat.median_ms / t_lat.median_ms, wall)
+            )
+            print(
+                f"{name}: acc {acc:.4f} size {r.size_bytes} lat {lat.median_ms:.3f} ms "
+                f"agree {r.agreement:.4f}",
+                file=sys.stderr,
+            )
+    print(
+        f"\nteacher test accuracy (PyTorch): {teacher.meta['test_accuracy']:.4f}; "
+        f"recovery: {a.steps} KD steps, batch 128\n"
+    )
+    print(
+        "| artifact | test acc | size (bytes) | latency median (ms) | vs teacher | compress+recover (s) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, acc, size, lat, ratio, wall in rows:
         print(f"| {name} | {acc:.4f} | {size:,} | {lat:.3f} | {ratio:.3f}x | {wall:.0f} |")

@@ -38,30 +38,47 @@ def main() -> int:
         for sampler in a.samplers.split(","):
             for seed in range(a.seeds):
                 spec = load_study_spec(
-                    a.study, name=f"bench-{sampler}-{seed}", out_dir=f"{tmp}/{sampler}-{seed}",
-                    sampler=sampler, seed=seed, trials=a.trials, budget=a.budget,
-                    recovery_steps=a.recovery_steps, limit_train=a.limit_train, model=a.model,
+                    a.study,
+                    name=f"bench-{sampler}-{seed}",
+                    out_dir=f"{tmp}/{sampler}-{seed}",
+                    sampler=sampler,
+                    seed=seed,
+                    trials=a.trials,
+                    budget=a.budget,
+                    recovery_steps=a.recovery_steps,
+                    limit_train=a.limit_train,
+                    model=a.model,
                 )
                 res = search(spec, progress=False)
                 df, base = res.frame, res.study.user_attrs["baseline"]
                 ok = df[(df["status"] == "ok") & df["feasible"]]
                 ref = (0.5, base["latency_ms"])
-                hv = hypervolume(ok[["val_accuracy", "latency_ms"]].to_numpy(),
-                                 ["maximize", "minimize"], ref) if len(ok) else 0.0
+                hv = (
+                    hypervolume(
+                        ok[["val_accuracy", "latency_ms"]].to_numpy(), ["maximize", "minimize"], ref
+                    )
+                    if len(ok)
+                    else 0.0
+                )
                 out.setdefault(sampler, []).append(hv)
                 feasible.append(len(ok) / max(1, len(df)))
                 secs += list(df.loc[df["status"] == "ok", "seconds"])
-                print(f"{sampler} seed {seed}: hypervolume {hv:.5f}, {len(ok)}/{len(df)} "
-                      "feasible", file=sys.stderr)
-    print(f"\n{a.trials} trials x {a.seeds} seeds; reference point (accuracy 0.5, teacher "
-          "latency)\n")
+                print(
+                    f"{sampler} seed {seed}: hypervolume {hv:.5f}, {len(ok)}/{len(df)} feasible",
+                    file=sys.stderr,
+                )
+    print(
+        f"\n{a.trials} trials x {a.seeds} seeds; reference point (accuracy 0.5, teacher latency)\n"
+    )
     print("| sampler | hypervolume median | min | max |")
     print("|---|---|---|---|")
     for s, hvs in out.items():
         print(f"| {s} | {statistics.median(hvs):.5f} | {min(hvs):.5f} | {max(hvs):.5f} |")
     med = float(np.median(secs)) if secs else float("nan")
-    print(f"\nfeasible share {np.mean(feasible):.2f}; median measured-trial wall time {med:.1f} s "
-          f"({3600 / med:.0f} trials/hour)")
+    print(
+        f"\nfeasible share {np.mean(feasible):.2f}; median measured-trial wall time {med:.1f} s "
+        f"({3600 / med:.0f} trials/hour)"
+    )
     return 0
 
 

@@ -18,7 +18,7 @@ from autoslim.study import load_study_spec
 
 TESTS = Path(__file__).resolve().parent
 TINY = f"{TESTS / 'tiny_models.py'}:build"
-BUDGET = 26_000  # bytes: the fp32 TinyNet artifact is ~35 kB; int8 or pruning fits
+BUDGET = 30_000  # bytes: the fp32 TinyNet artifact is ~35 kB; int8 or pruning fits
 
 SPACE = """
 [distill]
