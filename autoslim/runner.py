@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,9 @@ def open_study(
         if stored is None:
             study.set_user_attr("fingerprint", fingerprint)
             study.set_user_attr("spec", spec.to_dict())
-            study.set_metric_names(list(spec.objectives))
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2; stable enough
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(spec.objectives))
         elif stored != fingerprint:
             diff = sorted(
                 k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
