@@ -8,7 +8,7 @@ The scheme (the same as ``onnxruntime.quantization`` writes into the artifact):
   exporter as an override, so the artifact uses the scales that were trained.
 Batch norm is folded into the preceding conv first (as the ONNX export does), so the weights
 that are fake-quantised are the weights that ship. Straight-through estimator for gradients.
-We do not build on ``torch.ao.quantization`` (deprecated, being removed).
+PyTorch's own (deprecated, being removed) quantization package is not used.
 """
 
 from __future__ import annotations
