@@ -26,6 +26,7 @@ def main() -> int:
     ap.add_argument("--study", default=None)
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--samplers", default="tpe,nsga2,random")
     ap.add_argument("--budget", default="2MB")
     ap.add_argument("--recovery-steps", type=int, default=None)
@@ -36,7 +37,7 @@ def main() -> int:
     feasible, secs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for sampler in a.samplers.split(","):
-            for seed in range(a.seeds):
+            for seed in range(a.first_seed, a.first_seed + a.seeds):
                 spec = load_study_spec(
                     a.study,
                     name=f"bench-{sampler}-{seed}",
