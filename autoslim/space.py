@@ -343,10 +343,15 @@ class BoundSpace:
             rank = None if rank == "off" else float(rank)
             if (wb, ab, rank) != (32, 32, None):
                 layers[name] = LayerConfig(wb, ab, rank)
-        t = params.get("kd/temperature", self.space.temperature.values()[:1] or (4.0,))
-        a = params.get("kd/alpha", self.space.alpha.values()[:1] or (0.9,))
-        t = t[0] if isinstance(t, tuple) else t
-        a = a[0] if isinstance(a, tuple) else a
+        # a KD knob that is not a dimension is fixed: its single choice
+        kd = {
+            k: params[k] if k in params else knob.values()[0]
+            for k, knob in (
+                ("kd/temperature", self.space.temperature),
+                ("kd/alpha", self.space.alpha),
+            )
+        }
+        t, a = kd["kd/temperature"], kd["kd/alpha"]
         return CompressionConfig(
             prune=prune,
             layers=layers,
@@ -367,10 +372,7 @@ class BoundSpace:
         }
         out: dict[str, Any] = {}
         for d in self.dims:
-            v = want.get(d.kind)
-            if v is None:
-                v = d.knob.choices[0] if d.knob.choices else (d.knob.low + d.knob.high) / 2
-            k = d.knob
+            v, k = want[d.kind], d.knob
             if k.choices is not None:
                 if v not in k.choices:
                     v = k.choices[0]

@@ -187,7 +187,7 @@ class Task:
 
 
 def build_task(spec: StudySpec, *, progress: bool = True) -> Task:
-    """Load data, get (or train once) the teacher, bind the space, measure the fp32 baseline."""
+    """Load data, get (or train once) the teacher and bind the space to it."""
     get_backend(spec.backend)  # fail fast on an unavailable backend
     data = load_dataset(
         spec.dataset,
