@@ -52,8 +52,9 @@ class SearchResult:
 
 def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     if spec.sampler == "tpe":
+        # multivariate: per-group prune ratios and bits interact (they share one size budget)
         return optuna.samplers.TPESampler(
-            seed=spec.seed, n_startup_trials=max(4, min(10, spec.trials // 3))
+            seed=spec.seed, n_startup_trials=max(4, min(10, spec.trials // 3)), multivariate=True
         )
     if spec.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(
