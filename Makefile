@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data test lint demo bench-compress bench-search clean
+.PHONY: install data browser test lint demo bench-compress bench-search bench-refine clean
 
 install: $(STAMP)
 
@@ -23,12 +23,21 @@ data:
 	  { echo "cannot install Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; }; \
 	fi
 
+# the report test renders the HTML in Debian's chromium (Playwright drives it; nothing downloaded)
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  echo "installing Debian package chromium (for the report test)"; \
+	  $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null; } || \
+	  { echo "cannot install chromium: run 'sudo apt-get install chromium'"; exit 1; }; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check autoslim tests
 	$(BIN)/ruff format --check autoslim tests
 
-test: $(STAMP) data lint
-	$(BIN)/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+test: $(STAMP) data browser lint
+	AUTOSLIM_REQUIRE_BROWSER=1 $(BIN)/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 demo: $(STAMP) data
 	$(BIN)/autoslim search --budget 2MB

@@ -10,6 +10,11 @@ file. Public API::
     cfg = autoslim.CompressionConfig.uniform(prune=0.5, weight_bits=8, groups=[...])
     c = autoslim.compress(teacher.model, cfg, data=data)
     autoslim.export(c, "model.onnx", check=data.val)
+
+    result = autoslim.search(autoslim.load_study_spec(budget="2MB"))   # an Optuna study
+    view = autoslim.load_study("default")          # view.trials: a pandas DataFrame
+    row = autoslim.pick(view, max_size=2_000_000, min_accuracy=0.91, prefer="latency")
+    autoslim.export_trial(view, int(row.trial), "model.onnx")   # verified against the record
 """
 
 from .config import CompressionConfig, DistillConfig, LayerConfig
@@ -19,6 +24,9 @@ from .models import build_model, list_models
 from .passes.distill import Recovery
 from .passes.prune import list_groups
 from .pipeline import Compressed, compress, export
+from .results import NothingQualifies, StudyView, export_trial, pick
+from .runner import SearchResult, load_study, search
+from .study import StudySpec, load_study_spec
 from .teacher import Teacher, TeacherRecipe, get_teacher, train_teacher
 
 __version__ = "0.1.0"
@@ -34,18 +42,27 @@ __all__ = [
     "ExportError",
     "LayerConfig",
     "ModelError",
+    "NothingQualifies",
     "Recovery",
+    "SearchResult",
     "Split",
+    "StudySpec",
+    "StudyView",
     "Teacher",
     "TeacherRecipe",
     "UsageError",
     "build_model",
     "compress",
     "export",
+    "export_trial",
     "get_teacher",
     "list_datasets",
     "list_groups",
     "list_models",
     "load_dataset",
+    "load_study",
+    "load_study_spec",
+    "pick",
+    "search",
     "train_teacher",
 ]

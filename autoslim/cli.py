@@ -1,6 +1,7 @@
 """The ``autoslim`` command: a thin layer over the library.
 
-Exit codes: 0 ok, 1 runtime failure, 2 usage/input error, 130 after Ctrl-C.
+Exit codes: 0 ok, 1 runtime failure, 2 usage/input error, 3 ``pick`` found no qualifying
+trial, 130 after Ctrl-C.
 Logs and progress go to stderr, results to stdout (``--json`` for machines).
 """
 
@@ -10,8 +11,9 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from .errors import AutoslimError
+from .errors import AutoslimError, UsageError
 
 __all__ = ["main"]
 
@@ -153,6 +155,104 @@ def _space(a: argparse.Namespace) -> int:
     return 0
 
 
+@_command("report")
+def _report(a: argparse.Namespace) -> int:
+    from .report import front_table, render_html, report_data, table_records
+    from .runner import load_study
+
+    view = load_study(a.study, storage=a.storage, importance=a.format == "html")
+    df = view.trials
+    if a.format == "table":
+        print(front_table(df, view.baseline))
+        if a.all and len(df):
+            from .report import TABLE_COLUMNS
+
+            cols = [c for c in TABLE_COLUMNS if c not in ("config",)]
+            print()
+            print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    elif a.format == "json":
+        print(json.dumps(table_records(df), indent=1, default=str))
+    elif a.format == "csv":
+        df.to_csv(sys.stdout, index=False)
+    else:
+        out = Path(a.output) if a.output else view.run_dir / "report.html"
+        if out.suffix != ".html":
+            raise UsageError(f"--output must end in .html for --format html; got {out}")
+        data = report_data(view)
+        path = render_html(data, df, out)
+        print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
+        if a.images:
+            from .report import write_images
+
+            for p in write_images(data, df, Path(a.images)):
+                print(f"image: {p}")
+    return 0
+
+
+def _print_trial(view, r, prefix: str = "") -> None:
+    base = view.baseline
+    line = (
+        f"{prefix}trial {int(r.trial)}: val {r.val_accuracy:.4f}  test {r.test_accuracy:.4f}  "
+        f"{r.size_bytes:,.0f} bytes  {r.latency_ms:.3f} ms"
+    )
+    if base:
+        line += f"  (vs the teacher: {r.speedup:.1f}x speed-up, {r.compression:.1f}x compression)"
+    print(line)
+    if "refined_val_accuracy" in r.index and r.refined_val_accuracy == r.refined_val_accuracy:
+        print(
+            f"{' ' * len(prefix)}  refined: val {r.refined_val_accuracy:.4f}  test "
+            f"{r.refined_test_accuracy:.4f}  {r.refined_latency_ms:.3f} ms "
+            f"(search-time values above)"
+        )
+    print(f"{' ' * len(prefix)}  config: {r.summary}")
+
+
+@_command("pick")
+def _pick(a: argparse.Namespace) -> int:
+    from .results import pick
+    from .runner import load_study
+    from .units import parse_latency_ms, parse_size
+
+    view = load_study(a.study, storage=a.storage)
+    r = pick(
+        view,
+        max_size=parse_size(a.max_size) if a.max_size else None,
+        min_accuracy=a.min_accuracy,
+        max_latency_ms=parse_latency_ms(a.max_latency) if a.max_latency else None,
+        prefer=a.prefer,
+        feasible_only=not a.include_infeasible,
+    )
+    if a.json:
+        from .report import table_records
+
+        rec = table_records(r.to_frame().T)[0]
+        print(json.dumps({**rec, "export_command": view.export_command(int(r.trial))}, indent=1))
+        return 0
+    _print_trial(view, r, prefix="picked ")
+    print(f"  export: {view.export_command(int(r.trial))}")
+    return 0
+
+
+@_command("export")
+def _export(a: argparse.Namespace) -> int:
+    from .results import export_trial
+    from .runner import load_study
+
+    view = load_study(a.study, storage=a.storage)
+    res = export_trial(view, a.trial, a.output, replay=a.replay)
+    if a.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(
+        f"trial {a.trial} -> {res['output']} ({res['source']} artifact)\n"
+        f"  size      {res['size_bytes']:,} bytes (recorded {res['recorded_size_bytes']:,})\n"
+        f"  val acc   {res['val_accuracy']:.4f} (recorded {res['recorded_val_accuracy']:.4f})\n"
+        f"  test acc  {res['test_accuracy']:.4f} (recorded {res['recorded_test_accuracy']:.4f})\n"
+        f"  sha256    {res['sha256']}"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoslim", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version="autoslim 0.1.0")
@@ -206,6 +306,39 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--model", default="resnet18")
     chk.add_argument("--dataset", default="fashion-mnist")
     chk.add_argument("--data-dir")
+
+    def study_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("study", help="study name (studies/runs/NAME) or study folder")
+        p.add_argument("--storage", help="Optuna RDB URL if the study was run with --storage")
+
+    r = sub.add_parser("report", help="write the HTML report or print the trial table")
+    study_arg(r)
+    r.add_argument("--format", choices=["html", "table", "json", "csv"], default="html")
+    r.add_argument("-o", "--output", help="HTML file (default STUDY_FOLDER/report.html)")
+    r.add_argument("--all", action="store_true", help="with --format table: every trial too")
+    r.add_argument("--images", help="also write PNG/SVG plots to this folder (needs kaleido)")
+
+    pk = sub.add_parser("pick", help="choose one trial by constraints and a preference")
+    study_arg(pk)
+    pk.add_argument("--max-size", help="e.g. 2MB (10^6 bytes) or 1.5MiB")
+    pk.add_argument("--min-accuracy", type=float, help="min val accuracy, e.g. 0.91")
+    pk.add_argument("--max-latency", help="e.g. 0.2ms")
+    pk.add_argument("--prefer", choices=["latency", "size", "accuracy"], default="latency")
+    pk.add_argument(
+        "--include-infeasible", action="store_true", help="also trials outside the study budgets"
+    )
+    pk.add_argument("--json", action="store_true")
+
+    ex = sub.add_parser("export", help="write a trial's verified artifact")
+    study_arg(ex)
+    ex.add_argument("--trial", type=int, required=True, help="trial number")
+    ex.add_argument("-o", "--output", required=True, help="where to write the .onnx file")
+    ex.add_argument(
+        "--replay",
+        action="store_true",
+        help="rebuild from the recorded recipe, not the stored file",
+    )
+    ex.add_argument("--json", action="store_true")
     for extra in _EXTRA_PARSERS:
         extra(sub)
     return p

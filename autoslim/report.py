@@ -1,28 +1,61 @@
-"""Rendering: trial tables (pandas), CSV/Parquet, the self-contained HTML Pareto plot.
+"""The study report: trial tables (pandas), CSV/Parquet/JSON, one self-contained HTML file.
 
-The data step (:func:`trials_frame`) is separate from rendering (:func:`front_table`,
-:func:`pareto_html`), so each can be tested on its own.
+Two steps, each testable on its own: the data step (:func:`trials_frame`, :func:`report_data`)
+turns a stored study into plain tables and dicts; the rendering step (:func:`front_table`,
+:func:`render_html`) draws them. The HTML has plotly.js inline and makes no network requests.
 """
 
 from __future__ import annotations
 
+import html
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .pareto import pareto_mask
+from .errors import UsageError
+from .pareto import hypervolume, pareto_mask
 
-__all__ = ["trials_frame", "front_table", "pareto_html", "write_outputs"]
+__all__ = [
+    "trials_frame",
+    "front_table",
+    "report_data",
+    "render_html",
+    "write_outputs",
+    "TABLE_COLUMNS",
+]
 
-_OBJ_COL = {"accuracy": "val_accuracy", "latency": "latency_ms", "size": "size_bytes"}
+OBJECTIVE_COLUMNS = {"accuracy": "val_accuracy", "latency": "latency_ms", "size": "size_bytes"}
+_OBJ_COL = OBJECTIVE_COLUMNS
 _DIR = {"accuracy": "maximize", "latency": "minimize", "size": "minimize"}
+TABLE_COLUMNS = [
+    "trial",
+    "state",
+    "status",
+    "val_accuracy",
+    "test_accuracy",
+    "size_bytes",
+    "latency_ms",
+    "speedup",
+    "compression",
+    "feasible",
+    "front",
+    "seconds",
+    "summary",
+    "fail_reason",
+]
 
 
-def trials_frame(study: Any) -> pd.DataFrame:
-    """One row per trial: state, metrics on the artifact, ratios vs the teacher, front flag."""
+def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
+    """One row per trial: state, metrics on the artifact, ratios vs the teacher, front flag.
+
+    ``study`` is anything with Optuna's ``user_attrs`` / ``get_trials`` shape. With ``run_dir``,
+    refined results stored beside the trials are joined as ``refined_*`` columns.
+    """
     base = study.user_attrs.get("baseline", {})
     spec = study.user_attrs.get("spec", {})
     objectives = spec.get("objectives", ["accuracy", "latency"])
@@ -43,6 +76,8 @@ def trials_frame(study: Any) -> pd.DataFrame:
             "fail_reason": a.get("fail_reason", ""),
             "seconds": a.get("seconds", np.nan),
             "config": a.get("config", ""),
+            "params": json.dumps(t.params, sort_keys=True),
+            "artifact_sha256": a.get("artifact_sha256", ""),
         }
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -60,7 +95,24 @@ def trials_frame(study: Any) -> pd.DataFrame:
         cols = [_OBJ_COL[o] for o in objectives]
         mask = pareto_mask(df.loc[ok, cols].to_numpy(), [_DIR[o] for o in objectives])
         df.loc[df.index[ok][mask], "front"] = True
+    if run_dir is not None:
+        df = _join_refined(df, run_dir)
     return df
+
+
+def _join_refined(df: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    from .results import load_refined
+
+    ref = load_refined(run_dir)
+    if ref.empty:
+        return df
+    cols = {
+        c: f"refined_{c}"
+        for c in ("val_accuracy", "test_accuracy", "size_bytes", "latency_ms", "epochs")
+        if c in ref.columns
+    }
+    ref = ref[["trial", *cols]].rename(columns=cols)
+    return df.merge(ref, on="trial", how="left")
 
 
 def front_table(df: pd.DataFrame, baseline: dict | None = None) -> str:
@@ -90,20 +142,143 @@ def front_table(df: pd.DataFrame, baseline: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def pareto_html(
-    df: pd.DataFrame,
-    path: Path,
-    *,
-    baseline: dict | None = None,
-    budget: int | None = None,
-    study_name: str = "",
-) -> Path:
-    """Self-contained HTML (plotly.js inline): accuracy vs size and vs latency."""
+def _natural(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _hv_reference(df: pd.DataFrame, objectives: list[str], baseline: dict) -> list[float]:
+    ok = df[(df["status"] == "ok") & df["feasible"]] if len(df) else df
+    ref = []
+    for o in objectives:
+        col = _OBJ_COL[o]
+        if o == "accuracy":
+            low = float(ok[col].min()) if len(ok) else 0.5
+            ref.append(min(0.5, low - 0.01))
+        else:  # the teacher's value, or beyond the worst feasible point if that is worse
+            worst = float(ok[col].max()) * 1.05 if len(ok) else np.nan
+            ref.append(float(np.nanmax([baseline.get(col, np.nan), worst])))
+    return ref
+
+
+def hypervolume_history(
+    df: pd.DataFrame, objectives: list[str], reference: list[float]
+) -> list[tuple[int, float]]:
+    """Hypervolume of the feasible measured trials up to each trial number."""
+    dirs = [_DIR[o] for o in objectives]
+    cols = [_OBJ_COL[o] for o in objectives]
+    out, pts = [], np.empty((0, len(cols)))
+    for _, r in df.sort_values("trial").iterrows():
+        if r["status"] == "ok" and r["feasible"]:
+            pts = np.vstack([pts, r[cols].to_numpy(dtype=float)])
+        out.append((int(r["trial"]), hypervolume(pts, dirs, reference) if len(pts) else 0.0))
+    return out
+
+
+def _configs(df: pd.DataFrame) -> list[tuple[int, dict]]:
+    out = []
+    for _, r in df.iterrows():
+        try:
+            out.append((int(r["trial"]), json.loads(r["config"]) if r["config"] else {}))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def layer_knobs(df: pd.DataFrame, columns_from: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Per-layer knobs of the trials in ``df``: prune ratio per group, weight bits and rank.
+
+    Returns ``{"trials": [...], "prune": {"columns", "values"}, "weight_bits": ..., "rank": ...}``
+    with one row per trial. Columns are every group / layer named by any config in
+    ``columns_from`` (default ``df``); a layer a config does not name takes its default knobs.
+    """
+    configs = _configs(df)
+    named = _configs(columns_from) if columns_from is not None else configs
+    groups = sorted({g for _, c in named for g in c.get("prune", {})}, key=_natural)
+    layers = sorted({n for _, c in named for n in c.get("layers", {})}, key=_natural)
+
+    def layer_value(c: dict, name: str, key: str) -> Any:
+        lc = c.get("layers", {}).get(name, c.get("default", {}))
+        v = lc.get(key)
+        return 1.0 if key == "rank_ratio" and v is None else v  # full rank = low-rank off
+
+    return {
+        "trials": [t for t, _ in configs],
+        "prune": {
+            "columns": groups,
+            "values": [[c.get("prune", {}).get(g, 0.0) for g in groups] for _, c in configs],
+        },
+        "weight_bits": {
+            "columns": layers,
+            "values": [[layer_value(c, n, "weight_bits") for n in layers] for _, c in configs],
+        },
+        "rank": {
+            "columns": layers,
+            "values": [[layer_value(c, n, "rank_ratio") for n in layers] for _, c in configs],
+        },
+    }
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, (np.floating, float)):
+        return None if not np.isfinite(v) else float(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    return v
+
+
+def table_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """The trial table as JSON-ready records (NaN -> None), for ``--format json`` and the HTML."""
+    cols = [c for c in TABLE_COLUMNS if c in df.columns] + [
+        c for c in df.columns if c.startswith("refined_")
+    ]
+    return [
+        {c: _clean(v) for c, v in zip(cols, row, strict=True)}
+        for row in df[cols].itertuples(index=False)
+    ]
+
+
+def report_data(view: Any) -> dict[str, Any]:
+    """The pure data step of the report: everything the HTML shows, as plain data."""
+    df = view.trials
+    spec = view.spec
+    objectives = spec.get("objectives", ["accuracy", "latency"])
+    ref = _hv_reference(df, objectives, view.baseline) if len(df) else []
+    details = {}
+    for _, r in df.iterrows():
+        t = int(r["trial"])
+        rec = {c: _clean(r[c]) for c in TABLE_COLUMNS if c in r.index}
+        rec.update({c: _clean(r[c]) for c in r.index if c.startswith("refined_")})
+        rec["config"] = json.loads(r["config"]) if r["config"] else None
+        if r["status"] == "ok":
+            rec["export_command"] = view.export_command(t)
+        details[str(t)] = rec
+    measured = df[df["status"] == "ok"] if len(df) else df
+    return {
+        "study": view.name,
+        "cli_ref": view.cli_ref,
+        "objectives": objectives,
+        "budget": spec.get("budget"),
+        "max_latency_ms": spec.get("max_latency_ms"),
+        "baseline": view.baseline,
+        "teacher": view.teacher,
+        "table": table_records(df) if len(df) else [],
+        "details": details,
+        "front_knobs": layer_knobs(df[df["front"]], df) if len(df) else layer_knobs(df),
+        "hv_reference": ref,
+        "hv_history": hypervolume_history(df, objectives, ref) if len(df) else [],
+        "params": [json.loads(p) for p in measured["params"]] if len(measured) else [],
+        "importances": view.importances,
+    }
+
+
+def _scatter(data: dict, df: pd.DataFrame):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs size", "accuracy vs latency"))
-    ok = df[df["status"] == "ok"] if not df.empty else df
+    ok = df[df["status"] == "ok"] if len(df) else df
     groups = [
         ("front", ok[ok["front"]], "#d62728", "circle"),
         ("dominated", ok[~ok["front"] & ok["feasible"]], "#1f77b4", "circle-open"),
@@ -127,48 +302,325 @@ def pareto_html(
                     showlegend=col == 1,
                     hovertext=hover,
                     hoverinfo="text",
+                    customdata=g["trial"].astype(int).tolist(),
                     marker={"color": color, "symbol": symbol, "size": 9},
                 ),
                 row=1,
                 col=col,
             )
-    if baseline:
-        for col, x in ((1, baseline["size_bytes"] / 1e6), (2, baseline["latency_ms"])):
+    base = data["baseline"]
+    if base:
+        for col, x in ((1, base["size_bytes"] / 1e6), (2, base["latency_ms"])):
             fig.add_trace(
                 go.Scatter(
                     x=[x],
-                    y=[baseline["val_accuracy"]],
+                    y=[base["val_accuracy"]],
                     mode="markers",
                     name="teacher (fp32)",
                     legendgroup="teacher",
                     showlegend=col == 1,
+                    hovertext=f"teacher fp32: val {base['val_accuracy']:.4f}, "
+                    f"{base['size_bytes'] / 1e6:.2f} MB, {base['latency_ms']:.3f} ms",
+                    hoverinfo="text",
                     marker={"color": "black", "symbol": "star", "size": 13},
                 ),
                 row=1,
                 col=col,
             )
-    if budget:
-        fig.add_vline(
-            x=budget / 1e6,
-            line_dash="dash",
-            line_color="green",
+    if data["budget"]:
+        fig.add_vline(x=data["budget"] / 1e6, line_dash="dash", line_color="green", row=1, col=1)
+        fig.add_annotation(
+            x=np.log10(data["budget"] / 1e6),
+            y=1,
+            yref="y domain",
+            text="size budget",
+            showarrow=False,
             row=1,
             col=1,
-            annotation_text="budget",
         )
+    if data["max_latency_ms"]:
+        fig.add_vline(x=data["max_latency_ms"], line_dash="dash", line_color="green", row=1, col=2)
     fig.update_xaxes(title_text="artifact size (MB, log)", type="log", row=1, col=1)
     fig.update_xaxes(title_text="latency (ms, log)", type="log", row=1, col=2)
     fig.update_yaxes(title_text="validation accuracy (artifact)", row=1, col=1)
-    fig.update_layout(title=f"autoslim study {study_name}: Pareto front", height=550)
-    tmp = path.with_suffix(".tmp.html")
-    fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+    fig.update_layout(title="Pareto front (click a point for its config and export command)")
+    fig.update_layout(height=520, clickmode="event")
+    return fig
+
+
+def _heatmap(data: dict):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    k = data["front_knobs"]
+    rows = [f"trial {t}" for t in k["trials"]]
+    panels = [
+        ("prune ratio per channel group", k["prune"], "Reds"),
+        ("weight bits per layer", k["weight_bits"], "Blues_r"),
+        ("low-rank ratio per layer (1 = off)", k["rank"], "Greens_r"),
+    ]
+    panels = [p for p in panels if p[1]["columns"]]
+    if not rows or not panels:
+        return None
+    fig = make_subplots(rows=len(panels), cols=1, subplot_titles=[p[0] for p in panels])
+    for i, (title, d, scale) in enumerate(panels, start=1):
+        fig.add_trace(
+            go.Heatmap(
+                z=d["values"],
+                x=d["columns"],
+                y=rows,
+                colorscale=scale,
+                showscale=False,
+                texttemplate="%{z}",
+                hovertemplate="%{y}<br>%{x}: %{z}<extra>" + title + "</extra>",
+            ),
+            row=i,
+            col=1,
+        )
+    fig.update_layout(
+        title="Knobs chosen by the front's models", height=260 * len(panels) + 40 * len(rows)
+    )
+    return fig
+
+
+def _history(data: dict):
+    import plotly.graph_objects as go
+
+    h = data["hv_history"]
+    if not h:
+        return None
+    ref = ", ".join(
+        f"{o} {v:.4g}" for o, v in zip(data["objectives"], data["hv_reference"], strict=True)
+    )
+    fig = go.Figure(
+        go.Scatter(x=[t for t, _ in h], y=[v for _, v in h], mode="lines+markers", name="HV")
+    )
+    fig.update_layout(
+        title=f"Hypervolume of the feasible front over trials (reference point: {ref})",
+        xaxis_title="trial",
+        yaxis_title="hypervolume",
+        height=380,
+    )
+    return fig
+
+
+def _parcoords(data: dict, df: pd.DataFrame):
+    import plotly.graph_objects as go
+
+    ok = df[df["status"] == "ok"] if len(df) else df
+    params = data["params"]
+    if len(ok) < 2 or not params:
+        return None
+    dims = []
+    names = sorted({k for p in params for k in p}, key=_natural)
+    for n in names:
+        vals = [p.get(n) for p in params]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            dims.append({"label": n, "values": vals})
+        else:  # categorical: codes with the choices as tick labels
+            cats = sorted({str(v) for v in vals})
+            dims.append(
+                {
+                    "label": n,
+                    "values": [cats.index(str(v)) for v in vals],
+                    "tickvals": list(range(len(cats))),
+                    "ticktext": cats,
+                }
+            )
+    for o in data["objectives"]:
+        col = _OBJ_COL[o]
+        dims.append({"label": col, "values": ok[col].tolist()})
+    fig = go.Figure(
+        go.Parcoords(
+            line={"color": ok["val_accuracy"].tolist(), "colorscale": "Viridis", "showscale": True},
+            dimensions=dims,
+        )
+    )
+    fig.update_layout(
+        title="Parameters and objectives of the measured trials (drag on an axis to filter)",
+        height=480,
+        margin={"l": 80, "r": 80},
+    )
+    return fig
+
+
+def _importance(data: dict):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    imp = data["importances"]
+    if not imp:
+        return None
+    fig = make_subplots(rows=1, cols=len(imp), subplot_titles=list(imp))
+    for i, (obj, vals) in enumerate(imp.items(), start=1):
+        top = sorted(vals.items(), key=lambda kv: kv[1])[-12:]
+        fig.add_trace(
+            go.Bar(x=[v for _, v in top], y=[k for k, _ in top], orientation="h", name=obj),
+            row=1,
+            col=i,
+        )
+    fig.update_layout(
+        title="Parameter importance per objective (PED-ANOVA over measured trials)",
+        height=420,
+        showlegend=False,
+    )
+    return fig
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.6em}
+#details{background:#f6f6f6;border:1px solid #ddd;padding:.8em;white-space:pre-wrap;
+ font-size:.85em;max-height:28em;overflow:auto}
+#export-cmd{display:block;background:#222;color:#eee;padding:.5em;margin:.4em 0;
+ font-family:monospace}
+table{border-collapse:collapse;font-size:.82em}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}
+th{background:#eee;cursor:pointer;position:sticky;top:0}
+td.text{text-align:left}
+tr.front td{background:#fde8e8}
+"""
+
+_JS = """
+const TRIALS = JSON.parse(document.getElementById('trial-data').textContent);
+function showTrial(n) {
+  const t = TRIALS[String(n)];
+  if (!t) return;
+  const cmd = t.export_command || '(no artifact: ' + (t.fail_reason || t.status) + ')';
+  document.getElementById('export-cmd').textContent = cmd;
+  const shown = Object.assign({}, t); delete shown.export_command;
+  document.getElementById('details').textContent = JSON.stringify(shown, null, 1);
+  document.getElementById('picked').textContent = 'trial ' + n;
+}
+function copyCmd() {
+  const c = document.getElementById('export-cmd').textContent;
+  if (navigator.clipboard) navigator.clipboard.writeText(c);
+}
+window.addEventListener('load', function () {
+  const sc = document.getElementById('scatter');
+  if (sc && sc.on) sc.on('plotly_click', function (e) {
+    if (e.points.length && e.points[0].customdata !== undefined) showTrial(e.points[0].customdata);
+  });
+  document.querySelectorAll('#trials th').forEach(function (th, i) {
+    th.addEventListener('click', function () {
+      const body = document.querySelector('#trials tbody');
+      const rows = Array.from(body.rows);
+      const asc = th.dataset.dir !== 'asc';
+      th.dataset.dir = asc ? 'asc' : 'desc';
+      rows.sort(function (a, b) {
+        const x = a.cells[i].dataset.v, y = b.cells[i].dataset.v;
+        if (x === '' || y === '') return (x === '') - (y === '');  // blanks last either way
+        const nx = Number(x), ny = Number(y);
+        const c = (isNaN(nx) || isNaN(ny)) ? x.localeCompare(y) : nx - ny;
+        return asc ? c : -c;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+  document.querySelectorAll('#trials tbody tr').forEach(function (tr) {
+    tr.addEventListener('click', function () { showTrial(tr.dataset.trial); });
+  });
+});
+"""
+
+
+def _fmt(col: str, v: Any) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    if col == "size_bytes" or col == "refined_size_bytes":
+        return f"{v / 1e6:.3f} MB"
+    if col in ("speedup", "compression"):
+        return f"{v:.1f}x"
+    if isinstance(v, float):
+        return f"{v:.4f}" if "accuracy" in col else f"{v:.3f}"
+    return str(v)
+
+
+def _table_html(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return "<p>no trials yet</p>"
+    cols = list(records[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = []
+    for r in records:
+        cells = []
+        for c in cols:
+            v = r[c]
+            cls = ' class="text"' if isinstance(v, str) else ""
+            dv = "" if v is None else html.escape(str(v), quote=True)
+            cells.append(f'<td{cls} data-v="{dv}">{html.escape(_fmt(c, v))}</td>')
+        row_cls = ' class="front"' if r.get("front") else ""
+        body.append(f'<tr{row_cls} data-trial="{r["trial"]}">{"".join(cells)}</tr>')
+    return (
+        f'<table id="trials"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    )
+
+
+def render_html(data: dict[str, Any], df: pd.DataFrame, path: Path) -> Path:
+    """The rendering step: one self-contained HTML file (atomic write), plotly.js inline."""
+    figs = [
+        ("scatter", "Pareto front", _scatter(data, df)),
+        ("heatmap", "Per-layer knobs of the front", _heatmap(data)),
+        ("hypervolume", "Hypervolume over trials", _history(data)),
+        ("parcoords", "Parallel coordinates", _parcoords(data, df)),
+        ("importance", "Parameter importance", _importance(data)),
+    ]
+    parts, first = [], True
+    for div_id, title, fig in figs:
+        if fig is None:
+            parts.append(f"<h2>{title}</h2><p>not enough measured trials yet</p>")
+            continue
+        parts.append(f"<h2>{title}</h2>")
+        parts.append(
+            fig.to_html(
+                full_html=False,
+                include_plotlyjs=first,  # the one inline copy of plotly.js
+                div_id=div_id,
+                config={"displaylogo": False, "responsive": True},
+            )
+        )
+        first = False
+    base = data["baseline"]
+    teacher = (
+        f"teacher (fp32 ONNX): val {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f},"
+        f" {base['size_bytes'] / 1e6:.2f} MB, {base['latency_ms']:.3f} ms"
+        if base
+        else ""
+    )
+    budget = f"size budget {data['budget']:,} bytes" if data["budget"] else "no size budget"
+    # "</" inside the JSON would end the script element: escape it
+    payload = json.dumps(data["details"], default=str).replace("</", "<\\/")
+    n_front = sum(1 for r in data["table"] if r.get("front"))
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>autoslim report: {html.escape(data["study"])}</title>
+<style>{_CSS}</style></head><body>
+<h1>autoslim study <code>{html.escape(data["study"])}</code></h1>
+<p>{len(data["table"])} trials, {n_front} on the feasible front; {budget};
+objectives {", ".join(data["objectives"])}. {html.escape(teacher)}</p>
+{parts[0]}{parts[1]}
+<h2>Picked: <span id="picked">click a point or a table row</span></h2>
+<p>Export it: <code id="export-cmd">-</code>
+<button onclick="copyCmd()">copy command</button></p>
+<pre id="details"></pre>
+{"".join(parts[2:])}
+<h2>All trials (click a header to sort, a row to pick)</h2>
+{_table_html(data["table"])}
+<script type="application/json" id="trial-data">{payload}</script>
+<script>{_JS}</script>
+</body></html>
+"""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(doc, encoding="utf-8")
     os.replace(tmp, path)
     return path
 
 
-def write_outputs(study: Any, df: pd.DataFrame, run_dir: Path) -> dict[str, Path]:
-    """trials.csv, trials.parquet and pareto.html in the study folder (written atomically)."""
+def write_outputs(view: Any, run_dir: Path | None = None) -> dict[str, Path]:
+    """trials.csv, trials.parquet and report.html in the study folder (each written atomically)."""
+    run_dir = run_dir or view.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    df = view.trials
     out = {}
     for name, fn in (
         ("csv", lambda p: df.to_csv(p, index=False)),
@@ -176,18 +628,33 @@ def write_outputs(study: Any, df: pd.DataFrame, run_dir: Path) -> dict[str, Path
     ):
         p = run_dir / f"trials.{name}"
         tmp = run_dir / f".trials.{name}.tmp"
-        try:
-            fn(tmp)
-        except ImportError:
-            continue  # parquet needs pyarrow
+        fn(tmp)
         os.replace(tmp, p)
         out[name] = p
-    spec = study.user_attrs.get("spec", {})
-    out["html"] = pareto_html(
-        df,
-        run_dir / "pareto.html",
-        baseline=study.user_attrs.get("baseline"),
-        budget=spec.get("budget"),
-        study_name=study.study_name,
-    )
+    out["html"] = render_html(report_data(view), df, run_dir / "report.html")
+    return out
+
+
+def write_images(data: dict[str, Any], df: pd.DataFrame, folder: Path) -> list[Path]:
+    """Static PNG + SVG of the Pareto scatter (kaleido, with the system's Chromium). Optional."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError as e:
+        raise UsageError(
+            "static images need kaleido: pip install 'autoslim[images]' (it drives the "
+            "system's Chromium: apt-get install chromium)"
+        ) from e
+    folder.mkdir(parents=True, exist_ok=True)
+    fig = _scatter(data, df)
+    out = []
+    for ext in ("png", "svg"):
+        p = folder / f"pareto.{ext}"
+        try:
+            fig.write_image(str(p), width=1200, height=520)
+        except Exception as e:  # kaleido reports a missing browser in its own exception types
+            raise UsageError(
+                f"kaleido could not render {p.name}: {e}; install Chromium "
+                "(apt-get install chromium) or set BROWSER_PATH to a Chrome/Chromium binary"
+            ) from e
+        out.append(p)
     return out

@@ -22,7 +22,8 @@ import optuna
 from tqdm.auto import tqdm
 
 from .errors import UsageError
-from .report import trials_frame, write_outputs
+from .report import OBJECTIVE_COLUMNS, trials_frame, write_outputs
+from .results import StudyView
 from .study import (
     OBJECTIVES,
     CandidateFailed,
@@ -34,7 +35,7 @@ from .study import (
     measure_baseline,
 )
 
-__all__ = ["search", "open_study", "load_study", "SearchResult"]
+__all__ = ["search", "open_study", "open_existing", "load_study", "SearchResult"]
 
 BASELINES = [(0.0, 8, 8), (0.3, 8, 8), (0.5, 8, 8)]  # (prune, weight bits, act bits)
 
@@ -106,8 +107,7 @@ def open_study(
     return study
 
 
-def load_study(name_or_dir: str | Path, *, storage: str | None = None) -> optuna.Study:
-    """Open an existing study by name (``studies/runs/NAME``), folder or storage URL."""
+def _locate(name_or_dir: str | Path, storage: str | None) -> tuple[Path, str, str | None]:
     from .study import STUDIES_DIR
 
     p = Path(name_or_dir)
@@ -115,14 +115,90 @@ def load_study(name_or_dir: str | Path, *, storage: str | None = None) -> optuna
     url = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
     if storage is None and not (run_dir / "study.db").is_file():
         raise UsageError(
-            f"no study found at {run_dir}; run `autoslim search` first or pass --storage URL"
+            f"no study found at {run_dir} (expected a study name in studies/runs/ or a study "
+            "folder holding study.db); run `autoslim search` first or pass --storage URL"
         )
+    return run_dir, url, p.name
+
+
+def open_existing(name_or_dir: str | Path, *, storage: str | None = None) -> optuna.Study:
+    """Open an existing Optuna study by name (``studies/runs/NAME``), folder or storage URL."""
+    _, url, name = _locate(name_or_dir, storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    names = optuna.get_all_study_names(storage=url)
+    try:
+        names = optuna.get_all_study_names(storage=url)
+    except Exception as e:  # a bad URL or a file that is not an Optuna database
+        raise UsageError(f"cannot read study storage {url}: {e}") from e
     if not names:
-        raise UsageError(f"storage {url} holds no study")
-    name = p.name if p.name in names else names[0]
-    return optuna.load_study(study_name=name, storage=url)
+        raise UsageError(f"storage {url} holds no study; run `autoslim search` first")
+    if name not in names and len(names) > 1:
+        raise UsageError(
+            f"storage {url} holds several studies ({', '.join(names)}) and none is named "
+            f"{name!r}; pass one of those names"
+        )
+    return optuna.load_study(study_name=name if name in names else names[0], storage=url)
+
+
+def param_importances(study: optuna.Study, frame) -> dict[str, dict[str, float]]:
+    """PED-ANOVA importance of each sampled parameter per objective, over measured trials only.
+
+    PED-ANOVA (Optuna's default evaluator; no scikit-learn) scores which parameters it takes to
+    reach the *best* values of an objective, so maximised objectives are negated. Over-budget
+    trials carry placeholder objective values and are left out.
+    """
+    objectives = study.user_attrs.get("spec", {}).get("objectives", ["accuracy", "latency"])
+    measured = set(frame.loc[frame["status"] == "ok", "trial"]) if len(frame) else set()
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number in measured and t.params]
+    if len(trials) < 3:
+        return {}
+    scratch = optuna.create_study(directions=[OBJECTIVES[o] for o in objectives])
+    scratch.add_trials(trials)
+    out = {}
+    for o in objectives:
+        col, sign = OBJECTIVE_COLUMNS[o], -1.0 if OBJECTIVES[o] == "maximize" else 1.0
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "low target values": negated
+                imp = optuna.importance.get_param_importances(
+                    scratch,
+                    evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
+                    target=lambda t, c=col, s=sign: s * float(t.user_attrs[c]),
+                )
+        except (RuntimeError, ValueError, ZeroDivisionError):
+            continue  # e.g. every measured trial has the same value
+        out[o] = {k: float(v) for k, v in imp.items()}
+    return out
+
+
+def _view(study: optuna.Study, run_dir: Path, url: str, *, importance: bool) -> StudyView:
+    frame = trials_frame(study, run_dir)
+    return StudyView(
+        name=study.study_name,
+        storage_url=url,
+        run_dir=run_dir,
+        spec=dict(study.user_attrs.get("spec", {})),
+        baseline=dict(study.user_attrs.get("baseline", {})),
+        teacher=dict(study.user_attrs.get("teacher", {})),
+        trials=frame,
+        importances=param_importances(study, frame) if importance else {},
+    )
+
+
+def load_study(
+    name_or_dir: str | Path, *, storage: str | None = None, importance: bool = False
+) -> StudyView:
+    """A stored study as plain data: ``load_study("default").trials`` is a pandas DataFrame.
+
+    ``name_or_dir``: a study name (``studies/runs/NAME``) or its folder; ``storage``: the Optuna
+    RDB URL if the study was run with ``--storage``. ``importance`` also computes PED-ANOVA
+    parameter importances per objective (a few seconds).
+    """
+    run_dir, url, _ = _locate(name_or_dir, storage)
+    study = open_existing(name_or_dir, storage=storage)
+    spec = study.user_attrs.get("spec", {})
+    if not Path(name_or_dir).is_dir() and spec.get("out_dir"):
+        run_dir = Path(spec["out_dir"])
+    return _view(study, run_dir, url, importance=importance)
 
 
 def _done(study: optuna.Study) -> int:
@@ -263,9 +339,9 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
             bar.close()
             if main_thread:
                 signal.signal(signal.SIGINT, old)
-    frame = trials_frame(study)
-    outputs = write_outputs(study, frame, spec.run_dir)
-    return SearchResult(study, frame, outputs, task)
+    view = _view(study, spec.run_dir, spec.storage_url, importance=True)
+    outputs = write_outputs(view)
+    return SearchResult(study, view.trials, outputs, task)
 
 
 def summary_json(result: SearchResult) -> str:

@@ -27,6 +27,8 @@ from autoslim import (
 )
 from autoslim.artifact import ExportResult
 from autoslim.pipeline import Compressed
+from autoslim.runner import SearchResult, search
+from autoslim.study import StudySpec, load_study_spec
 
 # One intra-op thread: on a small shared machine more threads spin against each other and make
 # every forward pass up to 100x slower. Latency is measured single-threaded anyway.
@@ -113,3 +115,60 @@ def resnet_artifact(tmp_path_factory, resnet18, resnet_groups, fmnist):
         return built[key]
 
     return build
+
+
+# --- a tiny study, searched once per session and shared by the runner/report/results tests ---
+
+BUDGET = 30_000  # bytes: the fp32 TinyNet artifact is ~35 kB; int8 or pruning fits
+TINY_TRIALS = 6
+TINY_SPACE = """
+[distill]
+temperature = 4.0
+alpha = [0.5, 0.9]
+
+[[rules]]
+match = "fc"
+weight_bits = [8, 32]
+act_bits = 8
+
+[[rules]]
+match = "*"
+prune = {min = 0.0, max = 0.5, step = 0.25}
+weight_bits = [8, 32]
+act_bits = 8
+"""
+
+
+def tiny_study_file(tmp: Path, name: str, trials: int) -> Path:
+    """A study TOML for TinyNet on a Fashion-MNIST subset, outputs under ``tmp / name``."""
+    (tmp / "space.toml").write_text(TINY_SPACE)
+    f = tmp / f"{name}.toml"
+    f.write_text(
+        f'name = "{name}"\nmodel = "{TINY}"\nspace = "{tmp / "space.toml"}"\n'
+        f'budget = "{BUDGET}B"\ntrials = {trials}\nsampler = "tpe"\nval_size = 500\n'
+        f"limit_train = 1500\nlatency_runs = 20\ngate_images = 300\n"
+        # a 150-step TinyNet has near-tied logits on many images: int8 rounding flips more of
+        # them than on a trained ResNet (99.7% there); the default gate stays 0.99
+        "gate_agreement = 0.95\n"
+        f'out_dir = "{tmp / name}"\n'
+        "[teacher]\nmax_steps = 150\n"
+        "[recovery]\nsteps = 10\nbatch_size = 64\nsubset = 1000\n"
+    )
+    return f
+
+
+@dataclass
+class TinyStudy:
+    spec: StudySpec
+    result: SearchResult
+
+    @property
+    def run_dir(self) -> Path:
+        return self.spec.run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory: pytest.TempPathFactory, autoslim_cache: Path) -> TinyStudy:
+    """A finished 6-trial TinyNet study (budget 30 kB). Read it; do not add trials to it."""
+    spec = load_study_spec(tiny_study_file(tmp_path_factory.mktemp("study"), "tiny", TINY_TRIALS))
+    return TinyStudy(spec, search(spec, progress=False))

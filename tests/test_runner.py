@@ -11,56 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import BUDGET, TINY_TRIALS, tiny_study_file
 
 from autoslim.errors import UsageError
-from autoslim.runner import load_study, open_study, search
+from autoslim.runner import open_existing, open_study
 from autoslim.study import load_study_spec
 
-TESTS = Path(__file__).resolve().parent
-TINY = f"{TESTS / 'tiny_models.py'}:build"
-BUDGET = 30_000  # bytes: the fp32 TinyNet artifact is ~35 kB; int8 or pruning fits
 
-SPACE = """
-[distill]
-temperature = 4.0
-alpha = [0.5, 0.9]
-
-[[rules]]
-match = "fc"
-weight_bits = [8, 32]
-act_bits = 8
-
-[[rules]]
-match = "*"
-prune = {min = 0.0, max = 0.5, step = 0.25}
-weight_bits = [8, 32]
-act_bits = 8
-"""
-
-
-def _study_file(tmp: Path, name: str, trials: int) -> Path:
-    (tmp / "space.toml").write_text(SPACE)
-    f = tmp / f"{name}.toml"
-    f.write_text(
-        f'name = "{name}"\nmodel = "{TINY}"\nspace = "{tmp / "space.toml"}"\n'
-        f'budget = "{BUDGET}B"\ntrials = {trials}\nsampler = "tpe"\nval_size = 500\n'
-        f"limit_train = 1500\nlatency_runs = 20\ngate_images = 300\n"
-        # a 150-step TinyNet has near-tied logits on many images: int8 rounding flips more of
-        # them than on a trained ResNet (99.7% there); the default gate stays 0.99
-        "gate_agreement = 0.95\n"
-        f'out_dir = "{tmp / name}"\n'
-        "[teacher]\nmax_steps = 150\n"
-        "[recovery]\nsteps = 10\nbatch_size = 64\nsubset = 1000\n"
-    )
-    return f
-
-
-def test_tiny_study_front_meets_budget(tmp_path: Path):
-    spec = load_study_spec(_study_file(tmp_path, "tiny", trials=5))
-    res = search(spec, progress=False)
+def test_tiny_study_front_meets_budget(tiny_study):
+    spec, res = tiny_study.spec, tiny_study.result
     df = res.frame
-    assert len(df) == 5
-    assert (df["state"] == "COMPLETE").sum() + (df["state"] == "FAIL").sum() == 5
+    assert len(df) == TINY_TRIALS
+    assert (df["state"] == "COMPLETE").sum() + (df["state"] == "FAIL").sum() == TINY_TRIALS
     front = res.front
     assert len(front) >= 1, df[["trial", "status", "size_bytes", "fail_reason"]]
     assert (front["size_bytes"] <= BUDGET).all()
@@ -77,7 +39,7 @@ def test_tiny_study_front_meets_budget(tmp_path: Path):
     html = res.outputs["html"].read_text()
     assert "plotly" in html and "Pareto" in html
     # the study opens again from disk with its trials
-    assert len(load_study(spec.run_dir).trials) == 5
+    assert len(open_existing(spec.run_dir).trials) == TINY_TRIALS
 
 
 def _completed(db: Path) -> int:
@@ -91,7 +53,7 @@ def _completed(db: Path) -> int:
 
 
 def test_interrupted_search_resumes_with_trials_kept(tmp_path: Path):
-    f = _study_file(tmp_path, "resume", trials=4)
+    f = tiny_study_file(tmp_path, "resume", trials=4)
     db = tmp_path / "resume" / "study.db"
     cmd = [sys.executable, "-m", "autoslim.cli", "search", str(f), "--quiet"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -105,11 +67,11 @@ def test_interrupted_search_resumes_with_trials_kept(tmp_path: Path):
     assert p.returncode == 130, err
     kept = _completed(db)
     assert 2 <= kept < 4
-    before = {t.number: t.values for t in load_study(db.parent).trials if t.values}
+    before = {t.number: t.values for t in open_existing(db.parent).trials if t.values}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert f"{kept} trials stored" in r.stderr or "trials stored" in r.stderr
-    study = load_study(db.parent)
+    study = open_existing(db.parent)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(done) >= 4
     after = {t.number: t.values for t in study.trials if t.values}

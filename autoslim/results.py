@@ -1,0 +1,268 @@
+"""A stored study as plain data: the trial table, picking a trial, exporting its artifact.
+
+:class:`StudyView` is what ``autoslim.load_study(...)`` returns (built by the runner, the only
+module that reads Optuna storage): a pandas DataFrame of trials plus the study's recorded spec,
+teacher baseline and refined results. :func:`pick` chooses a trial under constraints and a
+preference; :func:`export_trial` re-materialises a trial's artifact and verifies it against what
+the study recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import CompressionConfig
+from .errors import AutoslimError, ExportError, UsageError
+
+__all__ = ["StudyView", "NothingQualifies", "pick", "export_trial", "PREFERENCES"]
+
+PREFERENCES = ("latency", "size", "accuracy")
+ACCURACY_TOLERANCE = 0.001  # 0.1 pt: a replayed artifact may differ by float noise in training
+
+
+class NothingQualifies(AutoslimError):
+    """No trial meets the constraints given to ``pick`` (CLI exit code 3)."""
+
+    exit_code = 3
+
+
+@dataclass
+class StudyView:
+    """A stored study as plain data. ``trials`` has one row per trial (see ``report.trials_frame``)."""
+
+    name: str
+    storage_url: str
+    run_dir: Path
+    spec: dict[str, Any]
+    baseline: dict[str, float]
+    teacher: dict[str, Any]
+    trials: pd.DataFrame
+    importances: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def front(self) -> pd.DataFrame:
+        """The feasible Pareto front (measured trials only)."""
+        return self.trials[self.trials["front"]] if len(self.trials) else self.trials
+
+    @property
+    def budget(self) -> int | None:
+        return self.spec.get("budget")
+
+    def row(self, trial: int) -> pd.Series:
+        """The table row of trial number ``trial`` (UsageError naming the valid range if absent)."""
+        df = self.trials
+        hit = df[df["trial"] == trial] if len(df) else df
+        if hit.empty:
+            rng = f"0..{int(df['trial'].max())}" if len(df) else "none stored"
+            raise UsageError(
+                f"study {self.name!r} has no trial {trial} (trials: {rng}); "
+                f"see `autoslim report {self.cli_ref} --format table`"
+            )
+        return hit.iloc[0]
+
+    def measured_row(self, trial: int) -> pd.Series:
+        """Like :meth:`row`, but refuses trials without a measured artifact (failed, over budget)."""
+        r = self.row(trial)
+        if r["status"] != "ok":
+            why = r["fail_reason"] or r["status"].replace("_", " ")
+            raise UsageError(
+                f"trial {trial} of study {self.name!r} has no measured artifact ({why}); "
+                "choose a trial with status ok, e.g. from `autoslim pick`"
+            )
+        return r
+
+    def config(self, trial: int) -> CompressionConfig:
+        return CompressionConfig.from_json(self.row(trial)["config"])
+
+    def trial_dir(self, trial: int) -> Path:
+        return self.run_dir / "trials" / f"{trial:05d}"
+
+    @property
+    def cli_ref(self) -> str:
+        """How to name this study on the command line (name if in studies/runs, else folder)."""
+        from .study import STUDIES_DIR
+
+        default = (STUDIES_DIR / "runs" / self.name).resolve()
+        ref = self.name if self.run_dir.resolve() == default else str(self.run_dir)
+        if self.storage_url != f"sqlite:///{(self.run_dir / 'study.db').resolve()}":
+            ref += f" --storage {self.storage_url}"
+        return ref
+
+    def export_command(self, trial: int, output: str | None = None) -> str:
+        return (
+            f"autoslim export {self.cli_ref} --trial {trial} -o {output or f'model-t{trial}.onnx'}"
+        )
+
+
+def pick(
+    view: StudyView,
+    *,
+    max_size: int | None = None,
+    min_accuracy: float | None = None,
+    max_latency_ms: float | None = None,
+    prefer: str = "latency",
+    feasible_only: bool = True,
+) -> pd.Series:
+    """The measured trial that meets every constraint and is best by ``prefer``.
+
+    Constraints apply to the search-time measurements of the artifact (val accuracy, bytes on
+    disk, latency on the study's backend). Ties go to higher accuracy, then smaller size.
+    Raises :class:`NothingQualifies` (exit code 3) with the closest miss when none qualifies.
+    """
+    if prefer not in PREFERENCES:
+        raise UsageError(f"--prefer must be one of {PREFERENCES}; got {prefer!r}")
+    if min_accuracy is not None and not 0 <= min_accuracy <= 1:
+        raise UsageError(f"--min-accuracy is a fraction in [0, 1] (0.91 = 91%); got {min_accuracy}")
+    df = view.trials
+    cand = df[df["status"] == "ok"] if len(df) else df
+    if feasible_only and len(cand):
+        cand = cand[cand["feasible"]]
+    total = len(cand)
+    checks = []
+    if max_size is not None:
+        checks.append(("size", cand["size_bytes"] <= max_size))
+    if min_accuracy is not None:
+        checks.append(("accuracy", cand["val_accuracy"] >= min_accuracy))
+    if max_latency_ms is not None:
+        checks.append(("latency", cand["latency_ms"] <= max_latency_ms))
+    ok = pd.Series(True, index=cand.index)
+    for _, m in checks:
+        ok &= m
+    chosen = cand[ok]
+    if chosen.empty:
+        fails = ", ".join(f"{name}: {int((~m).sum())} fail" for name, m in checks)
+        raise NothingQualifies(
+            f"no trial of study {view.name!r} qualifies ({total} measured"
+            f"{' feasible' if feasible_only else ''} trials; {fails or 'none measured'}); "
+            "loosen a constraint or run more trials"
+        )
+    key = {"latency": "latency_ms", "size": "size_bytes", "accuracy": "val_accuracy"}[prefer]
+    order = [key] + [k for k in ("val_accuracy", "size_bytes", "latency_ms") if k != key]
+    asc = [k != "val_accuracy" for k in order]
+    return chosen.sort_values(order, ascending=asc, kind="stable").iloc[0]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _replay(view: StudyView, trial: int, out_dir: Path) -> Path:
+    """Rebuild the trial's artifact from its recorded config and the study's recipe."""
+    from .study import StudySpec, build_task, evaluate
+
+    spec = StudySpec(**view.spec)
+    task = build_task(spec, progress=False)
+    if task.teacher.content_hash != view.teacher.get("content_hash", task.teacher.content_hash):
+        raise ExportError(
+            f"cannot replay trial {trial}: the cached teacher ({task.teacher.content_hash}) is "
+            f"not the study's ({view.teacher.get('content_hash')}); restore the teacher checkpoint"
+        )
+    res = evaluate(task, view.config(trial), out_dir)
+    if res["status"] != "ok":
+        raise ExportError(f"replay of trial {trial} did not produce an artifact: {res['status']}")
+    return out_dir / "model.onnx"
+
+
+def export_trial(
+    view: StudyView,
+    trial: int,
+    output: str | Path,
+    *,
+    replay: bool = False,
+    data: Any = None,
+) -> dict[str, Any]:
+    """Write trial ``trial``'s artifact to ``output`` and verify it against the study's record.
+
+    Uses the artifact stored with the trial (its SHA-256 must match the record) or, when it is
+    missing or ``replay`` is set, rebuilds it from the recorded config and recipe. The written
+    file's size must equal the recorded size exactly and its validation accuracy must be within
+    0.1 pt of the recorded value, else :class:`ExportError` and nothing is written.
+    ``data``: the study's dataset splits, if already loaded. Returns recorded vs measured values.
+    """
+    from .data import load_dataset
+    from .measure import artifact_accuracy
+
+    row = view.measured_row(trial)
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise UsageError(f"output must be an .onnx file; got {str(output)!r} (e.g. -o model.onnx)")
+    if not output.parent.exists():
+        raise UsageError(f"output folder {output.parent} does not exist; create it first")
+    stored = view.trial_dir(trial) / "model.onnx"
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".autoslim-export-") as tmp:
+        if stored.is_file() and not replay:
+            source = "stored"
+            digest = _sha256(stored)
+            if row.get("artifact_sha256") and digest != row["artifact_sha256"]:
+                raise ExportError(
+                    f"the stored artifact {stored} changed since the study recorded it (SHA-256 "
+                    f"{digest[:12]} vs {row['artifact_sha256'][:12]}); pass --replay to rebuild it"
+                )
+            path = Path(tmp) / "model.onnx"
+            shutil.copyfile(stored, path)
+        else:
+            source = "replayed"
+            path = _replay(view, trial, Path(tmp) / "replay")
+        s = view.spec
+        if data is None:
+            data = load_dataset(
+                s.get("dataset", "fashion-mnist"),
+                data_dir=s.get("data_dir"),
+                val_size=s.get("val_size", 5000),
+                seed=s.get("split_seed", 0),
+                limit_train=s.get("limit_train"),
+            )
+        size = path.stat().st_size
+        val_acc = artifact_accuracy(path, data.val)[0]
+        test_acc = artifact_accuracy(path, data.test)[0]
+        result = {
+            "trial": trial,
+            "source": source,
+            "output": str(output),
+            "size_bytes": size,
+            "recorded_size_bytes": int(row["size_bytes"]),
+            "val_accuracy": val_acc,
+            "recorded_val_accuracy": float(row["val_accuracy"]),
+            "test_accuracy": test_acc,
+            "recorded_test_accuracy": float(row["test_accuracy"]),
+            "sha256": _sha256(path),
+        }
+        if size != result["recorded_size_bytes"]:
+            raise ExportError(
+                f"trial {trial}: the {source} artifact is {size:,} bytes but the study recorded "
+                f"{result['recorded_size_bytes']:,}; nothing was written to {output}"
+            )
+        gap = abs(val_acc - result["recorded_val_accuracy"])
+        if not math.isfinite(val_acc) or gap > ACCURACY_TOLERANCE:
+            raise ExportError(
+                f"trial {trial}: the {source} artifact's val accuracy {val_acc:.4f} differs from "
+                f"the recorded {result['recorded_val_accuracy']:.4f} by more than 0.1 pt; "
+                f"nothing was written to {output}"
+            )
+        os.replace(path, output)
+    return result
+
+
+def load_refined(run_dir: Path) -> pd.DataFrame:
+    """Refined results stored beside their trials (``refined/NNNNN/result.json``)."""
+    rows = []
+    for f in sorted((run_dir / "refined").glob("*/result.json")):
+        try:
+            rows.append(json.loads(f.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue  # a half-written record cannot exist (atomic write); skip foreign files
+    return pd.DataFrame(rows)
