@@ -15,6 +15,7 @@ file. Public API::
     view = autoslim.load_study("default")          # view.trials: a pandas DataFrame
     row = autoslim.pick(view, max_size=2_000_000, min_accuracy=0.91, prefer="latency")
     autoslim.export_trial(view, int(row.trial), "model.onnx")   # verified against the record
+    autoslim.refine(view, int(row.trial), "final.onnx")         # longer KD + QAT, stored beside
 """
 
 from .config import CompressionConfig, DistillConfig, LayerConfig
@@ -24,6 +25,7 @@ from .models import build_model, list_models
 from .passes.distill import Recovery
 from .passes.prune import list_groups
 from .pipeline import Compressed, compress, export
+from .refinement import RefineRecipe, refine
 from .results import NothingQualifies, StudyView, export_trial, pick
 from .runner import SearchResult, load_study, search
 from .study import StudySpec, load_study_spec
@@ -44,6 +46,7 @@ __all__ = [
     "ModelError",
     "NothingQualifies",
     "Recovery",
+    "RefineRecipe",
     "SearchResult",
     "Split",
     "StudySpec",
@@ -63,6 +66,7 @@ __all__ = [
     "load_study",
     "load_study_spec",
     "pick",
+    "refine",
     "search",
     "train_teacher",
 ]

@@ -239,7 +239,7 @@ def _export(a: argparse.Namespace) -> int:
     from .runner import load_study
 
     view = load_study(a.study, storage=a.storage)
-    res = export_trial(view, a.trial, a.output, replay=a.replay)
+    res = export_trial(view, a.trial, a.output, replay=a.replay, refined=a.refined)
     if a.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -250,6 +250,66 @@ def _export(a: argparse.Namespace) -> int:
         f"  test acc  {res['test_accuracy']:.4f} (recorded {res['recorded_test_accuracy']:.4f})\n"
         f"  sha256    {res['sha256']}"
     )
+    return 0
+
+
+@_command("refine")
+def _refine(a: argparse.Namespace) -> int:
+    from .refinement import RefineRecipe, refine
+    from .runner import load_study
+    from .units import parse_latency_ms, parse_size
+
+    if (a.trial is None) == (not a.front):
+        raise UsageError("give exactly one of --trial N or --front (e.g. --trial 23)")
+    recipe = RefineRecipe(
+        epochs=a.epochs,
+        lr=a.lr,
+        batch_size=a.batch_size,
+        qat_epochs=a.qat_epochs,
+        max_steps_per_epoch=a.max_steps_per_epoch,
+    )
+    view = load_study(a.study, storage=a.storage)
+    if a.front:
+        front = view.front
+        if a.max_size:
+            front = front[front["size_bytes"] <= parse_size(a.max_size)]
+        if a.min_accuracy is not None:
+            front = front[front["val_accuracy"] >= a.min_accuracy]
+        if a.max_latency:
+            front = front[front["latency_ms"] <= parse_latency_ms(a.max_latency)]
+        if front.empty:
+            from .results import NothingQualifies
+
+            raise NothingQualifies(
+                f"no front point of study {view.name!r} meets the constraints; loosen them"
+            )
+        trials = front.sort_values("val_accuracy", ascending=False)["trial"].astype(int).tolist()
+        folder = Path(a.output) if a.output else None
+        if folder is not None:
+            if folder.suffix == ".onnx":
+                raise UsageError(f"with --front, -o is a folder; got {folder}")
+            folder.mkdir(parents=True, exist_ok=True)
+        print(f"refining {len(trials)} front points: {trials}", file=sys.stderr)
+        outs = [folder / f"model-t{t}.onnx" if folder else None for t in trials]
+    else:
+        trials, outs = [a.trial], [a.output]
+    results = []
+    for t, o in zip(trials, outs, strict=True):
+        r = refine(view, t, o, recipe=recipe, progress=not a.quiet, restart=a.restart)
+        results.append(r)
+        if not a.json:
+            ratio = ""
+            if r.get("teacher_latency_ms"):
+                ratio = f", {r['latency_ms'] / r['teacher_latency_ms']:.3f}x teacher latency"
+            print(
+                f"trial {t} refined ({r['epochs']} epochs{', reused' if r['reused'] else ''}): "
+                f"val {r['val_accuracy']:.4f} (search {r['search_val_accuracy']:.4f})  test "
+                f"{r['test_accuracy']:.4f} (search {r['search_test_accuracy']:.4f})  "
+                f"{r['size_bytes']:,} bytes  {r['latency_ms']:.3f} ms{ratio}\n"
+                f"  artifact: {r['output'] or r['artifact']}"
+            )
+    if a.json:
+        print(json.dumps(results if a.front else results[0], indent=1, default=str))
     return 0
 
 
@@ -338,7 +398,28 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rebuild from the recorded recipe, not the stored file",
     )
+    ex.add_argument(
+        "--refined", action="store_true", help="the artifact `autoslim refine` stored for it"
+    )
     ex.add_argument("--json", action="store_true")
+    rf = sub.add_parser("refine", help="longer distillation + QAT of a picked trial")
+    study_arg(rf)
+    rf.add_argument("--trial", type=int, help="trial number")
+    rf.add_argument("--front", action="store_true", help="every feasible front point, resumable")
+    rf.add_argument("-o", "--output", help=".onnx file (with --front: a folder)")
+    rf.add_argument("--epochs", type=int, default=3, help="KD epochs over the training split")
+    rf.add_argument("--lr", type=float, default=0.01, help="peak learning rate (cosine decay)")
+    rf.add_argument("--batch-size", type=int, default=128)
+    rf.add_argument(
+        "--qat-epochs", type=int, help="last epochs with fake quantization (default 30%%)"
+    )
+    rf.add_argument("--max-steps-per-epoch", type=int, help="cap an epoch (quick runs)")
+    rf.add_argument("--restart", action="store_true", help="discard a checkpoint or earlier result")
+    rf.add_argument("--max-size", help="with --front: only points at most this size")
+    rf.add_argument("--min-accuracy", type=float, help="with --front: only points this accurate")
+    rf.add_argument("--max-latency", help="with --front: only points at most this latency")
+    rf.add_argument("--quiet", action="store_true", help="no progress bars")
+    rf.add_argument("--json", action="store_true")
     for extra in _EXTRA_PARSERS:
         extra(sub)
     return p

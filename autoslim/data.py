@@ -70,10 +70,16 @@ class DataSplits:
         return int(c), int(h), int(w)
 
     def fingerprint(self) -> str:
-        """A short hash naming the dataset, split sizes, seed and normalisation."""
+        """A short hash naming the dataset, split sizes, seed and normalisation.
+
+        Mean and std enter rounded to 6 decimals: their last float bits depend on how many
+        threads reduced them, and a fingerprint must not change with the thread count.
+        """
+        mean = tuple(round(v, 6) for v in self.mean)
+        std = tuple(round(v, 6) for v in self.std)
         key = (
             f"{self.name}|{len(self.train)}|{len(self.val)}|{len(self.test)}|{self.seed}"
-            f"|{self.mean}|{self.std}|{self.meta.get('source_hash', '')}"
+            f"|{mean}|{std}|{self.meta.get('source_hash', '')}"
         )
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 

@@ -54,6 +54,59 @@ class Compressed:
         return sum(p.numel() for p in self.model.parameters())
 
 
+def is_quantized(config: CompressionConfig) -> bool:
+    """True when any layer of ``config`` stores its weights below fp32."""
+    return config.default.quantized or any(lc.quantized for lc in config.layers.values())
+
+
+def build_student(
+    model: nn.Module,
+    config: CompressionConfig,
+    *,
+    example: torch.Tensor,
+    classifier: str | None = None,
+    stem: str | None = None,
+) -> tuple[nn.Module, list[PassReport], set[str]]:
+    """A pruned and factorised copy of ``model`` (no training): (student, reports, factorised).
+
+    Deterministic for a given model and config, so a checkpointed student's state dict loads
+    into a rebuilt one.
+    """
+    g_stem, g_cls = stem_and_classifier("", model)
+    classifier = classifier or g_cls
+    stem = stem or g_stem
+    student = copy.deepcopy(model)
+    reports = [prune_model(student, config, example=example, classifier=classifier)]
+    lr_report = factorize_model(student, config, skip=tuple(x for x in (stem,) if x))
+    reports.append(lr_report)
+    return student, reports, {t["layer"] for t in lr_report.touched}
+
+
+def to_fake_quant(
+    student: nn.Module,
+    config: CompressionConfig,
+    factorized: set[str],
+    reports: list[PassReport],
+) -> nn.Module:
+    """Fold BN and wrap the quantised layers in fake quantization (the QAT form of the student)."""
+    student = fold_batchnorm(student)
+    reports.append(quantize_model(student, config, factorized=factorized))
+    return student
+
+
+def cached_teacher_logits(
+    teacher: nn.Module, split: Split, data: DataSplits, teacher_key: str | None
+) -> torch.Tensor:
+    """The teacher's logits on ``split``; cached on disk when ``teacher_key`` names the teacher."""
+    key = teacher_key or "anon-" + state_hash(teacher.state_dict())
+    return teacher_logits(
+        teacher,
+        split,
+        key=f"{key}|{data.fingerprint()}",
+        cache=cache_dir() / "logits" if teacher_key else None,
+    )
+
+
 def compress(
     model: nn.Module,
     config: CompressionConfig,
@@ -74,17 +127,12 @@ def compress(
     ``teacher_key`` keys the on-disk cache of teacher logits (e.g. the teacher's content hash).
     """
     recovery = recovery or Recovery()
-    g_stem, g_cls = stem_and_classifier("", model)
-    classifier = classifier or g_cls
-    stem = stem or g_stem
     teacher = model.eval()
-    student = copy.deepcopy(model)
     c, h, w = data.input_shape
     example = torch.zeros(1, c, h, w)
-    reports = [prune_model(student, config, example=example, classifier=classifier)]
-    lr_report = factorize_model(student, config, skip=tuple(x for x in (stem,) if x))
-    reports.append(lr_report)
-    factorized = {t["layer"] for t in lr_report.touched}
+    student, reports, factorized = build_student(
+        model, config, example=example, classifier=classifier, stem=stem
+    )
     train = data.train.subset(recovery.subset)
     calib = data.train.x[:calib_size]
     changed = any(r.touched for r in reports)
@@ -92,19 +140,13 @@ def compress(
         recalibrate_bn(
             student, train.x, batches=recovery.bn_batches, batch_size=recovery.batch_size
         )
-    quantized = any(lc.quantized for lc in config.layers.values()) or config.default.quantized
+    quantized = is_quantized(config)
     steps = recovery.steps if (changed or quantized) else 0  # identity: nothing to recover
     q_steps = int(round(steps * recovery.qat_fraction)) if quantized else 0
     f_steps = steps - q_steps
     logits = None
     if steps > 0:
-        key = teacher_key or "anon-" + state_hash(model.state_dict())
-        logits = teacher_logits(
-            teacher,
-            train,
-            key=f"{key}|{data.fingerprint()}",
-            cache=cache_dir() / "logits" if teacher_key else None,
-        )
+        logits = cached_teacher_logits(teacher, train, data, teacher_key)
     bar = tqdm(total=steps, desc="recover", disable=not progress, file=sys.stderr, leave=False)
 
     def tick(_s: int, loss: float) -> None:
@@ -125,8 +167,7 @@ def compress(
         )
     act_ranges: dict[str, list[float]] = {}
     if quantized:
-        student = fold_batchnorm(student)
-        reports.append(quantize_model(student, config, factorized=factorized))
+        student = to_fake_quant(student, config, factorized, reports)
         act_ranges = calibrate(student, calib)
         if q_steps > 0:
             loss = distill(

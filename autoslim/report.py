@@ -139,6 +139,12 @@ def front_table(df: pd.DataFrame, baseline: dict | None = None) -> str:
             f"{r.size_bytes / 1e6:>8.3f} {r.latency_ms:>7.3f} {r.speedup:>6.1f}x "
             f"{r.compression:>5.1f}x  {r.summary}"
         )
+        if "refined_val_accuracy" in r.index and pd.notna(r.refined_val_accuracy):
+            lines.append(
+                f"{'':>5} {r.refined_val_accuracy:>8.4f} {r.refined_test_accuracy:>8.4f} "
+                f"{r.refined_size_bytes / 1e6:>8.3f} {r.refined_latency_ms:>7.3f}  "
+                f"^ refined ({int(r.refined_epochs)} epochs; search-time values above)"
+            )
     return "\n".join(lines)
 
 
@@ -304,6 +310,32 @@ def _scatter(data: dict, df: pd.DataFrame):
                     hoverinfo="text",
                     customdata=g["trial"].astype(int).tolist(),
                     marker={"color": color, "symbol": symbol, "size": 9},
+                ),
+                row=1,
+                col=col,
+            )
+    if "refined_val_accuracy" in ok.columns:
+        ref = ok[ok["refined_val_accuracy"].notna()]
+        hover = [
+            f"trial {int(r.trial)} refined ({int(r.refined_epochs)} epochs)<br>val "
+            f"{r.refined_val_accuracy:.4f} test {r.refined_test_accuracy:.4f} (search-time val "
+            f"{r.val_accuracy:.4f})<br>{r.refined_size_bytes / 1e6:.3f} MB, "
+            f"{r.refined_latency_ms:.3f} ms"
+            for _, r in ref.iterrows()
+        ]
+        for col, x in ((1, ref["refined_size_bytes"] / 1e6), (2, ref["refined_latency_ms"])):
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=ref["refined_val_accuracy"],
+                    mode="markers",
+                    name="refined",
+                    legendgroup="refined",
+                    showlegend=col == 1,
+                    hovertext=hover,
+                    hoverinfo="text",
+                    customdata=ref["trial"].astype(int).tolist(),
+                    marker={"color": "#2ca02c", "symbol": "diamond", "size": 11},
                 ),
                 row=1,
                 col=col,

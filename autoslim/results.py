@@ -183,6 +183,7 @@ def export_trial(
     output: str | Path,
     *,
     replay: bool = False,
+    refined: bool = False,
     data: Any = None,
 ) -> dict[str, Any]:
     """Write trial ``trial``'s artifact to ``output`` and verify it against the study's record.
@@ -191,21 +192,40 @@ def export_trial(
     missing or ``replay`` is set, rebuilds it from the recorded config and recipe. The written
     file's size must equal the recorded size exactly and its validation accuracy must be within
     0.1 pt of the recorded value, else :class:`ExportError` and nothing is written.
-    ``data``: the study's dataset splits, if already loaded. Returns recorded vs measured values.
+    ``refined``: the artifact ``autoslim refine`` stored for the trial, checked against the
+    refined record instead. ``data``: the study's dataset splits, if already loaded. Returns
+    recorded vs measured values.
     """
     from .data import load_dataset
     from .measure import artifact_accuracy
 
     row = view.measured_row(trial)
+    stored = view.trial_dir(trial) / "model.onnx"
+    if refined:
+        rec_path = view.run_dir / "refined" / f"{trial:05d}" / "result.json"
+        if replay or not rec_path.is_file():
+            raise UsageError(
+                f"trial {trial} has no refined result{' to replay' if replay else ''}; run "
+                f"`autoslim refine {view.cli_ref} --trial {trial}` first"
+            )
+        rec = json.loads(rec_path.read_text())
+        row = pd.Series(
+            {
+                "size_bytes": rec["size_bytes"],
+                "val_accuracy": rec["val_accuracy"],
+                "test_accuracy": rec["test_accuracy"],
+                "artifact_sha256": rec["sha256"],
+            }
+        )
+        stored = rec_path.parent / "model.onnx"
     output = Path(output)
     if output.suffix != ".onnx":
         raise UsageError(f"output must be an .onnx file; got {str(output)!r} (e.g. -o model.onnx)")
     if not output.parent.exists():
         raise UsageError(f"output folder {output.parent} does not exist; create it first")
-    stored = view.trial_dir(trial) / "model.onnx"
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".autoslim-export-") as tmp:
         if stored.is_file() and not replay:
-            source = "stored"
+            source = "refined" if refined else "stored"
             digest = _sha256(stored)
             if row.get("artifact_sha256") and digest != row["artifact_sha256"]:
                 raise ExportError(

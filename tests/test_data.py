@@ -173,3 +173,13 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     _write_pngs(tmp_path / "other", 0, 2, size=(8, 8))
     with pytest.raises(DataError, match="different sizes"):
         load_dataset(f"imagefolder:{tmp_path}", val_size=1)
+
+
+def test_fingerprint_does_not_depend_on_the_thread_count() -> None:
+    """Teachers are cached by it: a CLI run (all threads) must find the test run's (1 thread)."""
+    prints = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        prints.append(load_dataset("fashion-mnist", val_size=500, limit_train=1500).fingerprint())
+    torch.set_num_threads(1)
+    assert prints[0] == prints[1]

@@ -1,0 +1,299 @@
+"""Refine a picked trial into the final model: a longer distillation recovery, same artifact form.
+
+A search affords only a short recovery per trial. :func:`refine` rebuilds the trial's compressed
+model from its recorded config (same teacher, same pruning and factorisation), distils it from the
+teacher for whole epochs over the training split (the last epochs quantization-aware for the
+layers the config quantizes), exports the artifact and measures it exactly as search trials are
+measured. The result is stored beside the trial in ``STUDY/refined/NNNNN/`` (``result.json`` +
+``model.onnx``); the search-time record is never changed. A checkpoint after every epoch makes an
+interrupted refine continue where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ExportError, UsageError
+from .measure import artifact_accuracy, get_backend
+from .passes.distill import Recovery, distill, recalibrate_bn
+from .passes.quantize import FakeQuantLayer, calibrate
+from .pipeline import (
+    Compressed,
+    build_student,
+    cached_teacher_logits,
+    export,
+    is_quantized,
+    to_fake_quant,
+)
+from .results import StudyView
+from .teacher import evaluate_accuracy
+
+__all__ = ["RefineRecipe", "refine", "refined_dir"]
+
+CALIB_SIZE = 256  # images used to calibrate activation ranges (as in the search)
+
+
+@dataclass(frozen=True)
+class RefineRecipe:
+    """The refine fine-tune: KD epochs over the training split, SGD + Nesterov, cosine decay.
+
+    ``qat_epochs``: how many of the last epochs run with fake quantization (default: 30% of
+    the epochs, at least one, when the config quantizes any layer). ``max_steps_per_epoch``
+    caps an epoch for quick runs (default: one full pass).
+    """
+
+    epochs: int = 3
+    lr: float = 0.01
+    batch_size: int = 128
+    qat_epochs: int | None = None
+    max_steps_per_epoch: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UsageError(f"--epochs must be >= 1; got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr must be a positive number; got {self.lr}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1; got {self.batch_size}")
+        if self.qat_epochs is not None and not 0 <= self.qat_epochs <= self.epochs:
+            raise UsageError(
+                f"--qat-epochs must be in [0, epochs={self.epochs}]; got {self.qat_epochs}"
+            )
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise UsageError(f"--max-steps-per-epoch must be >= 1; got {self.max_steps_per_epoch}")
+
+    def quantized_epochs(self, quantized: bool) -> int:
+        if not quantized:
+            return 0
+        if self.qat_epochs is not None:
+            return self.qat_epochs
+        return max(1, round(0.3 * self.epochs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def refined_dir(view: StudyView, trial: int) -> Path:
+    return view.run_dir / "refined" / f"{trial:05d}"
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_output(output: str | Path | None) -> Path | None:
+    if output is None:
+        return None
+    out = Path(output)
+    if out.suffix != ".onnx":
+        raise UsageError(f"output must be an .onnx file; got {str(out)!r} (e.g. -o model.onnx)")
+    if not out.parent.exists():
+        raise UsageError(f"output folder {out.parent} does not exist; create it first")
+    return out
+
+
+def refine(
+    view: StudyView,
+    trial: int,
+    output: str | Path | None = None,
+    *,
+    recipe: RefineRecipe | None = None,
+    progress: bool = True,
+    restart: bool = False,
+) -> dict[str, Any]:
+    """Refine trial ``trial`` of a stored study; return its refined measurements (plain data).
+
+    Resumes from the last epoch checkpoint of an interrupted run with the same recipe; a
+    finished refine with the same recipe is reused (its artifact copied to ``output``).
+    ``restart`` discards both. The refined artifact must have the trial's exact size, else
+    :class:`ExportError` and nothing is recorded.
+    """
+    from .study import StudySpec, build_task
+
+    recipe = recipe or RefineRecipe()
+    out = _check_output(output)
+    row = view.measured_row(trial)
+    if not row["feasible"]:
+        raise UsageError(
+            f"trial {trial} of study {view.name!r} is infeasible (outside the study's budgets: "
+            f"{row.get('summary', '')}); refine a feasible trial, e.g. from `autoslim pick`"
+        )
+    rdir = refined_dir(view, trial)
+    result_path, ckpt_path = rdir / "result.json", rdir / "checkpoint.pt"
+    if restart:
+        for p in (result_path, ckpt_path):
+            p.unlink(missing_ok=True)
+    if result_path.is_file():
+        done = json.loads(result_path.read_text())
+        if done.get("recipe") == recipe.to_dict():
+            art = rdir / "model.onnx"
+            if _sha256(art) != done["sha256"]:
+                raise ExportError(
+                    f"the refined artifact {art} changed since it was recorded; pass --restart"
+                )
+            if out is not None:
+                _atomic_copy(art, out)
+            return {**done, "reused": True, "output": str(out) if out else None}
+    t0 = time.perf_counter()
+    spec = StudySpec(**view.spec)
+    task = build_task(spec, progress=progress)
+    want = view.teacher.get("content_hash")
+    if want and task.teacher.content_hash != want:
+        raise UsageError(
+            f"the teacher found for study {view.name!r} ({task.teacher.content_hash}) is not the "
+            f"one it was searched with ({want}); restore that checkpoint to refine its trials"
+        )
+    config = view.config(trial)
+    data, teacher = task.data, task.teacher.model.eval()
+    student, reports, factorized = build_student(
+        teacher, config, example=task.example, classifier=task.classifier, stem=task.stem
+    )
+    quantized = is_quantized(config)
+    n_qat = recipe.quantized_epochs(quantized)
+    train = data.train
+    spe = len(train) // recipe.batch_size
+    if recipe.max_steps_per_epoch:
+        spe = min(spe, recipe.max_steps_per_epoch)
+    if spe < 1:
+        raise UsageError(
+            f"the training split has {len(train)} images, fewer than one batch of "
+            f"{recipe.batch_size}; lower --batch-size"
+        )
+    total = spe * recipe.epochs
+    calib = train.x[:CALIB_SIZE]
+    ident = {"trial": trial, "config": config.to_json(), "recipe": recipe.to_dict()}
+    start, history, in_qat, before = 0, [], False, 0.0
+    rdir.mkdir(parents=True, exist_ok=True)
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("ident") != json.dumps(ident, sort_keys=True):
+            raise UsageError(
+                f"{ckpt_path} holds an interrupted refine of trial {trial} with another recipe "
+                f"({ck.get('recipe')}); rerun with that recipe or pass --restart"
+            )
+        if ck["in_qat"]:
+            student, in_qat = to_fake_quant(student, config, factorized, reports), True
+        student.load_state_dict(ck["state_dict"])
+        start, history, before = int(ck["epoch"]), list(ck["history"]), float(ck["seconds"])
+        print(f"refine trial {trial}: resuming after epoch {start}", file=sys.stderr)
+    elif any(r.touched for r in reports):
+        recalibrate_bn(student, train.x, batches=20, batch_size=recipe.batch_size)
+    logits = cached_teacher_logits(teacher, train, data, task.teacher.content_hash)
+    rec = Recovery(
+        steps=total, batch_size=recipe.batch_size, lr=recipe.lr, subset=len(train), seed=recipe.seed
+    )
+    bar = tqdm(
+        total=recipe.epochs,
+        initial=start,
+        desc=f"refine trial {trial}",
+        unit="epoch",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    try:
+        for epoch in range(start, recipe.epochs):
+            if not in_qat and epoch >= recipe.epochs - n_qat:
+                student, in_qat = to_fake_quant(student, config, factorized, reports), True
+                calibrate(student, calib)
+            loss = distill(
+                student,
+                train,
+                logits,
+                config.distill,
+                steps=spe,
+                recovery=rec,
+                start_step=epoch * spe,
+                total_steps=total,
+            )
+            val = evaluate_accuracy(student, data.val)
+            history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val, "qat": in_qat})
+            tmp = ckpt_path.with_name(".checkpoint.pt.tmp")
+            torch.save(
+                {
+                    "ident": json.dumps(ident, sort_keys=True),
+                    "recipe": recipe.to_dict(),
+                    "epoch": epoch + 1,
+                    "in_qat": in_qat,
+                    "history": history,
+                    "state_dict": student.state_dict(),
+                    "seconds": before + time.perf_counter() - t0,
+                },
+                tmp,
+            )
+            os.replace(tmp, ckpt_path)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", val_acc=f"{val:.4f}", qat=in_qat)
+    finally:
+        bar.close()
+    if quantized and not in_qat:  # qat_epochs=0: quantise after training, calibrated
+        student, in_qat = to_fake_quant(student, config, factorized, reports), True
+        calibrate(student, calib)
+    student.eval()
+    act_ranges = {
+        n: [float(m.act_range[0]), float(m.act_range[1])]
+        for n, m in student.named_modules()
+        if isinstance(m, FakeQuantLayer) and m.act_bits == 8
+    }
+    c = Compressed(student, config, reports, task.example, calib, act_ranges, factorized)
+    art = rdir / "model.onnx"
+    res = export(c, art, check=data.val.subset(spec.gate_images), min_agreement=spec.gate_agreement)
+    if res.size_bytes != int(row["size_bytes"]):
+        art.unlink(missing_ok=True)
+        raise ExportError(
+            f"the refined artifact of trial {trial} is {res.size_bytes:,} bytes but the trial's is "
+            f"{int(row['size_bytes']):,} (same architecture and bits must give the same file); "
+            "nothing was recorded"
+        )
+    lat = get_backend(spec.backend).measure(
+        art, input_shape=data.input_shape, runs=spec.latency_runs
+    )
+    result = {
+        "trial": trial,
+        "recipe": recipe.to_dict(),
+        "epochs": recipe.epochs,
+        "val_accuracy": artifact_accuracy(art, data.val)[0],
+        "test_accuracy": artifact_accuracy(art, data.test)[0],
+        "size_bytes": res.size_bytes,
+        "latency_ms": lat.median_ms,
+        "agreement": res.agreement,
+        "search_val_accuracy": float(row["val_accuracy"]),
+        "search_test_accuracy": float(row["test_accuracy"]),
+        "search_latency_ms": float(row["latency_ms"]),
+        "teacher_latency_ms": view.baseline.get("latency_ms"),
+        "history": history,
+        "artifact": str(art),
+        "sha256": _sha256(art),
+        "seconds": round(before + time.perf_counter() - t0, 1),
+    }
+    _atomic_json(result, result_path)
+    ckpt_path.unlink(missing_ok=True)
+    if out is not None:
+        _atomic_copy(art, out)
+    return {**result, "reused": False, "output": str(out) if out else None}

@@ -1,0 +1,131 @@
+"""``autoslim refine``: longer recovery of a picked trial, stored beside it, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import autoslim
+from autoslim.artifact import onnx_predict, ort_session
+from autoslim.cli import main
+from autoslim.errors import ExportError, UsageError
+from autoslim.refinement import RefineRecipe, refine, refined_dir
+from autoslim.results import StudyView
+
+QUICK = RefineRecipe(epochs=2, max_steps_per_epoch=8, batch_size=64)
+
+
+@pytest.fixture
+def study_copy(tiny_study, tmp_path: Path) -> Path:
+    """A private copy of the tiny study folder: refine writes into it."""
+    dst = tmp_path / "study"
+    shutil.copytree(tiny_study.run_dir, dst, ignore=shutil.ignore_patterns("refined"))
+    return dst
+
+
+def _front_trial(view: StudyView) -> int:
+    return int(view.front.sort_values("val_accuracy").iloc[-1].trial)
+
+
+def test_refined_artifact_is_stored_beside_the_trial(study_copy: Path, fmnist, tmp_path) -> None:
+    view = autoslim.load_study(study_copy)
+    t = _front_trial(view)
+    before = view.trials.set_index("trial")
+    out = tmp_path / "final.onnx"
+    r = refine(view, t, out, recipe=QUICK, progress=False)
+    # the artifact loads and runs in ONNX Runtime and has exactly the trial's size
+    assert out.stat().st_size == before.loc[t, "size_bytes"] == r["size_bytes"]
+    logits = onnx_predict(ort_session(out), fmnist.val.x[:32])
+    assert logits.shape == (32, 10) and torch.isfinite(logits).all()
+    assert len(r["history"]) == QUICK.epochs and r["history"][-1]["qat"]
+    # recorded next to, not over, the search-time values
+    after = autoslim.load_study(study_copy).trials.set_index("trial")
+    assert after.loc[t, "val_accuracy"] == before.loc[t, "val_accuracy"]
+    assert after.loc[t, "test_accuracy"] == before.loc[t, "test_accuracy"]
+    assert after.loc[t, "refined_val_accuracy"] == pytest.approx(r["val_accuracy"])
+    assert after.loc[t, "refined_size_bytes"] == before.loc[t, "size_bytes"]
+    assert r["search_val_accuracy"] == pytest.approx(before.loc[t, "val_accuracy"])
+    assert not (refined_dir(view, t) / "checkpoint.pt").exists()
+    # a second call with the same recipe reuses the result; export --refined verifies it
+    again = refine(view, t, None, recipe=QUICK, progress=False)
+    assert again["reused"] and again["sha256"] == r["sha256"]
+    res = autoslim.export_trial(view, t, tmp_path / "e.onnx", refined=True)
+    assert res["source"] == "refined" and (tmp_path / "e.onnx").read_bytes() == out.read_bytes()
+
+
+def test_interrupted_refine_continues_from_its_checkpoint(study_copy: Path) -> None:
+    view = autoslim.load_study(study_copy)
+    t = _front_trial(view)
+    ckpt = refined_dir(view, t) / "checkpoint.pt"
+    cmd = [sys.executable, "-m", "autoslim.cli", "refine", str(study_copy), "--trial", str(t),
+           "--epochs", "40", "--batch-size", "64", "--quiet"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    done = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 1 <= done < 40
+    assert not (refined_dir(view, t) / "result.json").exists()
+    r = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    resumed = int(r.stderr.split("resuming after epoch ")[1].split()[0])
+    assert resumed >= done
+    result = json.loads(r.stdout)
+    assert [h["epoch"] for h in result["history"]] == list(range(1, 41))
+    # another recipe does not silently reuse or overwrite that result
+    assert not refine(view, t, None, recipe=QUICK, progress=False)["reused"]
+
+
+def test_refining_an_unusable_trial_is_a_usage_error(study_copy: Path, capsys) -> None:
+    view = autoslim.load_study(study_copy)
+    t = _front_trial(view)
+    df = view.trials.copy()
+    df.loc[df.trial == t, "feasible"] = False
+    with pytest.raises(UsageError, match="infeasible"):
+        refine(StudyView(**{**view.__dict__, "trials": df}), t, recipe=QUICK, progress=False)
+    df = view.trials.copy()
+    df.loc[df.trial == t, ["status", "fail_reason"]] = ["failed", "export error: scale issue"]
+    with pytest.raises(UsageError, match="no measured artifact .export error: scale issue."):
+        refine(StudyView(**{**view.__dict__, "trials": df}), t, recipe=QUICK, progress=False)
+    assert main(["refine", str(study_copy), "--trial", "999", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no trial 999" in err[0]
+    assert main(["refine", str(study_copy), "--quiet"]) == 2  # neither --trial nor --front
+
+
+def test_a_size_difference_is_an_error_not_an_update(study_copy: Path) -> None:
+    view = autoslim.load_study(study_copy)
+    t = _front_trial(view)
+    df = view.trials.copy()
+    df.loc[df.trial == t, "size_bytes"] += 1  # as if the trial's record said another size
+    with pytest.raises(ExportError, match="same architecture and bits"):
+        refine(StudyView(**{**view.__dict__, "trials": df}), t, recipe=QUICK, progress=False)
+    assert not (refined_dir(view, t) / "result.json").exists()
+    assert "refined_val_accuracy" not in autoslim.load_study(study_copy).trials.columns
+
+
+def test_refine_front_refines_every_front_point(study_copy: Path, tmp_path, capsys) -> None:
+    view = autoslim.load_study(study_copy)
+    args = ["refine", str(study_copy), "--front", "--epochs", "1", "--max-steps-per-epoch", "4",
+            "--quiet", "-o", str(tmp_path / "models")]  # fmt: skip
+    assert main(args) == 0
+    front = view.front["trial"].astype(int).tolist()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(
+        f"model-t{t}.onnx" for t in front
+    )
+    assert main(args) == 0  # resumable point by point: finished points are reused
+    assert capsys.readouterr().out.count("reused") == len(front)
