@@ -48,5 +48,8 @@ bench-compress: $(STAMP) data
 bench-search: $(STAMP) data
 	$(BIN)/python benchmarks/bench_search.py
 
+bench-refine: $(STAMP) data
+	$(BIN)/python benchmarks/bench_refine.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache studies/*/runs

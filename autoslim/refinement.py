@@ -41,7 +41,7 @@ from .pipeline import (
 from .results import StudyView
 from .teacher import evaluate_accuracy
 
-__all__ = ["RefineRecipe", "refine", "refined_dir"]
+__all__ = ["RefineRecipe", "refine", "refined_dir", "train_and_export"]
 
 CALIB_SIZE = 256  # images used to calibrate activation ranges (as in the search)
 
@@ -118,58 +118,23 @@ def _check_output(output: str | Path | None) -> Path | None:
     return out
 
 
-def refine(
-    view: StudyView,
-    trial: int,
-    output: str | Path | None = None,
+def train_and_export(
+    task: Any,
+    config: Any,
+    recipe: RefineRecipe,
+    workdir: Path,
     *,
-    recipe: RefineRecipe | None = None,
+    ident: dict[str, Any],
     progress: bool = True,
-    restart: bool = False,
-) -> dict[str, Any]:
-    """Refine trial ``trial`` of a stored study; return its refined measurements (plain data).
+    label: str = "refine",
+) -> tuple[Any, list[dict[str, Any]], float]:
+    """The refine core for any config on a task: epochs of KD (+QAT), then the gated artifact.
 
-    Resumes from the last epoch checkpoint of an interrupted run with the same recipe; a
-    finished refine with the same recipe is reused (its artifact copied to ``output``).
-    ``restart`` discards both. The refined artifact must have the trial's exact size, else
-    :class:`ExportError` and nothing is recorded.
+    Writes ``workdir/checkpoint.pt`` after every epoch (resumed when its ``ident`` matches) and
+    ``workdir/model.onnx``. Returns (export result, per-epoch history, seconds incl. resumed).
     """
-    from .study import StudySpec, build_task
-
-    recipe = recipe or RefineRecipe()
-    out = _check_output(output)
-    row = view.measured_row(trial)
-    if not row["feasible"]:
-        raise UsageError(
-            f"trial {trial} of study {view.name!r} is infeasible (outside the study's budgets: "
-            f"{row.get('summary', '')}); refine a feasible trial, e.g. from `autoslim pick`"
-        )
-    rdir = refined_dir(view, trial)
-    result_path, ckpt_path = rdir / "result.json", rdir / "checkpoint.pt"
-    if restart:
-        for p in (result_path, ckpt_path):
-            p.unlink(missing_ok=True)
-    if result_path.is_file():
-        done = json.loads(result_path.read_text())
-        if done.get("recipe") == recipe.to_dict():
-            art = rdir / "model.onnx"
-            if _sha256(art) != done["sha256"]:
-                raise ExportError(
-                    f"the refined artifact {art} changed since it was recorded; pass --restart"
-                )
-            if out is not None:
-                _atomic_copy(art, out)
-            return {**done, "reused": True, "output": str(out) if out else None}
     t0 = time.perf_counter()
-    spec = StudySpec(**view.spec)
-    task = build_task(spec, progress=progress)
-    want = view.teacher.get("content_hash")
-    if want and task.teacher.content_hash != want:
-        raise UsageError(
-            f"the teacher found for study {view.name!r} ({task.teacher.content_hash}) is not the "
-            f"one it was searched with ({want}); restore that checkpoint to refine its trials"
-        )
-    config = view.config(trial)
+    spec = task.spec
     data, teacher = task.data, task.teacher.model.eval()
     student, reports, factorized = build_student(
         teacher, config, example=task.example, classifier=task.classifier, stem=task.stem
@@ -187,21 +152,21 @@ def refine(
         )
     total = spe * recipe.epochs
     calib = train.x[:CALIB_SIZE]
-    ident = {"trial": trial, "config": config.to_json(), "recipe": recipe.to_dict()}
+    ckpt_path = workdir / "checkpoint.pt"
     start, history, in_qat, before = 0, [], False, 0.0
-    rdir.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ck.get("ident") != json.dumps(ident, sort_keys=True):
             raise UsageError(
-                f"{ckpt_path} holds an interrupted refine of trial {trial} with another recipe "
+                f"{ckpt_path} holds an interrupted {label} with another recipe "
                 f"({ck.get('recipe')}); rerun with that recipe or pass --restart"
             )
         if ck["in_qat"]:
             student, in_qat = to_fake_quant(student, config, factorized, reports), True
         student.load_state_dict(ck["state_dict"])
         start, history, before = int(ck["epoch"]), list(ck["history"]), float(ck["seconds"])
-        print(f"refine trial {trial}: resuming after epoch {start}", file=sys.stderr)
+        print(f"{label}: resuming after epoch {start}", file=sys.stderr)
     elif any(r.touched for r in reports):
         recalibrate_bn(student, train.x, batches=20, batch_size=recipe.batch_size)
     logits = cached_teacher_logits(teacher, train, data, task.teacher.content_hash)
@@ -211,7 +176,7 @@ def refine(
     bar = tqdm(
         total=recipe.epochs,
         initial=start,
-        desc=f"refine trial {trial}",
+        desc=label,
         unit="epoch",
         disable=not progress,
         file=sys.stderr,
@@ -262,8 +227,72 @@ def refine(
         if isinstance(m, FakeQuantLayer) and m.act_bits == 8
     }
     c = Compressed(student, config, reports, task.example, calib, act_ranges, factorized)
+    res = export(
+        c,
+        workdir / "model.onnx",
+        check=data.val.subset(spec.gate_images),
+        min_agreement=spec.gate_agreement,
+    )
+    return res, history, before + time.perf_counter() - t0
+
+
+def refine(
+    view: StudyView,
+    trial: int,
+    output: str | Path | None = None,
+    *,
+    recipe: RefineRecipe | None = None,
+    progress: bool = True,
+    restart: bool = False,
+) -> dict[str, Any]:
+    """Refine trial ``trial`` of a stored study; return its refined measurements (plain data).
+
+    Resumes from the last epoch checkpoint of an interrupted run with the same recipe; a
+    finished refine with the same recipe is reused (its artifact copied to ``output``).
+    ``restart`` discards both. The refined artifact must have the trial's exact size, else
+    :class:`ExportError` and nothing is recorded.
+    """
+    from .study import StudySpec, build_task
+
+    recipe = recipe or RefineRecipe()
+    out = _check_output(output)
+    row = view.measured_row(trial)
+    if not row["feasible"]:
+        raise UsageError(
+            f"trial {trial} of study {view.name!r} is infeasible (outside the study's budgets: "
+            f"{row.get('summary', '')}); refine a feasible trial, e.g. from `autoslim pick`"
+        )
+    rdir = refined_dir(view, trial)
+    result_path, ckpt_path = rdir / "result.json", rdir / "checkpoint.pt"
+    if restart:
+        for p in (result_path, ckpt_path):
+            p.unlink(missing_ok=True)
+    if result_path.is_file():
+        done = json.loads(result_path.read_text())
+        if done.get("recipe") == recipe.to_dict():
+            art = rdir / "model.onnx"
+            if _sha256(art) != done["sha256"]:
+                raise ExportError(
+                    f"the refined artifact {art} changed since it was recorded; pass --restart"
+                )
+            if out is not None:
+                _atomic_copy(art, out)
+            return {**done, "reused": True, "output": str(out) if out else None}
+    spec = StudySpec.from_dict(view.spec)
+    task = build_task(spec, progress=progress)
+    want = view.teacher.get("content_hash")
+    if want and task.teacher.content_hash != want:
+        raise UsageError(
+            f"the teacher found for study {view.name!r} ({task.teacher.content_hash}) is not the "
+            f"one it was searched with ({want}); restore that checkpoint to refine its trials"
+        )
+    config = view.config(trial)
+    ident = {"trial": trial, "config": config.to_json(), "recipe": recipe.to_dict()}
+    res, history, seconds = train_and_export(
+        task, config, recipe, rdir, ident=ident, progress=progress, label=f"refine trial {trial}"
+    )
     art = rdir / "model.onnx"
-    res = export(c, art, check=data.val.subset(spec.gate_images), min_agreement=spec.gate_agreement)
+    data = task.data
     if res.size_bytes != int(row["size_bytes"]):
         art.unlink(missing_ok=True)
         raise ExportError(
@@ -290,7 +319,7 @@ def refine(
         "history": history,
         "artifact": str(art),
         "sha256": _sha256(art),
-        "seconds": round(before + time.perf_counter() - t0, 1),
+        "seconds": round(seconds, 1),
     }
     _atomic_json(result, result_path)
     ckpt_path.unlink(missing_ok=True)

@@ -164,7 +164,7 @@ def _replay(view: StudyView, trial: int, out_dir: Path) -> Path:
     """Rebuild the trial's artifact from its recorded config and the study's recipe."""
     from .study import StudySpec, build_task, evaluate
 
-    spec = StudySpec(**view.spec)
+    spec = StudySpec.from_dict(view.spec)
     task = build_task(spec, progress=False)
     if task.teacher.content_hash != view.teacher.get("content_hash", task.teacher.content_hash):
         raise ExportError(

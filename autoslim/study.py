@@ -117,6 +117,11 @@ class StudySpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudySpec:
+        """The spec a study recorded (keys of older versions that no longer exist are ignored)."""
+        return cls(**{k: v for k, v in d.items() if k in _FIELDS})
+
 
 _FIELDS = {f.name for f in dataclasses.fields(StudySpec)}
 

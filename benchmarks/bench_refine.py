@@ -1,0 +1,141 @@
+"""Refine benchmark: autoslim's refined front point vs the by-hand pipeline, side by side.
+
+On the default study (ResNet-18 teacher, Fashion-MNIST, ``--budget 2MB``; searched first if it
+is not stored yet), with the same teacher and the same recovery recipe (``--epochs`` of KD over
+the training split, the last 30% quantization-aware):
+
+- by hand: one pruning ratio in every prunable group (the smallest on a 0.05 grid whose int8
+  artifact fits the budget), KD, ONNX Runtime int8;
+- autoslim: the most accurate feasible front point at <= budget whose search-time latency is no
+  worse than the by-hand artifact's (both relative to the fp32 teacher, 25% noise margin),
+  refined with ``autoslim.refine``.
+
+Both artifacts and the fp32 teacher artifact are then timed in one process, interleaved
+(ONNX Runtime, 1 thread, batch 1; median of ``--rounds`` medians). Prints a Markdown table.
+Run: ``make bench-refine`` (~20 min on 2 cores with a stored study and cached teacher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import autoslim
+from autoslim.measure import artifact_accuracy, get_backend
+from autoslim.refinement import RefineRecipe, train_and_export
+from autoslim.runner import load_study, search
+from autoslim.study import StudySpec, build_task, estimate, load_study_spec
+from autoslim.units import parse_size
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--study", default="default", help="stored study name or folder")
+    ap.add_argument("--budget", default="2MB")
+    ap.add_argument("--epochs", type=int, default=RefineRecipe.epochs)
+    ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="quick runs only")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    a = ap.parse_args()
+    budget = parse_size(a.budget)
+    recipe = RefineRecipe(epochs=a.epochs, max_steps_per_epoch=a.max_steps_per_epoch)
+    try:
+        view = load_study(a.study)
+    except autoslim.UsageError:
+        print(f"no stored study {a.study!r}: running `autoslim search --budget {a.budget}`")
+        t = time.perf_counter()
+        search(load_study_spec(None, name=a.study, budget=a.budget))
+        print(f"search took {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        view = load_study(a.study)
+    task = build_task(StudySpec.from_dict(view.spec))
+    base = view.baseline
+
+    # by hand: the smallest uniform int8 ratio that fits
+    ratio, config = None, None
+    for i in range(0, 19):
+        r = round(i * 0.05, 2)
+        cfg = task.space.to_config(task.space.uniform_params(prune=r, weight_bits=8, act_bits=8))
+        if estimate(task, cfg) <= budget:
+            ratio, config = r, cfg
+            break
+    if config is None:
+        print(f"no uniform int8 ratio fits {budget:,} bytes", file=sys.stderr)
+        return 1
+    work = view.run_dir / "bench-refine" / f"by-hand-{ratio:.2f}"
+    ident = {"by_hand": ratio, "config": config.to_json(), "recipe": recipe.to_dict()}
+    hand, hand_hist, hand_s = train_and_export(
+        task, config, recipe, work, ident=ident, label=f"by hand (uniform {ratio:.2f}, int8)"
+    )
+
+    # autoslim: the most accurate feasible front point at <= budget whose search-time latency
+    # (relative to the teacher's in the study) is at most 1.25x the by-hand artifact's (relative
+    # to the teacher's, measured now): "no worse latency" within timing noise
+    backend = get_backend(view.spec.get("backend", "onnxruntime-cpu"))
+    shape = task.data.input_shape
+    hand_ratio = statistics.median(
+        backend.measure(hand.path, input_shape=shape, runs=200).median_ms
+        / backend.measure(view.run_dir / "teacher_fp32.onnx", input_shape=shape, runs=200).median_ms
+        for _ in range(3)
+    )
+    row = autoslim.pick(
+        view,
+        max_size=budget,
+        max_latency_ms=base["latency_ms"] * hand_ratio * 1.25,
+        prefer="accuracy",
+    )
+    trial = int(row.trial)
+    ref = autoslim.refine(view, trial, recipe=recipe)
+    search_s = float(view.trials["seconds"].sum())
+
+    # side-by-side measurement
+    paths = {
+        "teacher": view.run_dir / "teacher_fp32.onnx",
+        "by hand": hand.path,
+        "autoslim": ref["artifact"],
+    }
+    lat: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(a.rounds):
+        for k, p in paths.items():
+            lat[k].append(backend.measure(p, input_shape=shape, runs=200).median_ms)
+    med = {k: statistics.median(v) for k, v in lat.items()}
+    acc = {k: artifact_accuracy(p, task.data.test)[0] for k, p in paths.items()}
+    size = {k: os.path.getsize(p) for k, p in paths.items()}
+    secs = {"teacher": float("nan"), "by hand": hand_s, "autoslim": ref["seconds"]}
+    what = {
+        "teacher": "fp32 ONNX",
+        "by hand": f"uniform prune {ratio:.2f}, int8, {recipe.epochs} epochs KD",
+        "autoslim": f"trial {trial}: {row.summary.replace('|', '/')}, refined {recipe.epochs} epochs",
+    }
+    print(f"\nbudget {budget:,} bytes; recipe {recipe.to_dict()}\n")
+    print("| artifact | config | test acc | bytes | latency (ms) | vs teacher | wall (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for k in paths:
+        print(
+            f"| {k} | {what[k]} | {acc[k]:.4f} | {size[k]:,} | {med[k]:.3f} | "
+            f"{med[k] / med['teacher']:.3f}x | {secs[k]:.0f} |"
+        )
+    print(
+        f"\nautoslim search time (sum of its {len(view.trials)} trials): {search_s:.0f} s; "
+        f"search-time test acc of trial {trial}: {row.test_accuracy:.4f}"
+    )
+    print("per-epoch val accuracy (PyTorch model):")
+    print("  by hand: " + ", ".join(f"{h['val_accuracy']:.4f}" for h in hand_hist))
+    print("  autoslim: " + ", ".join(f"{h['val_accuracy']:.4f}" for h in ref["history"]))
+    gap_teacher = (acc["teacher"] - acc["autoslim"]) * 100
+    gap_hand = (acc["autoslim"] - acc["by hand"]) * 100
+    print(
+        f"\ngoal 1: within 0.3 pt of the teacher: {gap_teacher:+.2f} pt below -> "
+        f"{'met' if gap_teacher <= 0.3 else 'NOT met'}"
+    )
+    print(
+        f"goal 2: >= 1.0 pt above by hand at no worse latency: {gap_hand:+.2f} pt, latency "
+        f"{med['autoslim'] / med['by hand']:.2f}x by hand's -> "
+        f"{'met' if gap_hand >= 1.0 and med['autoslim'] <= med['by hand'] * 1.05 else 'NOT met'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
