@@ -39,6 +39,7 @@ TABLE_COLUMNS = [
     "val_accuracy",
     "test_accuracy",
     "size_bytes",
+    "size_estimate",
     "latency_ms",
     "speedup",
     "compression",
@@ -466,12 +467,13 @@ def _parcoords(data: dict, df: pd.DataFrame):
         go.Parcoords(
             line={"color": ok["val_accuracy"].tolist(), "colorscale": "Viridis", "showscale": True},
             dimensions=dims,
+            labelangle=-20,
         )
     )
     fig.update_layout(
         title="Parameters and objectives of the measured trials (drag on an axis to filter)",
-        height=480,
-        margin={"l": 80, "r": 80},
+        height=520,
+        margin={"l": 80, "r": 80, "t": 140},
     )
     return fig
 
@@ -559,7 +561,7 @@ window.addEventListener('load', function () {
 def _fmt(col: str, v: Any) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return ""
-    if col == "size_bytes" or col == "refined_size_bytes":
+    if col in ("size_bytes", "size_estimate", "refined_size_bytes"):
         return f"{v / 1e6:.3f} MB"
     if col in ("speedup", "compression"):
         return f"{v:.1f}x"

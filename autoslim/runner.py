@@ -22,7 +22,7 @@ import optuna
 from tqdm.auto import tqdm
 
 from .errors import UsageError
-from .report import OBJECTIVE_COLUMNS, trials_frame, write_outputs
+from .report import OBJECTIVE_COLUMNS, table_records, trials_frame, write_outputs
 from .results import StudyView
 from .study import (
     OBJECTIVES,
@@ -345,20 +345,11 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
 
 
 def summary_json(result: SearchResult) -> str:
-    cols = [
-        "trial",
-        "val_accuracy",
-        "test_accuracy",
-        "size_bytes",
-        "latency_ms",
-        "speedup",
-        "compression",
-        "summary",
-    ]
-    front = result.front[[c for c in cols if c in result.front.columns]]
+    """The front (same columns as ``autoslim report --format json``), outputs and baseline."""
+    front = table_records(result.front) if len(result.front) else []
     return json.dumps(
         {
-            "front": front.to_dict(orient="records"),
+            "front": front,
             "outputs": {k: str(v) for k, v in result.outputs.items()},
             "baseline": result.study.user_attrs.get("baseline"),
         },
