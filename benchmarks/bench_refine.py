@@ -38,6 +38,12 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=RefineRecipe.epochs)
     ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="quick runs only")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    ap.add_argument(
+        "--sweep",
+        default=None,
+        help="only sweep the epochs of the autoslim point's refine, e.g. 1,2,3,5: final test "
+        "accuracy and wall time per setting (how the default --epochs was chosen)",
+    )
     a = ap.parse_args()
     budget = parse_size(a.budget)
     recipe = RefineRecipe(epochs=a.epochs, max_steps_per_epoch=a.max_steps_per_epoch)
@@ -86,6 +92,8 @@ def main() -> int:
         prefer="accuracy",
     )
     trial = int(row.trial)
+    if a.sweep:
+        return sweep(task, view, trial, [int(e) for e in a.sweep.split(",")], a)
     ref = autoslim.refine(view, trial, recipe=recipe)
     search_s = float(view.trials["seconds"].sum())
 
@@ -134,6 +142,25 @@ def main() -> int:
         f"{med['autoslim'] / med['by hand']:.2f}x by hand's -> "
         f"{'met' if gap_hand >= 1.0 and med['autoslim'] <= med['by hand'] * 1.05 else 'NOT met'}"
     )
+    return 0
+
+
+def sweep(task, view, trial: int, epochs: list[int], a: argparse.Namespace) -> int:
+    """Refine the same config with several epoch counts (own folders; the study is untouched)."""
+    config = view.config(trial)
+    print(f"\ntrial {trial} ({view.row(trial).summary.replace('|', '/')}), refined with E epochs\n")
+    print("| epochs | test acc | val acc | wall (s) |")
+    print("|---|---|---|---|")
+    for e in epochs:
+        recipe = RefineRecipe(epochs=e, max_steps_per_epoch=a.max_steps_per_epoch)
+        work = view.run_dir / "bench-refine" / f"sweep-t{trial}-e{e}"
+        ident = {"sweep": trial, "config": config.to_json(), "recipe": recipe.to_dict()}
+        res, _, secs = train_and_export(
+            task, config, recipe, work, ident=ident, label=f"trial {trial}, {e} epochs"
+        )
+        test = artifact_accuracy(res.path, task.data.test)[0]
+        val = artifact_accuracy(res.path, task.data.val)[0]
+        print(f"| {e} | {test:.4f} | {val:.4f} | {secs:.0f} |", flush=True)
     return 0
 
 

@@ -86,7 +86,7 @@ def test_interrupted_refine_continues_from_its_checkpoint(study_copy: Path) -> N
     assert resumed >= done
     result = json.loads(r.stdout)
     assert [h["epoch"] for h in result["history"]] == list(range(1, 41))
-    # another recipe does not silently reuse or overwrite that result
+    # a refine with another recipe is not served from that result (it runs and replaces it)
     assert not refine(view, t, None, recipe=QUICK, progress=False)["reused"]
 
 
