@@ -175,11 +175,18 @@ def _report(a: argparse.Namespace) -> int:
     elif a.format == "csv":
         df.to_csv(sys.stdout, index=False)
     else:
-        out = Path(a.output) if a.output else view.run_dir / "report.html"
-        if out.suffix != ".html":
-            raise UsageError(f"--output must end in .html for --format html; got {out}")
         data = report_data(view)
-        path = render_html(data, df, out)
+        if a.output:  # just the HTML, where asked
+            out = Path(a.output)
+            if out.suffix != ".html" or not out.parent.is_dir():
+                raise UsageError(f"--output must be an .html file in an existing folder; got {out}")
+            path = render_html(data, df, out)
+        else:  # the study folder's report.html, trials.csv and trials.parquet, refreshed
+            from .report import write_outputs
+
+            outputs = write_outputs(view)
+            path = outputs["html"]
+            print("tables: " + ", ".join(str(outputs[k]) for k in ("csv", "parquet")))
         print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
         if a.images:
             from .report import write_images

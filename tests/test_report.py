@@ -76,6 +76,9 @@ def test_report_formats_for_terminals_and_scripts(tiny_study, capsys) -> None:
     assert main(["report", run, "--format", "table"]) == 0
     assert "val_acc" in capsys.readouterr().out
     assert main(["report", str(Path(run) / "missing")]) == 2
+    assert main(["report", run]) == 0  # html: the study folder's report and tables, refreshed
+    out = capsys.readouterr().out
+    assert f"{run}/report.html" in out and f"{run}/trials.parquet" in out
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is installed by `make test`")
