@@ -269,8 +269,8 @@ def refine(
             p.unlink(missing_ok=True)
     if result_path.is_file():
         done = json.loads(result_path.read_text())
-        if done.get("recipe") == recipe.to_dict():
-            art = rdir / "model.onnx"
+        art = rdir / "model.onnx"
+        if done.get("recipe") == recipe.to_dict() and art.is_file():
             if _sha256(art) != done["sha256"]:
                 raise ExportError(
                     f"the refined artifact {art} changed since it was recorded; pass --restart"

@@ -165,7 +165,7 @@ def _replay(view: StudyView, trial: int, out_dir: Path) -> Path:
     from .study import StudySpec, build_task, evaluate
 
     spec = StudySpec.from_dict(view.spec)
-    task = build_task(spec, progress=False)
+    task = build_task(spec, progress=True)  # a missing teacher is retrained: show it
     if task.teacher.content_hash != view.teacher.get("content_hash", task.teacher.content_hash):
         raise ExportError(
             f"cannot replay trial {trial}: the cached teacher ({task.teacher.content_hash}) is "
