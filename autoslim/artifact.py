@@ -141,6 +141,23 @@ def _store_weight(model: onnx.ModelProto, wname: str, bits: int) -> None:
     )
 
 
+def _fixed_width(model: onnx.ModelProto) -> None:
+    """Store every initializer as raw bytes, in place.
+
+    ORT's quantizer writes zero points as ``int32_data`` (varints: 1 or 2 bytes per value,
+    10 for a negative one), so the file size would move with the calibrated activation ranges.
+    Raw storage makes the size a function of the architecture and bit-widths only: a retrained
+    (refined, replayed) model of the same config has exactly the same size.
+    """
+    from onnx import numpy_helper
+
+    for i, t in enumerate(model.graph.initializer):
+        if t.raw_data or t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            continue
+        fixed = numpy_helper.from_array(numpy_helper.to_array(t), t.name)
+        model.graph.initializer[i].CopyFrom(fixed)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -239,6 +256,7 @@ def export_onnx(
         for name, bits in storage.items():
             _store_weight(om, name + ".weight", bits)
             result.layers[name] = "fp16 weights" if bits == 16 else f"int{bits} weight-only DQ"
+        _fixed_width(om)
         onnx.checker.check_model(om)
         final = Path(tmpd) / "final.onnx"
         onnx.save_model(om, str(final), save_as_external_data=False)

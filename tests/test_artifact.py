@@ -111,3 +111,27 @@ def test_uint8_activation_artifact_computes_what_was_trained(
         f"artifact deviates from the trained model by {deviation:.4f}; "
         f"quantization itself changes logits by {quant_effect:.4f}"
     )
+
+
+def test_size_depends_on_architecture_and_bits_only(tiny_teacher, fmnist, tmp_path) -> None:
+    """A retrained (refined, replayed) model of one config must give a file of the same size:
+    other weights and other calibrated activation ranges (other zero points) change no byte count.
+    """
+    import copy
+
+    cfg = CompressionConfig.uniform(prune=0.25, weight_bits=8, groups=["conv1"])
+    c = compress(tiny_teacher.model, cfg, data=fmnist, recovery=Recovery(steps=0, bn_batches=2))
+    sizes = []
+    for k, shift in enumerate((0.0, 0.37, -0.61)):
+        other = copy.copy(c)
+        other.model = copy.deepcopy(c.model)
+        with torch.no_grad():
+            for p in other.model.parameters():
+                p.add_(shift * p.abs().mean())
+        # zero points of every sign and width: shifted, widened and narrowed ranges
+        other.act_ranges = {
+            n: [lo * (1 + abs(shift)) + shift, hi * (1 - abs(shift) / 2) + shift]
+            for n, (lo, hi) in c.act_ranges.items()
+        }
+        sizes.append(export(other, tmp_path / f"m{k}.onnx").size_bytes)
+    assert len(set(sizes)) == 1, sizes
