@@ -272,7 +272,7 @@ def _refine(a: argparse.Namespace) -> int:
         epochs=a.epochs,
         lr=a.lr,
         batch_size=a.batch_size,
-        qat_epochs=a.qat_epochs,
+        qat_fraction=a.qat_fraction,
         max_steps_per_epoch=a.max_steps_per_epoch,
     )
     view = load_study(a.study, storage=a.storage)
@@ -418,7 +418,10 @@ def _parser() -> argparse.ArgumentParser:
     rf.add_argument("--lr", type=float, default=0.01, help="peak learning rate (cosine decay)")
     rf.add_argument("--batch-size", type=int, default=128)
     rf.add_argument(
-        "--qat-epochs", type=int, help="last epochs with fake quantization (default 30%%)"
+        "--qat-fraction",
+        type=float,
+        default=0.3,
+        help="last share of the steps quantization-aware (default 0.3)",
     )
     rf.add_argument("--max-steps-per-epoch", type=int, help="cap an epoch (quick runs)")
     rf.add_argument("--restart", action="store_true", help="discard a checkpoint or earlier result")

@@ -5,7 +5,15 @@ Exit codes (used by the CLI): 0 ok, 1 runtime failure, 2 usage/input error, 130 
 
 from __future__ import annotations
 
-__all__ = ["AutoslimError", "UsageError", "DataError", "ModelError", "ConfigError", "ExportError"]
+__all__ = [
+    "AutoslimError",
+    "UsageError",
+    "DataError",
+    "ModelError",
+    "ConfigError",
+    "ExportError",
+    "RecoveryError",
+]
 
 
 class AutoslimError(Exception):
@@ -34,3 +42,7 @@ class ConfigError(UsageError):
 
 class ExportError(AutoslimError):
     """Building or checking the deployable artifact failed."""
+
+
+class RecoveryError(AutoslimError):
+    """The distillation recovery diverged (NaN/inf loss)."""

@@ -2,8 +2,8 @@
 
 A search affords only a short recovery per trial. :func:`refine` rebuilds the trial's compressed
 model from its recorded config (same teacher, same pruning and factorisation), distils it from the
-teacher for whole epochs over the training split (the last epochs quantization-aware for the
-layers the config quantizes), exports the artifact and measures it exactly as search trials are
+teacher for whole epochs over the training split (the last 30% of the steps quantization-aware
+for the layers the config quantizes), exports the artifact and measures it exactly as search trials are
 measured. The result is stored beside the trial in ``STUDY/refined/NNNNN/`` (``result.json`` +
 ``model.onnx``); the search-time record is never changed. A checkpoint after every epoch makes an
 interrupted refine continue where it stopped.
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ExportError, UsageError
+from .errors import ExportError, RecoveryError, UsageError
 from .measure import artifact_accuracy, get_backend
 from .passes.distill import Recovery, distill, recalibrate_bn
 from .passes.quantize import FakeQuantLayer, calibrate
@@ -50,15 +50,15 @@ CALIB_SIZE = 256  # images used to calibrate activation ranges (as in the search
 class RefineRecipe:
     """The refine fine-tune: KD epochs over the training split, SGD + Nesterov, cosine decay.
 
-    ``qat_epochs``: how many of the last epochs run with fake quantization (default: 30% of
-    the epochs, at least one, when the config quantizes any layer). ``max_steps_per_epoch``
-    caps an epoch for quick runs (default: one full pass).
+    ``qat_fraction``: the last share of the steps runs with fake quantization when the config
+    quantizes any layer (as in the search's recovery; the switch may fall inside an epoch).
+    ``max_steps_per_epoch`` caps an epoch for quick runs (default: one full pass).
     """
 
     epochs: int = 3
     lr: float = 0.01
     batch_size: int = 128
-    qat_epochs: int | None = None
+    qat_fraction: float = 0.3
     max_steps_per_epoch: int | None = None
     seed: int = 0
 
@@ -69,19 +69,10 @@ class RefineRecipe:
             raise UsageError(f"--lr must be a positive number; got {self.lr}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1; got {self.batch_size}")
-        if self.qat_epochs is not None and not 0 <= self.qat_epochs <= self.epochs:
-            raise UsageError(
-                f"--qat-epochs must be in [0, epochs={self.epochs}]; got {self.qat_epochs}"
-            )
+        if not 0 <= self.qat_fraction <= 1:
+            raise UsageError(f"--qat-fraction must be in [0, 1]; got {self.qat_fraction}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise UsageError(f"--max-steps-per-epoch must be >= 1; got {self.max_steps_per_epoch}")
-
-    def quantized_epochs(self, quantized: bool) -> int:
-        if not quantized:
-            return 0
-        if self.qat_epochs is not None:
-            return self.qat_epochs
-        return max(1, round(0.3 * self.epochs))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -140,7 +131,6 @@ def train_and_export(
         teacher, config, example=task.example, classifier=task.classifier, stem=task.stem
     )
     quantized = is_quantized(config)
-    n_qat = recipe.quantized_epochs(quantized)
     train = data.train
     spe = len(train) // recipe.batch_size
     if recipe.max_steps_per_epoch:
@@ -151,6 +141,7 @@ def train_and_export(
             f"{recipe.batch_size}; lower --batch-size"
         )
     total = spe * recipe.epochs
+    q_start = total - int(round(total * recipe.qat_fraction)) if quantized else total
     calib = train.x[:CALIB_SIZE]
     ckpt_path = workdir / "checkpoint.pt"
     start, history, in_qat, before = 0, [], False, 0.0
@@ -184,19 +175,33 @@ def train_and_export(
     )
     try:
         for epoch in range(start, recipe.epochs):
-            if not in_qat and epoch >= recipe.epochs - n_qat:
-                student, in_qat = to_fake_quant(student, config, factorized, reports), True
-                calibrate(student, calib)
-            loss = distill(
-                student,
-                train,
-                logits,
-                config.distill,
-                steps=spe,
-                recovery=rec,
-                start_step=epoch * spe,
-                total_steps=total,
-            )
+            loss = float("nan")
+            first, end = epoch * spe, (epoch + 1) * spe
+            for lo, hi, qat in (
+                (first, min(end, q_start), False),
+                (max(first, q_start), end, True),
+            ):
+                if hi <= lo:
+                    continue
+                if qat and not in_qat:
+                    student, in_qat = to_fake_quant(student, config, factorized, reports), True
+                    calibrate(student, calib)
+                try:
+                    loss = distill(
+                        student,
+                        train,
+                        logits,
+                        config.distill,
+                        steps=hi - lo,
+                        recovery=rec,
+                        start_step=lo,
+                        total_steps=total,
+                    )
+                except FloatingPointError as e:
+                    raise RecoveryError(
+                        f"{label}: the distillation diverged in epoch {epoch + 1} ({e}); "
+                        f"lower --lr (now {recipe.lr}), e.g. --lr {recipe.lr / 2:g}"
+                    ) from e
             val = evaluate_accuracy(student, data.val)
             history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val, "qat": in_qat})
             tmp = ckpt_path.with_name(".checkpoint.pt.tmp")
@@ -217,7 +222,7 @@ def train_and_export(
             bar.set_postfix(loss=f"{loss:.3f}", val_acc=f"{val:.4f}", qat=in_qat)
     finally:
         bar.close()
-    if quantized and not in_qat:  # qat_epochs=0: quantise after training, calibrated
+    if quantized and not in_qat:  # qat_fraction=0: quantise after training, calibrated
         student, in_qat = to_fake_quant(student, config, factorized, reports), True
         calibrate(student, calib)
     student.eval()

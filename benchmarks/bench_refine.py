@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=RefineRecipe.epochs)
     ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="quick runs only")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    ap.add_argument("--trial", type=int, default=None, help="use this front point, not the pick")
     ap.add_argument(
         "--sweep",
         default=None,
@@ -91,7 +92,9 @@ def main() -> int:
         max_latency_ms=base["latency_ms"] * hand_ratio * 1.25,
         prefer="accuracy",
     )
-    trial = int(row.trial)
+    trial = int(row.trial) if a.trial is None else a.trial
+    if a.trial is not None:
+        row = view.measured_row(trial)
     if a.sweep:
         return sweep(task, view, trial, [int(e) for e in a.sweep.split(",")], a)
     ref = autoslim.refine(view, trial, recipe=recipe)

@@ -129,3 +129,14 @@ def test_refine_front_refines_every_front_point(study_copy: Path, tmp_path, caps
     )
     assert main(args) == 0  # resumable point by point: finished points are reused
     assert capsys.readouterr().out.count("reused") == len(front)
+
+
+def test_a_diverging_refine_says_to_lower_the_learning_rate(study_copy: Path, capsys) -> None:
+    view = autoslim.load_study(study_copy)
+    t = _front_trial(view)
+    args = ["refine", str(study_copy), "--trial", str(t), "--epochs", "1", "--lr", "1e9",
+            "--max-steps-per-epoch", "8", "--quiet"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged" in err[0] and "--lr" in err[0]
+    assert not (refined_dir(view, t) / "result.json").exists()
