@@ -143,7 +143,7 @@ def main() -> int:
     gap_teacher = (acc["teacher"] - acc["autoslim"]) * 100
     gap_hand = (acc["autoslim"] - acc["by hand"]) * 100
     print(
-        f"\ngoal 1: within 0.3 pt of the teacher: {gap_teacher:+.2f} pt below -> "
+        f"\ngoal 1: within 0.3 pt of the teacher: {-gap_teacher:+.2f} pt vs the teacher -> "
         f"{'met' if gap_teacher <= 0.3 else 'NOT met'}"
     )
     print(
