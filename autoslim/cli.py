@@ -414,7 +414,7 @@ def _parser() -> argparse.ArgumentParser:
     rf.add_argument("--trial", type=int, help="trial number")
     rf.add_argument("--front", action="store_true", help="every feasible front point, resumable")
     rf.add_argument("-o", "--output", help=".onnx file (with --front: a folder)")
-    rf.add_argument("--epochs", type=int, default=3, help="KD epochs over the training split")
+    rf.add_argument("--epochs", type=int, default=5, help="KD epochs over the training split")
     rf.add_argument("--lr", type=float, default=0.01, help="peak learning rate (cosine decay)")
     rf.add_argument("--batch-size", type=int, default=128)
     rf.add_argument(

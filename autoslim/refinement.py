@@ -55,7 +55,7 @@ class RefineRecipe:
     ``max_steps_per_epoch`` caps an epoch for quick runs (default: one full pass).
     """
 
-    epochs: int = 3
+    epochs: int = 5  # from a sweep of 1, 2, 3, 5 epochs: BENCHMARKS.md, "Refine"
     lr: float = 0.01
     batch_size: int = 128
     qat_fraction: float = 0.3
