@@ -12,7 +12,6 @@ interrupted refine continue where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from .errors import ExportError, RecoveryError, UsageError
 from .measure import artifact_accuracy, get_backend
 from .passes.distill import Recovery, distill, recalibrate_bn
-from .passes.quantize import FakeQuantLayer, calibrate
+from .passes.quantize import act_ranges_of, calibrate
 from .pipeline import (
     Compressed,
     build_student,
@@ -38,10 +37,10 @@ from .pipeline import (
     is_quantized,
     to_fake_quant,
 )
-from .results import StudyView
+from .results import StudyView, check_onnx_output, sha256_file
 from .teacher import evaluate_accuracy
 
-__all__ = ["RefineRecipe", "refine", "refined_dir", "train_and_export"]
+__all__ = ["RefineRecipe", "refine", "train_and_export"]
 
 CALIB_SIZE = 256  # images used to calibrate activation ranges (as in the search)
 
@@ -78,10 +77,6 @@ class RefineRecipe:
         return dataclasses.asdict(self)
 
 
-def refined_dir(view: StudyView, trial: int) -> Path:
-    return view.run_dir / "refined" / f"{trial:05d}"
-
-
 def _atomic_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
@@ -92,21 +87,6 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _check_output(output: str | Path | None) -> Path | None:
-    if output is None:
-        return None
-    out = Path(output)
-    if out.suffix != ".onnx":
-        raise UsageError(f"output must be an .onnx file; got {str(out)!r} (e.g. -o model.onnx)")
-    if not out.parent.exists():
-        raise UsageError(f"output folder {out.parent} does not exist; create it first")
-    return out
 
 
 def train_and_export(
@@ -226,12 +206,9 @@ def train_and_export(
         student, in_qat = to_fake_quant(student, config, factorized, reports), True
         calibrate(student, calib)
     student.eval()
-    act_ranges = {
-        n: [float(m.act_range[0]), float(m.act_range[1])]
-        for n, m in student.named_modules()
-        if isinstance(m, FakeQuantLayer) and m.act_bits == 8
-    }
-    c = Compressed(student, config, reports, task.example, calib, act_ranges, factorized)
+    c = Compressed(
+        student, config, reports, task.example, calib, act_ranges_of(student), factorized
+    )
     res = export(
         c,
         workdir / "model.onnx",
@@ -260,14 +237,14 @@ def refine(
     from .study import StudySpec, build_task
 
     recipe = recipe or RefineRecipe()
-    out = _check_output(output)
+    out = check_onnx_output(output) if output is not None else None
     row = view.measured_row(trial)
     if not row["feasible"]:
         raise UsageError(
             f"trial {trial} of study {view.name!r} is infeasible (outside the study's budgets: "
             f"{row.get('summary', '')}); refine a feasible trial, e.g. from `autoslim pick`"
         )
-    rdir = refined_dir(view, trial)
+    rdir = view.refined_dir(trial)
     result_path, ckpt_path = rdir / "result.json", rdir / "checkpoint.pt"
     if restart:
         for p in (result_path, ckpt_path):
@@ -276,7 +253,7 @@ def refine(
         done = json.loads(result_path.read_text())
         art = rdir / "model.onnx"
         if done.get("recipe") == recipe.to_dict() and art.is_file():
-            if _sha256(art) != done["sha256"]:
+            if sha256_file(art) != done["sha256"]:
                 raise ExportError(
                     f"the refined artifact {art} changed since it was recorded; pass --restart"
                 )
@@ -323,7 +300,7 @@ def refine(
         "teacher_latency_ms": view.baseline.get("latency_ms"),
         "history": history,
         "artifact": str(art),
-        "sha256": _sha256(art),
+        "sha256": sha256_file(art),
         "seconds": round(seconds, 1),
     }
     _atomic_json(result, result_path)

@@ -24,7 +24,16 @@ import pandas as pd
 from .config import CompressionConfig
 from .errors import AutoslimError, ExportError, UsageError
 
-__all__ = ["StudyView", "NothingQualifies", "pick", "export_trial", "PREFERENCES"]
+__all__ = [
+    "StudyView",
+    "NothingQualifies",
+    "pick",
+    "qualifying",
+    "export_trial",
+    "check_onnx_output",
+    "sha256_file",
+    "PREFERENCES",
+]
 
 PREFERENCES = ("latency", "size", "accuracy")
 ACCURACY_TOLERANCE = 0.001  # 0.1 pt: a replayed artifact may differ by float noise in training
@@ -87,14 +96,18 @@ class StudyView:
     def trial_dir(self, trial: int) -> Path:
         return self.run_dir / "trials" / f"{trial:05d}"
 
+    def refined_dir(self, trial: int) -> Path:
+        """Where ``autoslim refine`` stores the trial's refined result and artifact."""
+        return self.run_dir / "refined" / f"{trial:05d}"
+
     @property
     def cli_ref(self) -> str:
         """How to name this study on the command line (name if in studies/runs, else folder)."""
-        from .study import STUDIES_DIR
+        from .study import STUDIES_DIR, default_storage_url
 
         default = (STUDIES_DIR / "runs" / self.name).resolve()
         ref = self.name if self.run_dir.resolve() == default else str(self.run_dir)
-        if self.storage_url != f"sqlite:///{(self.run_dir / 'study.db').resolve()}":
+        if self.storage_url != default_storage_url(self.run_dir):
             ref += f" --storage {self.storage_url}"
         return ref
 
@@ -104,30 +117,30 @@ class StudyView:
         )
 
 
-def pick(
+def qualifying(
     view: StudyView,
     *,
     max_size: int | None = None,
     min_accuracy: float | None = None,
     max_latency_ms: float | None = None,
-    prefer: str = "latency",
     feasible_only: bool = True,
-) -> pd.Series:
-    """The measured trial that meets every constraint and is best by ``prefer``.
+    front_only: bool = False,
+) -> pd.DataFrame:
+    """The measured trials (feasible ones, or the front's) that meet every given constraint.
 
     Constraints apply to the search-time measurements of the artifact (val accuracy, bytes on
-    disk, latency on the study's backend). Ties go to higher accuracy, then smaller size.
-    Raises :class:`NothingQualifies` (exit code 3) with the closest miss when none qualifies.
+    disk, latency on the study's backend). Raises :class:`NothingQualifies` (exit code 3),
+    saying how many trials failed each constraint, when none does.
     """
-    if prefer not in PREFERENCES:
-        raise UsageError(f"--prefer must be one of {PREFERENCES}; got {prefer!r}")
     if min_accuracy is not None and not 0 <= min_accuracy <= 1:
         raise UsageError(f"--min-accuracy is a fraction in [0, 1] (0.91 = 91%); got {min_accuracy}")
     df = view.trials
     cand = df[df["status"] == "ok"] if len(df) else df
-    if feasible_only and len(cand):
+    if front_only and len(cand):
+        cand = cand[cand["front"]]
+    elif feasible_only and len(cand):
         cand = cand[cand["feasible"]]
-    total = len(cand)
+    kind = "front" if front_only else "measured feasible" if feasible_only else "measured"
     checks = []
     if max_size is not None:
         checks.append(("size", cand["size_bytes"] <= max_size))
@@ -142,17 +155,52 @@ def pick(
     if chosen.empty:
         fails = ", ".join(f"{name}: {int((~m).sum())} fail" for name, m in checks)
         raise NothingQualifies(
-            f"no trial of study {view.name!r} qualifies ({total} measured"
-            f"{' feasible' if feasible_only else ''} trials; {fails or 'none measured'}); "
-            "loosen a constraint or run more trials"
+            f"no trial of study {view.name!r} qualifies ({len(cand)} {kind} trials; "
+            f"{fails or 'none measured'}); loosen a constraint or run more trials"
         )
+    return chosen
+
+
+def pick(
+    view: StudyView,
+    *,
+    max_size: int | None = None,
+    min_accuracy: float | None = None,
+    max_latency_ms: float | None = None,
+    prefer: str = "latency",
+    feasible_only: bool = True,
+) -> pd.Series:
+    """The measured trial that meets every constraint and is best by ``prefer``.
+
+    Constraints as in :func:`qualifying`. Ties go to higher accuracy, then smaller size.
+    Raises :class:`NothingQualifies` (exit code 3) when none qualifies.
+    """
+    if prefer not in PREFERENCES:
+        raise UsageError(f"--prefer must be one of {PREFERENCES}; got {prefer!r}")
+    chosen = qualifying(
+        view,
+        max_size=max_size,
+        min_accuracy=min_accuracy,
+        max_latency_ms=max_latency_ms,
+        feasible_only=feasible_only,
+    )
     key = {"latency": "latency_ms", "size": "size_bytes", "accuracy": "val_accuracy"}[prefer]
     order = [key] + [k for k in ("val_accuracy", "size_bytes", "latency_ms") if k != key]
     asc = [k != "val_accuracy" for k in order]
     return chosen.sort_values(order, ascending=asc, kind="stable").iloc[0]
 
 
-def _sha256(path: Path) -> str:
+def check_onnx_output(output: str | Path) -> Path:
+    """The ``-o`` path of an artifact: an ``.onnx`` file in an existing folder."""
+    out = Path(output)
+    if out.suffix != ".onnx":
+        raise UsageError(f"output must be an .onnx file; got {str(out)!r} (e.g. -o model.onnx)")
+    if not out.parent.exists():
+        raise UsageError(f"output folder {out.parent} does not exist; create it first")
+    return out
+
+
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -196,13 +244,13 @@ def export_trial(
     refined record instead. ``data``: the study's dataset splits, if already loaded. Returns
     recorded vs measured values.
     """
-    from .data import load_dataset
     from .measure import artifact_accuracy
+    from .study import StudySpec
 
     row = view.measured_row(trial)
     stored = view.trial_dir(trial) / "model.onnx"
     if refined:
-        rec_path = view.run_dir / "refined" / f"{trial:05d}" / "result.json"
+        rec_path = view.refined_dir(trial) / "result.json"
         if replay or not rec_path.is_file():
             raise UsageError(
                 f"trial {trial} has no refined result{' to replay' if replay else ''}; run "
@@ -218,34 +266,24 @@ def export_trial(
             }
         )
         stored = rec_path.parent / "model.onnx"
-    output = Path(output)
-    if output.suffix != ".onnx":
-        raise UsageError(f"output must be an .onnx file; got {str(output)!r} (e.g. -o model.onnx)")
-    if not output.parent.exists():
-        raise UsageError(f"output folder {output.parent} does not exist; create it first")
+    output = check_onnx_output(output)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".autoslim-export-") as tmp:
         if stored.is_file() and not replay:
             source = "refined" if refined else "stored"
-            digest = _sha256(stored)
+            path = Path(tmp) / "model.onnx"
+            shutil.copyfile(stored, path)
+            digest = sha256_file(path)
             if row.get("artifact_sha256") and digest != row["artifact_sha256"]:
                 raise ExportError(
                     f"the stored artifact {stored} changed since the study recorded it (SHA-256 "
                     f"{digest[:12]} vs {row['artifact_sha256'][:12]}); pass --replay to rebuild it"
                 )
-            path = Path(tmp) / "model.onnx"
-            shutil.copyfile(stored, path)
         else:
             source = "replayed"
             path = _replay(view, trial, Path(tmp) / "replay")
-        s = view.spec
+            digest = sha256_file(path)
         if data is None:
-            data = load_dataset(
-                s.get("dataset", "fashion-mnist"),
-                data_dir=s.get("data_dir"),
-                val_size=s.get("val_size", 5000),
-                seed=s.get("split_seed", 0),
-                limit_train=s.get("limit_train"),
-            )
+            data = StudySpec.from_dict(view.spec).load_data()
         size = path.stat().st_size
         val_acc = artifact_accuracy(path, data.val)[0]
         test_acc = artifact_accuracy(path, data.test)[0]
@@ -259,7 +297,7 @@ def export_trial(
             "recorded_val_accuracy": float(row["val_accuracy"]),
             "test_accuracy": test_acc,
             "recorded_test_accuracy": float(row["test_accuracy"]),
-            "sha256": _sha256(path),
+            "sha256": digest,
         }
         if size != result["recorded_size_bytes"]:
             raise ExportError(

@@ -22,14 +22,16 @@ import optuna
 from tqdm.auto import tqdm
 
 from .errors import UsageError
-from .report import OBJECTIVE_COLUMNS, table_records, trials_frame, write_outputs
+from .pareto import OBJECTIVE_COLUMNS, OBJECTIVES
+from .report import table_records, trials_frame, write_outputs
 from .results import StudyView
 from .study import (
-    OBJECTIVES,
+    STUDIES_DIR,
     CandidateFailed,
     StudySpec,
     Task,
     build_task,
+    default_storage_url,
     estimate,
     evaluate,
     measure_baseline,
@@ -107,12 +109,10 @@ def open_study(
     return study
 
 
-def _locate(name_or_dir: str | Path, storage: str | None) -> tuple[Path, str, str | None]:
-    from .study import STUDIES_DIR
-
+def _locate(name_or_dir: str | Path, storage: str | None) -> tuple[Path, str, str]:
     p = Path(name_or_dir)
     run_dir = p if p.is_dir() else STUDIES_DIR / "runs" / str(name_or_dir)
-    url = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    url = storage or default_storage_url(run_dir)
     if storage is None and not (run_dir / "study.db").is_file():
         raise UsageError(
             f"no study found at {run_dir} (expected a study name in studies/runs/ or a study "
@@ -124,6 +124,10 @@ def _locate(name_or_dir: str | Path, storage: str | None) -> tuple[Path, str, st
 def open_existing(name_or_dir: str | Path, *, storage: str | None = None) -> optuna.Study:
     """Open an existing Optuna study by name (``studies/runs/NAME``), folder or storage URL."""
     _, url, name = _locate(name_or_dir, storage)
+    return _open(url, name)
+
+
+def _open(url: str, name: str) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         names = optuna.get_all_study_names(storage=url)
@@ -193,8 +197,8 @@ def load_study(
     RDB URL if the study was run with ``--storage``. ``importance`` also computes PED-ANOVA
     parameter importances per objective (a few seconds).
     """
-    run_dir, url, _ = _locate(name_or_dir, storage)
-    study = open_existing(name_or_dir, storage=storage)
+    run_dir, url, name = _locate(name_or_dir, storage)
+    study = _open(url, name)
     spec = study.user_attrs.get("spec", {})
     if not Path(name_or_dir).is_dir() and spec.get("out_dir"):
         run_dir = Path(spec["out_dir"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -31,19 +30,33 @@ from .data import DataSplits, load_dataset
 from .errors import AutoslimError, ConfigError, UsageError
 from .measure import artifact_accuracy, get_backend
 from .models import stem_and_classifier
+from .pareto import OBJECTIVES
 from .passes.distill import Recovery
 from .passes.lowrank import factorize_model
 from .passes.prune import prune_model
 from .pipeline import compress, export
+from .results import sha256_file
 from .space import BoundSpace, load_space
 from .teacher import Teacher, TeacherRecipe, get_teacher
 from .units import parse_latency_ms, parse_size
 
-__all__ = ["StudySpec", "Task", "load_study_spec", "build_task", "evaluate", "STUDIES_DIR"]
+__all__ = [
+    "StudySpec",
+    "Task",
+    "load_study_spec",
+    "build_task",
+    "evaluate",
+    "default_storage_url",
+    "STUDIES_DIR",
+]
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
-OBJECTIVES = {"accuracy": "maximize", "latency": "minimize", "size": "minimize"}
 SAMPLERS = ("tpe", "nsga2", "random")
+
+
+def default_storage_url(run_dir: Path) -> str:
+    """The Optuna storage of a study folder when no ``--storage`` is given: its SQLite file."""
+    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
 @dataclass
@@ -103,7 +116,17 @@ class StudySpec:
 
     @property
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+        return self.storage or default_storage_url(self.run_dir)
+
+    def load_data(self) -> DataSplits:
+        """The dataset splits this study searches on (same split every time)."""
+        return load_dataset(
+            self.dataset,
+            data_dir=self.data_dir,
+            val_size=self.val_size,
+            seed=self.split_seed,
+            limit_train=self.limit_train,
+        )
 
     def recovery(self) -> Recovery:
         return Recovery(
@@ -194,13 +217,7 @@ class Task:
 def build_task(spec: StudySpec, *, progress: bool = True) -> Task:
     """Load data, get (or train once) the teacher and bind the space to it."""
     get_backend(spec.backend)  # fail fast on an unavailable backend
-    data = load_dataset(
-        spec.dataset,
-        data_dir=spec.data_dir,
-        val_size=spec.val_size,
-        seed=spec.split_seed,
-        limit_train=spec.limit_train,
-    )
+    data = spec.load_data()
     recipe = TeacherRecipe(epochs=spec.teacher_epochs, max_steps=spec.teacher_max_steps)
     teacher = get_teacher(
         spec.model, data, recipe=recipe, checkpoint=spec.teacher_checkpoint, progress=progress
@@ -295,7 +312,7 @@ def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str
         agreement=res.agreement,
         num_params=c.num_params(),
         artifact=str(path),
-        artifact_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        artifact_sha256=sha256_file(path),
         recovery_loss=c.recovery_loss,
         skipped_layers=sum(len(r.skipped) for r in c.reports) + len(res.skipped),
         seconds=round(time.perf_counter() - t0, 2),

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import autoslim
 from autoslim.artifact import onnx_predict, ort_session
 from autoslim.cli import main
 from autoslim.errors import ExportError, UsageError
-from autoslim.refinement import RefineRecipe, refine, refined_dir
+from autoslim.refinement import RefineRecipe, refine
 from autoslim.results import StudyView
 
 QUICK = RefineRecipe(epochs=2, max_steps_per_epoch=8, batch_size=64)
@@ -54,7 +55,7 @@ def test_refined_artifact_is_stored_beside_the_trial(study_copy: Path, fmnist, t
     assert after.loc[t, "refined_val_accuracy"] == pytest.approx(r["val_accuracy"])
     assert after.loc[t, "refined_size_bytes"] == before.loc[t, "size_bytes"]
     assert r["search_val_accuracy"] == pytest.approx(before.loc[t, "val_accuracy"])
-    assert not (refined_dir(view, t) / "checkpoint.pt").exists()
+    assert not (view.refined_dir(t) / "checkpoint.pt").exists()
     # a second call with the same recipe reuses the result; export --refined verifies it
     again = refine(view, t, None, recipe=QUICK, progress=False)
     assert again["reused"] and again["sha256"] == r["sha256"]
@@ -65,7 +66,7 @@ def test_refined_artifact_is_stored_beside_the_trial(study_copy: Path, fmnist, t
 def test_interrupted_refine_continues_from_its_checkpoint(study_copy: Path) -> None:
     view = autoslim.load_study(study_copy)
     t = _front_trial(view)
-    ckpt = refined_dir(view, t) / "checkpoint.pt"
+    ckpt = view.refined_dir(t) / "checkpoint.pt"
     cmd = [sys.executable, "-m", "autoslim.cli", "refine", str(study_copy), "--trial", str(t),
            "--epochs", "40", "--batch-size", "64", "--quiet"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -79,7 +80,7 @@ def test_interrupted_refine_continues_from_its_checkpoint(study_copy: Path) -> N
     assert p.returncode == 130, err
     done = torch.load(ckpt, weights_only=True)["epoch"]
     assert 1 <= done < 40
-    assert not (refined_dir(view, t) / "result.json").exists()
+    assert not (view.refined_dir(t) / "result.json").exists()
     r = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     resumed = int(r.stderr.split("resuming after epoch ")[1].split()[0])
@@ -96,11 +97,11 @@ def test_refining_an_unusable_trial_is_a_usage_error(study_copy: Path, capsys) -
     df = view.trials.copy()
     df.loc[df.trial == t, "feasible"] = False
     with pytest.raises(UsageError, match="infeasible"):
-        refine(StudyView(**{**view.__dict__, "trials": df}), t, recipe=QUICK, progress=False)
+        refine(replace(view, trials=df), t, recipe=QUICK, progress=False)
     df = view.trials.copy()
     df.loc[df.trial == t, ["status", "fail_reason"]] = ["failed", "export error: scale issue"]
     with pytest.raises(UsageError, match="no measured artifact .export error: scale issue."):
-        refine(StudyView(**{**view.__dict__, "trials": df}), t, recipe=QUICK, progress=False)
+        refine(replace(view, trials=df), t, recipe=QUICK, progress=False)
     assert main(["refine", str(study_copy), "--trial", "999", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no trial 999" in err[0]
@@ -113,8 +114,8 @@ def test_a_size_difference_is_an_error_not_an_update(study_copy: Path) -> None:
     df = view.trials.copy()
     df.loc[df.trial == t, "size_bytes"] += 1  # as if the trial's record said another size
     with pytest.raises(ExportError, match="same architecture and bits"):
-        refine(StudyView(**{**view.__dict__, "trials": df}), t, recipe=QUICK, progress=False)
-    assert not (refined_dir(view, t) / "result.json").exists()
+        refine(replace(view, trials=df), t, recipe=QUICK, progress=False)
+    assert not (view.refined_dir(t) / "result.json").exists()
     assert "refined_val_accuracy" not in autoslim.load_study(study_copy).trials.columns
 
 
@@ -139,4 +140,4 @@ def test_a_diverging_refine_says_to_lower_the_learning_rate(study_copy: Path, ca
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "diverged" in err[0] and "--lr" in err[0]
-    assert not (refined_dir(view, t) / "result.json").exists()
+    assert not (view.refined_dir(t) / "result.json").exists()
