@@ -23,6 +23,7 @@ from . import PassReport
 __all__ = [
     "QRANGE",
     "FakeQuantLayer",
+    "act_ranges_of",
     "fold_batchnorm",
     "quantize_model",
     "calibrate",
@@ -152,10 +153,15 @@ def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> dict[
         for m in wrappers.values():
             m.calibrating = False
         model.train(was_training)
+    return act_ranges_of(model)
+
+
+def act_ranges_of(model: nn.Module) -> dict[str, list[float]]:
+    """The calibrated input range of every ``act_bits=8`` layer: {layer: [min, max]}."""
     return {
         n: [float(m.act_range[0]), float(m.act_range[1])]
-        for n, m in wrappers.items()
-        if m.act_bits == 8
+        for n, m in model.named_modules()
+        if isinstance(m, FakeQuantLayer) and m.act_bits == 8
     }
 
 
