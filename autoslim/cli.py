@@ -184,7 +184,7 @@ def _report(a: argparse.Namespace) -> int:
         else:  # the study folder's report.html, trials.csv and trials.parquet, refreshed
             from .report import write_outputs
 
-            outputs = write_outputs(view)
+            outputs = write_outputs(view, data)
             path = outputs["html"]
             print("tables: " + ", ".join(str(outputs[k]) for k in ("csv", "parquet")))
         print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
@@ -277,19 +277,15 @@ def _refine(a: argparse.Namespace) -> int:
     )
     view = load_study(a.study, storage=a.storage)
     if a.front:
-        front = view.front
-        if a.max_size:
-            front = front[front["size_bytes"] <= parse_size(a.max_size)]
-        if a.min_accuracy is not None:
-            front = front[front["val_accuracy"] >= a.min_accuracy]
-        if a.max_latency:
-            front = front[front["latency_ms"] <= parse_latency_ms(a.max_latency)]
-        if front.empty:
-            from .results import NothingQualifies
+        from .results import qualifying
 
-            raise NothingQualifies(
-                f"no front point of study {view.name!r} meets the constraints; loosen them"
-            )
+        front = qualifying(
+            view,
+            max_size=parse_size(a.max_size) if a.max_size else None,
+            min_accuracy=a.min_accuracy,
+            max_latency_ms=parse_latency_ms(a.max_latency) if a.max_latency else None,
+            front_only=True,
+        )
         trials = front.sort_values("val_accuracy", ascending=False)["trial"].astype(int).tolist()
         folder = Path(a.output) if a.output else None
         if folder is not None:
