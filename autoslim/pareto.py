@@ -6,7 +6,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["pareto_mask", "hypervolume"]
+__all__ = ["pareto_mask", "hypervolume", "OBJECTIVES", "OBJECTIVE_COLUMNS"]
+
+# what a study can optimise: its direction, and the trial-table column that holds it
+OBJECTIVES = {"accuracy": "maximize", "latency": "minimize", "size": "minimize"}
+OBJECTIVE_COLUMNS = {"accuracy": "val_accuracy", "latency": "latency_ms", "size": "size_bytes"}
 
 
 def _as_min(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UsageError
-from .pareto import hypervolume, pareto_mask
+from .pareto import OBJECTIVE_COLUMNS, OBJECTIVES, hypervolume, pareto_mask
 
 __all__ = [
     "trials_frame",
@@ -29,9 +29,6 @@ __all__ = [
     "TABLE_COLUMNS",
 ]
 
-OBJECTIVE_COLUMNS = {"accuracy": "val_accuracy", "latency": "latency_ms", "size": "size_bytes"}
-_OBJ_COL = OBJECTIVE_COLUMNS
-_DIR = {"accuracy": "maximize", "latency": "minimize", "size": "minimize"}
 TABLE_COLUMNS = [
     "trial",
     "state",
@@ -93,8 +90,8 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
     ok = (df["status"] == "ok") & df["feasible"]
     df["front"] = False
     if ok.any():
-        cols = [_OBJ_COL[o] for o in objectives]
-        mask = pareto_mask(df.loc[ok, cols].to_numpy(), [_DIR[o] for o in objectives])
+        cols = [OBJECTIVE_COLUMNS[o] for o in objectives]
+        mask = pareto_mask(df.loc[ok, cols].to_numpy(), [OBJECTIVES[o] for o in objectives])
         df.loc[df.index[ok][mask], "front"] = True
     if run_dir is not None:
         df = _join_refined(df, run_dir)
@@ -157,7 +154,7 @@ def _hv_reference(df: pd.DataFrame, objectives: list[str], baseline: dict) -> li
     ok = df[(df["status"] == "ok") & df["feasible"]] if len(df) else df
     ref = []
     for o in objectives:
-        col = _OBJ_COL[o]
+        col = OBJECTIVE_COLUMNS[o]
         if o == "accuracy":
             low = float(ok[col].min()) if len(ok) else 0.5
             ref.append(min(0.5, low - 0.01))
@@ -171,8 +168,8 @@ def hypervolume_history(
     df: pd.DataFrame, objectives: list[str], reference: list[float]
 ) -> list[tuple[int, float]]:
     """Hypervolume of the feasible measured trials up to each trial number."""
-    dirs = [_DIR[o] for o in objectives]
-    cols = [_OBJ_COL[o] for o in objectives]
+    dirs = [OBJECTIVES[o] for o in objectives]
+    cols = [OBJECTIVE_COLUMNS[o] for o in objectives]
     out, pts = [], np.empty((0, len(cols)))
     for _, r in df.sort_values("trial").iterrows():
         if r["status"] == "ok" and r["feasible"]:
@@ -252,15 +249,13 @@ def report_data(view: Any) -> dict[str, Any]:
     spec = view.spec
     objectives = spec.get("objectives", ["accuracy", "latency"])
     ref = _hv_reference(df, objectives, view.baseline) if len(df) else []
+    table = table_records(df) if len(df) else []
     details = {}
-    for _, r in df.iterrows():
-        t = int(r["trial"])
-        rec = {c: _clean(r[c]) for c in TABLE_COLUMNS if c in r.index}
-        rec.update({c: _clean(r[c]) for c in r.index if c.startswith("refined_")})
-        rec["config"] = json.loads(r["config"]) if r["config"] else None
-        if r["status"] == "ok":
-            rec["export_command"] = view.export_command(t)
-        details[str(t)] = rec
+    for rec, config in zip(table, df["config"] if len(df) else [], strict=True):
+        d = {**rec, "config": json.loads(config) if config else None}
+        if rec["status"] == "ok":
+            d["export_command"] = view.export_command(rec["trial"])
+        details[str(rec["trial"])] = d
     measured = df[df["status"] == "ok"] if len(df) else df
     return {
         "study": view.name,
@@ -270,7 +265,7 @@ def report_data(view: Any) -> dict[str, Any]:
         "max_latency_ms": spec.get("max_latency_ms"),
         "baseline": view.baseline,
         "teacher": view.teacher,
-        "table": table_records(df) if len(df) else [],
+        "table": table,
         "details": details,
         "front_knobs": layer_knobs(df[df["front"]], df) if len(df) else layer_knobs(df),
         "hv_reference": ref,
@@ -461,7 +456,7 @@ def _parcoords(data: dict, df: pd.DataFrame):
                 }
             )
     for o in data["objectives"]:
-        col = _OBJ_COL[o]
+        col = OBJECTIVE_COLUMNS[o]
         dims.append({"label": col, "values": ok[col].tolist()})
     fig = go.Figure(
         go.Parcoords(
@@ -650,9 +645,12 @@ objectives {", ".join(data["objectives"])}. {html.escape(teacher)}</p>
     return path
 
 
-def write_outputs(view: Any, run_dir: Path | None = None) -> dict[str, Path]:
-    """trials.csv, trials.parquet and report.html in the study folder (each written atomically)."""
-    run_dir = run_dir or view.run_dir
+def write_outputs(view: Any, data: dict[str, Any] | None = None) -> dict[str, Path]:
+    """trials.csv, trials.parquet and report.html in the study folder (each written atomically).
+
+    ``data``: the view's :func:`report_data`, if the caller already has it.
+    """
+    run_dir = view.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     df = view.trials
     out = {}
@@ -665,7 +663,7 @@ def write_outputs(view: Any, run_dir: Path | None = None) -> dict[str, Path]:
         fn(tmp)
         os.replace(tmp, p)
         out[name] = p
-    out["html"] = render_html(report_data(view), df, run_dir / "report.html")
+    out["html"] = render_html(data or report_data(view), df, run_dir / "report.html")
     return out
 
 

@@ -22,11 +22,11 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import autoslim
 from autoslim.measure import artifact_accuracy, get_backend
 from autoslim.refinement import RefineRecipe, train_and_export
-from autoslim.results import StudyView
 from autoslim.runner import load_study, search
 from autoslim.study import StudySpec, build_task, estimate, load_study_spec
 from autoslim.units import parse_size
@@ -96,7 +96,7 @@ def main() -> int:
             for _ in range(3)
         )
         max_latency = base["latency_ms"] * ratio * 1.25
-    front = StudyView(**{**view.__dict__, "trials": view.front})
+    front = replace(view, trials=view.front)
     row = autoslim.pick(front, max_size=budget, max_latency_ms=max_latency, prefer="accuracy")
     trial = int(row.trial) if a.trial is None else a.trial
     if a.trial is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,7 @@ def test_export_refuses_a_changed_artifact_and_writes_nothing(tiny_study, tmp_pa
     shutil.copytree(tiny_study.run_dir, copy)
     art = copy / "trials" / f"{int(row.trial):05d}" / "model.onnx"
     art.write_bytes(art.read_bytes() + b"\0")
-    changed = StudyView(**{**view.__dict__, "run_dir": copy})
+    changed = replace(view, run_dir=copy)
     out = tmp_path / "x.onnx"
     with pytest.raises(ExportError, match="changed since the study recorded it"):
         export_trial(changed, int(row.trial), out)
