@@ -33,8 +33,8 @@ browser:
 	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check autoslim tests
-	$(BIN)/ruff format --check autoslim tests
+	$(BIN)/ruff check autoslim tests benchmarks
+	$(BIN)/ruff format --check autoslim tests benchmarks
 
 test: $(STAMP) data browser lint
 	AUTOSLIM_REQUIRE_BROWSER=1 $(BIN)/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

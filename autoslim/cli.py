@@ -39,6 +39,18 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
 
 
+def _fraction_or_none(text: str) -> float | str:
+    """``--max-accuracy-drop``: a fraction (0.03 = 3 pt) or 'none' to lift the study file's."""
+    if text.strip().lower() in ("none", "off"):
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction such as 0.03 (= 3 pt) or 'none'; got {text!r}"
+        ) from None
+
+
 def _out(obj: object, as_json: bool, text: str) -> None:
     print(json.dumps(obj, indent=2, default=str) if as_json else text)
 
@@ -342,9 +354,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset")
     s.add_argument("--data-dir")
     s.add_argument("--space", help="search-space TOML or a name in search_spaces/")
-    s.add_argument("--budget", help="max artifact size, e.g. 2MB (10^6 bytes) or 1.5MiB")
-    s.add_argument("--max-latency", help="max latency on the backend, e.g. 0.5ms")
-    s.add_argument("--max-accuracy-drop", type=float, help="max val accuracy drop, 0.01 = 1 pt")
+    s.add_argument(
+        "--budget", help="max artifact size, e.g. 2MB (10^6 bytes) or 1.5MiB ('none': no limit)"
+    )
+    s.add_argument("--max-latency", help="max latency on the backend, e.g. 0.5ms ('none')")
+    s.add_argument(
+        "--max-accuracy-drop",
+        type=_fraction_or_none,
+        help="max val accuracy drop below the teacher, 0.01 = 1 pt ('none' lifts the study's)",
+    )
     s.add_argument("--objectives", help="comma list of accuracy,latency,size")
     s.add_argument("--trials", type=int, help="total trials in the study")
     s.add_argument("--sampler", choices=["tpe", "nsga2", "random"])

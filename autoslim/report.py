@@ -263,6 +263,11 @@ def report_data(view: Any) -> dict[str, Any]:
         "objectives": objectives,
         "budget": spec.get("budget"),
         "max_latency_ms": spec.get("max_latency_ms"),
+        "accuracy_floor": (
+            view.baseline["val_accuracy"] - spec["max_accuracy_drop"]
+            if spec.get("max_accuracy_drop") is not None and view.baseline
+            else None
+        ),
         "baseline": view.baseline,
         "teacher": view.teacher,
         "table": table,
@@ -368,6 +373,22 @@ def _scatter(data: dict, df: pd.DataFrame):
         )
     if data["max_latency_ms"]:
         fig.add_vline(x=data["max_latency_ms"], line_dash="dash", line_color="green", row=1, col=2)
+    if data.get("accuracy_floor") is not None:
+        for col in (1, 2):
+            fig.add_hline(
+                y=data["accuracy_floor"], line_dash="dot", line_color="green", row=1, col=col
+            )
+        fig.add_annotation(
+            x=0,
+            xref="x domain",
+            y=data["accuracy_floor"],
+            text="accuracy floor",
+            showarrow=False,
+            yshift=-9,
+            xanchor="left",
+            row=1,
+            col=1,
+        )
     fig.update_xaxes(title_text="artifact size (MB, log)", type="log", row=1, col=1)
     fig.update_xaxes(title_text="latency (ms, log)", type="log", row=1, col=2)
     fig.update_yaxes(title_text="validation accuracy (artifact)", row=1, col=1)
@@ -617,6 +638,8 @@ def render_html(data: dict[str, Any], df: pd.DataFrame, path: Path) -> Path:
         else ""
     )
     budget = f"size budget {data['budget']:,} bytes" if data["budget"] else "no size budget"
+    if data.get("accuracy_floor") is not None:
+        budget += f"; accuracy floor {data['accuracy_floor']:.4f} (val)"
     # "</" inside the JSON would end the script element: escape it
     payload = json.dumps(data["details"], default=str).replace("</", "<\\/")
     n_front = sum(1 for r in data["table"] if r.get("front"))

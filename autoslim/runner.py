@@ -284,6 +284,13 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
     def log(*a: object) -> None:
         print(*a, file=sys.stderr)
 
+    int4 = task.space.int4_layers()
+    if int4 and "latency" in spec.objectives and spec.backend == "onnxruntime-cpu":
+        log(
+            f"note: the space may store {len(int4)} layers' weights as int4; ONNX Runtime's CPU "
+            "provider has no int4 conv kernels, so such models run slower than int8 ones "
+            "(for a latency study use an int8 space such as search_spaces/default.toml)"
+        )
     base = measure_baseline(task, spec.run_dir)
     study.set_user_attr("baseline", base)
     study.set_user_attr(

@@ -313,6 +313,16 @@ class BoundSpace:
             out.append(Dimension("kd/alpha", space.alpha, (), "alpha"))
         return cls(space, out, fixed, groups, layers, matched)
 
+    def int4_layers(self) -> list[str]:
+        """Layers whose weights this space may store as int4 (a choice or a fixed value)."""
+        out = [
+            t
+            for d in self.dims
+            if d.kind == "weight_bits" and 4 in (d.knob.choices or ())
+            for t in d.targets
+        ]
+        return out + [t for t, v in self.fixed.get("weight_bits", {}).items() if v == 4]
+
     def fingerprint(self) -> str:
         desc = json.dumps(
             {

@@ -174,6 +174,9 @@ def load_study_spec(path: str | Path | None = None, **overrides: Any) -> StudySp
     elif path is not None:
         raise UsageError(f"study file {path} not found; give a TOML file like studies/default.toml")
     values.update({k: v for k, v in overrides.items() if v is not None})
+    for k in ("budget", "max_latency_ms", "max_accuracy_drop"):  # "none" lifts a file's limit
+        if isinstance(values.get(k), str) and values[k].strip().lower() in ("none", "off"):
+            values[k] = None
     if values.get("budget") is not None:
         values["budget"] = parse_size(values["budget"])
     if values.get("max_latency_ms") is not None:
@@ -211,6 +214,13 @@ class Task:
             "backend": s.backend,
             "budget": str(s.budget),
             "recovery": json.dumps(dataclasses.asdict(s.recovery()), sort_keys=True),
+            # the other constraints only when set, so studies run without them still resume
+            **({"max_latency_ms": str(s.max_latency_ms)} if s.max_latency_ms is not None else {}),
+            **(
+                {"max_accuracy_drop": str(s.max_accuracy_drop)}
+                if s.max_accuracy_drop is not None
+                else {}
+            ),
         }
 
 

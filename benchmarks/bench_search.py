@@ -40,6 +40,15 @@ def score(df: pd.DataFrame, refs: tuple[float, ...]) -> tuple[list[float], pd.Da
     return hvs, ok
 
 
+def trials_to_reach(df: pd.DataFrame, target: float, ref: float) -> int | None:
+    """How many trials (in trial order) the study needed for its hypervolume to reach ``target``."""
+    df = df.sort_values("trial")
+    for k in range(1, len(df) + 1):
+        if score(df.iloc[:k], (ref,))[0][0] >= target:
+            return k
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--study", default=None)
@@ -63,6 +72,7 @@ def main() -> int:
     refs = (0.5, 0.85)
     out: dict[tuple[str, float], list[float]] = {}
     feasible, secs = [], []
+    frames: dict[tuple[str, int], pd.DataFrame] = {}
     with tempfile.TemporaryDirectory() as scratch:
         tmp = a.out_dir or scratch
         for sampler in a.samplers.split(","):
@@ -83,6 +93,7 @@ def main() -> int:
                         model=a.model,
                     )
                     df = search(spec, progress=False).frame
+                frames[(sampler, seed)] = df
                 values, ok = score(df, refs)
                 hvs = []
                 for acc, hv in zip(refs, values, strict=True):
@@ -110,6 +121,35 @@ def main() -> int:
             f"| {s} | {acc} | {statistics.median(hvs):.5f} | {min(hvs):.5f} | {max(hvs):.5f} "
             f"| {rel} |"
         )
+    if frames:
+        union, _ = score(pd.concat(frames.values()), refs)
+        rel = [
+            f"{hv / statistics.median(out[('random', acc)]):.2f}x" if ("random", acc) in out else ""
+            for hv, acc in zip(union, refs, strict=True)
+        ]
+        print(
+            f"\nceiling: the feasible trials of all {len(frames)} studies together have hypervolume "
+            + " / ".join(f"{hv:.5f} {r}" for hv, r in zip(union, rel, strict=True))
+            + f" (ref acc {' / '.join(map(str, refs))}; x = vs random's median): the most any "
+            "sampler could have reached with the best points seen"
+        )
+    if any(s == "random" for s, _ in frames):
+        print(
+            "\nsample efficiency: trials each study needed to reach random search's median "
+            "hypervolume after all its trials (- = not reached)\n"
+        )
+        print("| sampler | ref acc | per seed | median |")
+        print("|---|---|---|---|")
+        for acc in refs:
+            target = statistics.median(out[("random", acc)])
+            for s in dict.fromkeys(k[0] for k in frames):
+                need = [
+                    trials_to_reach(df, target, acc) for (ss, _), df in frames.items() if ss == s
+                ]
+                shown = ", ".join("-" if n is None else str(n) for n in need)
+                # not reached counts as more than the trials run
+                med_n = statistics.median(a.trials + 1 if n is None else n for n in need)
+                print(f"| {s} | {acc} | {shown} | {'-' if med_n > a.trials else f'{med_n:g}'} |")
     med = float(np.median(secs)) if secs else float("nan")
     print(
         f"\nfeasible share {np.mean(feasible):.2f}; median measured-trial wall time {med:.1f} s "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -46,6 +47,15 @@ def test_report_data_is_plain_and_matches_the_trials(view) -> None:
     assert len(hv) == len(df) and hv[-1] > 0 and all(np.diff(hv) >= 0)  # never decreases
     assert len(data["params"]) == int((df.status == "ok").sum())
     assert set(data["importances"]) == {"accuracy", "latency"}
+
+
+def test_accuracy_floor_is_drawn_where_the_study_sets_one(view, tmp_path) -> None:
+    assert report_data(view)["accuracy_floor"] is None  # the tiny study sets none
+    floored = dataclasses.replace(view, spec={**view.spec, "max_accuracy_drop": 0.05})
+    data = report_data(floored)
+    assert data["accuracy_floor"] == pytest.approx(view.baseline["val_accuracy"] - 0.05)
+    html = render_html(data, floored.trials, tmp_path / "r.html").read_text()
+    assert f"accuracy floor {data['accuracy_floor']:.4f} (val)" in html
 
 
 def test_layer_knobs_fill_unnamed_layers_with_the_default() -> None:

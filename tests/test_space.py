@@ -12,7 +12,7 @@ from autoslim.artifact import estimate_size, export_onnx
 from autoslim.cli import main
 from autoslim.config import CompressionConfig
 from autoslim.errors import ConfigError
-from autoslim.models import build_model
+from autoslim.models import build_model, stem_and_classifier
 from autoslim.passes.lowrank import factorize_model
 from autoslim.passes.prune import list_groups, prune_model
 from autoslim.passes.quantize import fold_batchnorm
@@ -26,7 +26,7 @@ def resnet():
     return build_model("resnet18").eval()
 
 
-@pytest.mark.parametrize("name", ["default", "prune-only", "quantize-only"])
+@pytest.mark.parametrize("name", ["default", "mixed-precision", "prune-only", "quantize-only"])
 def test_shipped_spaces_bind_and_give_valid_configs(name, resnet):
     space = load_space(name)
     bound = space.bind(resnet, X, classifier="fc", stem="conv1")
@@ -38,6 +38,26 @@ def test_shipped_spaces_bind_and_give_valid_configs(name, resnet):
         assert not cfg.prune
     if name == "prune-only":
         assert set(cfg.prune) == {g.name for g in list_groups(resnet, X, classifier="fc")}
+
+
+def test_default_space_is_per_stage_int8_for_resnets_and_per_group_elsewhere(resnet):
+    bound = load_space("default").bind(resnet, X, classifier="fc", stem="conv1")
+    prune = [d for d in bound.dims if d.kind == "prune"]
+    # one ratio per ResNet stage (the stem shares layer1's residual channels), 12 groups covered
+    assert len(prune) == 4
+    assert sorted(t for d in prune for t in d.targets) == sorted(bound.groups)
+    assert not bound.int4_layers()  # no int4: ORT CPU has no int4 conv kernels
+    vgg = build_model("vgg11_bn").eval()
+    stem, cls = stem_and_classifier("vgg11_bn", vgg)
+    other = load_space("default").bind(vgg, X, classifier=cls, stem=stem)
+    n_groups = len(list_groups(vgg, X, classifier=cls))
+    assert len([d for d in other.dims if d.kind == "prune"]) == n_groups
+
+
+def test_int4_layers_lists_what_may_become_int4(resnet):
+    mixed = load_space("mixed-precision").bind(resnet, X, classifier="fc", stem="conv1")
+    assert len(mixed.int4_layers()) == 20  # every conv; the classifier is fixed at int8
+    assert "fc" not in mixed.int4_layers()
 
 
 def test_first_match_wins_and_share(tmp_path: Path, resnet):
@@ -82,7 +102,7 @@ def test_space_check_cli(capsys):
     assert main(["space", "check", str(SPACES_DIR / "default.toml"), "--model", "resnet18"]) == 0
     out = capsys.readouterr().out
     assert "rule0" in out and "fc" in out
-    assert "16 dimensions" in out
+    assert "10 dimensions" in out
     assert main(["space", "check", "no/such/space.toml"]) == 2
 
 
