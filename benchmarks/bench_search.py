@@ -5,8 +5,12 @@ For each sampler and seed a fresh study of the default study definition (or ``--
 taken in (val accuracy, latency / the fp32 teacher's latency measured in the same study run)
 against two fixed reference points, both at latency ratio 1.0: accuracy 0.5 (the whole useful
 range) and accuracy 0.85 (the region a user picks from). Prints
-median and spread per sampler, the feasible share and the median trial wall time / trials per
-hour. Run: ``make bench-search`` (defaults: 40 trials x 3 seeds x 3 samplers: hours on 2 cores).
+median and spread per sampler, the ceiling (the hypervolume of all studies' feasible trials
+together: the most any sampler could have reached with the points seen), how many trials each
+study needed to reach random search's median hypervolume, the feasible share and the median trial
+wall time / trials per hour. Run: ``make bench-search`` (defaults: 40 trials x 3 seeds x 3
+samplers at the study's own fidelity: about 75 minutes on 2 cores); ``--rescore --out-dir DIR``
+reprints the tables from kept studies.
 """
 
 from __future__ import annotations
