@@ -7,6 +7,10 @@ Everything autoslim caches goes to a temporary ``AUTOSLIM_CACHE``, never to ~/.c
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +141,38 @@ prune = {min = 0.0, max = 0.5, step = 0.25}
 weight_bits = [8, 32]
 act_bits = 8
 """
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """``python -m autoslim.cli ARGS`` as a user's terminal starts it: SIGINT at its default.
+
+    A shell without job control starts background jobs with SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler; the child resets it so that the interrupt tests hold
+    however the test run itself was started.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "autoslim.cli", *args],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m autoslim.cli ARGS`` to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "autoslim.cli", *args],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def tiny_study_file(tmp: Path, name: str, trials: int) -> Path:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, start_cli
 
 import autoslim
 from autoslim.artifact import onnx_predict, ort_session
@@ -67,10 +65,9 @@ def test_interrupted_refine_continues_from_its_checkpoint(study_copy: Path) -> N
     view = autoslim.load_study(study_copy)
     t = _front_trial(view)
     ckpt = view.refined_dir(t) / "checkpoint.pt"
-    cmd = [sys.executable, "-m", "autoslim.cli", "refine", str(study_copy), "--trial", str(t),
-           "--epochs", "40", "--batch-size", "64", "--quiet"]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["refine", str(study_copy), "--trial", str(t), "--epochs", "40", "--batch-size", "64",
+            "--quiet"]  # fmt: skip
+    p = start_cli(*args)
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
@@ -81,7 +78,7 @@ def test_interrupted_refine_continues_from_its_checkpoint(study_copy: Path) -> N
     done = torch.load(ckpt, weights_only=True)["epoch"]
     assert 1 <= done < 40
     assert not (view.refined_dir(t) / "result.json").exists()
-    r = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=600)
+    r = run_cli(*args, "--json")
     assert r.returncode == 0, r.stderr
     resumed = int(r.stderr.split("resuming after epoch ")[1].split()[0])
     assert resumed >= done

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import BUDGET, TINY_TRIALS, tiny_study_file
+from conftest import BUDGET, TINY_TRIALS, run_cli, start_cli, tiny_study_file
 
 from autoslim.errors import UsageError
 from autoslim.runner import open_existing, open_study
@@ -55,9 +52,7 @@ def _completed(db: Path) -> int:
 def test_interrupted_search_resumes_with_trials_kept(tmp_path: Path):
     f = tiny_study_file(tmp_path, "resume", trials=4)
     db = tmp_path / "resume" / "study.db"
-    cmd = [sys.executable, "-m", "autoslim.cli", "search", str(f), "--quiet"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = start_cli("search", str(f), "--quiet")
     deadline = time.time() + 300
     while _completed(db) < 2 and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
@@ -68,7 +63,7 @@ def test_interrupted_search_resumes_with_trials_kept(tmp_path: Path):
     kept = _completed(db)
     assert 2 <= kept < 4
     before = {t.number: t.values for t in open_existing(db.parent).trials if t.values}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    r = run_cli("search", str(f), "--quiet")
     assert r.returncode == 0, r.stderr
     assert f"{kept} trials stored" in r.stderr or "trials stored" in r.stderr
     study = open_existing(db.parent)
