@@ -158,6 +158,21 @@ def _fixed_width(model: onnx.ModelProto) -> None:
         model.graph.initializer[i].CopyFrom(fixed)
 
 
+def _drop_stack_traces(model: onnx.ModelProto) -> None:
+    """Remove the exporter's per-node Python stack traces, in place.
+
+    They name the source files of the installation (``.../site-packages/torch/...``), so the same
+    model exported from two virtual environments gave files a few bytes apart, and they tell
+    whoever receives the artifact where it was built. Op metadata that depends only on the graph
+    (namespace, FX node, class hierarchy) stays.
+    """
+    for node in model.graph.node:
+        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -257,6 +272,7 @@ def export_onnx(
             _store_weight(om, name + ".weight", bits)
             result.layers[name] = "fp16 weights" if bits == 16 else f"int{bits} weight-only DQ"
         _fixed_width(om)
+        _drop_stack_traces(om)
         onnx.checker.check_model(om)
         final = Path(tmpd) / "final.onnx"
         onnx.save_model(om, str(final), save_as_external_data=False)
