@@ -158,7 +158,7 @@ def _fixed_width(model: onnx.ModelProto) -> None:
         model.graph.initializer[i].CopyFrom(fixed)
 
 
-def _drop_stack_traces(model: onnx.ModelProto) -> None:
+def drop_stack_traces(model: onnx.ModelProto) -> None:
     """Remove the exporter's per-node Python stack traces, in place.
 
     They name the source files of the installation (``.../site-packages/torch/...``), so the same
@@ -272,7 +272,7 @@ def export_onnx(
             _store_weight(om, name + ".weight", bits)
             result.layers[name] = "fp16 weights" if bits == 16 else f"int{bits} weight-only DQ"
         _fixed_width(om)
-        _drop_stack_traces(om)
+        drop_stack_traces(om)
         onnx.checker.check_model(om)
         final = Path(tmpd) / "final.onnx"
         onnx.save_model(om, str(final), save_as_external_data=False)

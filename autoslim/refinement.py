@@ -275,12 +275,12 @@ def refine(
     )
     art = rdir / "model.onnx"
     data = task.data
-    if res.size_bytes != int(row["size_bytes"]):
+    want = view.artifact_size(trial)
+    if res.size_bytes != want:
         art.unlink(missing_ok=True)
         raise ExportError(
             f"the refined artifact of trial {trial} is {res.size_bytes:,} bytes but the trial's is "
-            f"{int(row['size_bytes']):,} (same architecture and bits must give the same file); "
-            "nothing was recorded"
+            f"{want:,} (same architecture and bits must give the same file); nothing was recorded"
         )
     lat = get_backend(spec.backend).measure(
         art, input_shape=data.input_shape, runs=spec.latency_runs

@@ -96,6 +96,25 @@ class StudyView:
     def trial_dir(self, trial: int) -> Path:
         return self.run_dir / "trials" / f"{trial:05d}"
 
+    def artifact_size(self, trial: int) -> int:
+        """Bytes an export of the trial's config writes now (what a replay or refine must match).
+
+        The recorded size, less the exporter stack traces that artifacts written before
+        autoslim dropped them still carry in the stored file.
+        """
+        import onnx
+
+        from .artifact import drop_stack_traces
+
+        size = int(self.measured_row(trial)["size_bytes"])
+        stored = self.trial_dir(trial) / "model.onnx"
+        if stored.is_file():
+            model = onnx.load(str(stored))
+            before = model.ByteSize()
+            drop_stack_traces(model)
+            size -= before - model.ByteSize()
+        return size
+
     def refined_dir(self, trial: int) -> Path:
         """Where ``autoslim refine`` stores the trial's refined result and artifact."""
         return self.run_dir / "refined" / f"{trial:05d}"
@@ -299,10 +318,12 @@ def export_trial(
             "recorded_test_accuracy": float(row["test_accuracy"]),
             "sha256": digest,
         }
-        if size != result["recorded_size_bytes"]:
+        # a stored copy is the recorded file; a replay is what the exporter writes now
+        expected = view.artifact_size(trial) if source == "replayed" else int(row["size_bytes"])
+        if size != expected:
             raise ExportError(
                 f"trial {trial}: the {source} artifact is {size:,} bytes but the study recorded "
-                f"{result['recorded_size_bytes']:,}; nothing was written to {output}"
+                f"{expected:,}; nothing was written to {output}"
             )
         gap = abs(val_acc - result["recorded_val_accuracy"])
         if not math.isfinite(val_acc) or gap > ACCURACY_TOLERANCE:

@@ -162,3 +162,32 @@ def test_export_refuses_a_changed_artifact_and_writes_nothing(tiny_study, tmp_pa
     assert not out.exists()
     with pytest.raises(UsageError, match=r"\.onnx"):
         export_trial(view, int(row.trial), tmp_path / "model.bin")
+
+
+def test_replay_of_a_trial_stored_with_exporter_stack_traces(tiny_study, tmp_path) -> None:
+    """Artifacts written before autoslim dropped the exporter's stack traces (which name the
+    venv's source files) are larger by them; a replay or refine of such a trial is checked
+    against the size the exporter writes now."""
+    import shutil
+
+    import onnx
+
+    view = autoslim.load_study(tiny_study.run_dir)
+    row = _best(tiny_study)
+    t = int(row.trial)
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_study.run_dir, copy)
+    art = copy / "trials" / f"{t:05d}" / "model.onnx"
+    model = onnx.load(str(art))
+    for node in model.graph.node:
+        node.metadata_props.add(
+            key="pkg.torch.onnx.stack_trace", value='File "/old/venv/torch/nn/conv.py", line 1'
+        )
+    onnx.save_model(model, str(art))
+    df = view.trials.copy()
+    df.loc[df.trial == t, "size_bytes"] = art.stat().st_size  # what the old version recorded
+    old = replace(view, run_dir=copy, trials=df)
+    assert art.stat().st_size > row.size_bytes
+    assert old.artifact_size(t) == row.size_bytes
+    res = export_trial(old, t, tmp_path / "replayed.onnx", replay=True)
+    assert res["size_bytes"] == row.size_bytes
