@@ -41,8 +41,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _fraction_or_none(text: str) -> float | str:
     """``--max-accuracy-drop``: a fraction (0.03 = 3 pt) or 'none' to lift the study file's."""
-    if text.strip().lower() in ("none", "off"):
-        return "none"
+    from .units import is_no_limit
+
+    if is_no_limit(text):
+        return text
     try:
         return float(text)
     except ValueError:

@@ -38,7 +38,7 @@ from .pipeline import compress, export
 from .results import sha256_file
 from .space import BoundSpace, load_space
 from .teacher import Teacher, TeacherRecipe, get_teacher
-from .units import parse_latency_ms, parse_size
+from .units import is_no_limit, parse_latency_ms, parse_size
 
 __all__ = [
     "StudySpec",
@@ -175,7 +175,7 @@ def load_study_spec(path: str | Path | None = None, **overrides: Any) -> StudySp
         raise UsageError(f"study file {path} not found; give a TOML file like studies/default.toml")
     values.update({k: v for k, v in overrides.items() if v is not None})
     for k in ("budget", "max_latency_ms", "max_accuracy_drop"):  # "none" lifts a file's limit
-        if isinstance(values.get(k), str) and values[k].strip().lower() in ("none", "off"):
+        if is_no_limit(values.get(k)):
             values[k] = None
     if values.get("budget") is not None:
         values["budget"] = parse_size(values["budget"])
@@ -205,7 +205,7 @@ class Task:
 
     def fingerprint(self) -> dict[str, str]:
         s = self.spec
-        return {
+        fp = {
             "model": s.model,
             "teacher_hash": self.teacher.content_hash,
             "data_split": self.data.fingerprint(),
@@ -214,14 +214,12 @@ class Task:
             "backend": s.backend,
             "budget": str(s.budget),
             "recovery": json.dumps(dataclasses.asdict(s.recovery()), sort_keys=True),
-            # the other constraints only when set, so studies run without them still resume
-            **({"max_latency_ms": str(s.max_latency_ms)} if s.max_latency_ms is not None else {}),
-            **(
-                {"max_accuracy_drop": str(s.max_accuracy_drop)}
-                if s.max_accuracy_drop is not None
-                else {}
-            ),
         }
+        # the other constraints only when set, so studies run without them still resume
+        for k in ("max_latency_ms", "max_accuracy_drop"):
+            if getattr(s, k) is not None:
+                fp[k] = str(getattr(s, k))
+        return fp
 
 
 def build_task(spec: StudySpec, *, progress: bool = True) -> Task:

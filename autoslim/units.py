@@ -6,7 +6,7 @@ import re
 
 from .errors import UsageError
 
-__all__ = ["parse_size", "format_size", "parse_latency_ms"]
+__all__ = ["parse_size", "format_size", "parse_latency_ms", "is_no_limit"]
 
 _SIZE_UNITS = {
     "B": 1,
@@ -19,6 +19,11 @@ _SIZE_UNITS = {
     "GiB": 2**30,
 }
 _NUM = r"(\d+(?:\.\d+)?|\.\d+)"
+
+
+def is_no_limit(value: object) -> bool:
+    """True for the words that lift a limit (``--budget none``, ``max_accuracy_drop = "off"``)."""
+    return isinstance(value, str) and value.strip().lower() in ("none", "off")
 
 
 def parse_size(text: str | int) -> int:
