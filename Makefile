@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data browser test lint demo bench-compress bench-search bench-refine clean
+.PHONY: install data browser test lint demo bench-compress bench-search bench-refine bench-models clean
 
 install: $(STAMP)
 
@@ -50,6 +50,9 @@ bench-search: $(STAMP) data
 
 bench-refine: $(STAMP) data
 	$(BIN)/python benchmarks/bench_refine.py
+
+bench-models: $(STAMP) data
+	$(BIN)/python benchmarks/bench_models.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache studies/*/runs

@@ -27,9 +27,18 @@ from torch import nn
 
 from .config import CompressionConfig
 from .errors import ExportError
-from .passes.quantize import QRANGE, layer_config
+from .passes.quantize import QRANGE, act_qparams, layer_config
 
-__all__ = ["ExportResult", "export_onnx", "estimate_size", "ort_session", "onnx_predict", "OPSET"]
+__all__ = [
+    "ExportResult",
+    "export_onnx",
+    "estimate_size",
+    "ort_session",
+    "onnx_predict",
+    "diagnose_divergence",
+    "OPSET",
+    "EXPORTERS",
+]
 
 OPSET = 21
 
@@ -41,25 +50,56 @@ class ExportResult:
     layers: dict[str, str] = field(default_factory=dict)  # layer -> scheme in the file
     skipped: list[dict] = field(default_factory=list)
     agreement: float | None = None  # top-1 agreement with the PyTorch model, when gated
+    exporter: str = "dynamo"  # which exporter wrote the float graph (see EXPORTERS)
+    tensors: dict[str, str] = field(default_factory=dict)  # act-range key -> ONNX tensor
 
 
-def _float_export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+EXPORTERS = ("dynamo", "dynamo-static-batch", "torchscript")
+
+
+def _float_export(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+    """Write the float ONNX file; return which exporter wrote it.
+
+    ``torch.export`` with a dynamic batch first; where that fails (ConvNeXt's ranges, some
+    user models) the same exporter with a static batch of 1 (the deployed shape), then the
+    TorchScript exporter with a dynamic batch. Raises :class:`ExportError` naming each failure.
+    """
     import warnings
 
     model.eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(
-            model,
-            (example,),
-            None,
-            dynamo=True,
-            external_data=False,
-            opset_version=OPSET,
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            verbose=False,
-        )
-        prog.save(str(path), external_data=False)
+    errors = []
+    for how in EXPORTERS:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            try:
+                if how == "torchscript":
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        str(path),
+                        dynamo=False,
+                        opset_version=OPSET,
+                        input_names=["x"],
+                        output_names=["logits"],
+                        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+                    )
+                else:
+                    dyn = ({0: torch.export.Dim("batch")},) if how == "dynamo" else None
+                    prog = torch.onnx.export(
+                        model,
+                        (example,),
+                        None,
+                        dynamo=True,
+                        external_data=False,
+                        opset_version=OPSET,
+                        dynamic_shapes=dyn,
+                        verbose=False,
+                    )
+                    prog.save(str(path), external_data=False)
+                return how
+            except Exception as e:  # noqa: BLE001 - torch.onnx raises many types
+                errors.append(f"{how}: {type(e).__name__}: {' '.join(str(e).split())[:160]}")
+    raise ExportError("ONNX export failed with every exporter (" + "; ".join(errors) + ")")
 
 
 class _Reader:
@@ -173,6 +213,53 @@ def drop_stack_traces(model: onnx.ModelProto) -> None:
             node.metadata_props.extend(keep)
 
 
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "Relu", "Clip")  # op types the file quantises
+
+
+def _activation_tensors(
+    om: onnx.ModelProto, nodes: dict[str, onnx.NodeProto], act_ranges: dict[str, list[float]]
+) -> dict[str, str]:
+    """Key of ``act_ranges`` -> ONNX tensor name, for every activation training fake-quantised.
+
+    ``act_ranges`` keys are ``LAYER:in`` (the input of LAYER's node), ``LAYER:out`` (its output)
+    and ``LAYER:act`` (the output of the Relu/Clip that alone reads LAYER's output: ONNX
+    Runtime's quantizer removes that activation and quantises its output in the conv's place).
+    """
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in om.graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node)
+    out: dict[str, str] = {}
+    for key in act_ranges:
+        layer, _, role = key.rpartition(":")
+        node = nodes.get(layer)
+        if node is None:
+            continue
+        tensor = node.input[0] if role == "in" else node.output[0]
+        if role == "act":
+            after = readers.get(tensor, [])
+            if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):
+                tensor = after[0].output[0]
+        out[key] = tensor
+    return out
+
+
+def _check_quantized_tensors(om: onnx.ModelProto, simulated: set[str]) -> None:
+    """Refuse a file that quantises an activation training did not simulate (with its range)."""
+    inits = {i.name for i in om.graph.initializer}
+    extra = sorted(
+        n.input[0]
+        for n in om.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[0] not in simulated
+    )
+    if extra:
+        raise ExportError(
+            f"ONNX Runtime quantised {len(extra)} activation tensors that training did not "
+            f"simulate ({', '.join(extra[:4])}); the file would not compute the trained model. "
+            "Set act_bits=32 for the layers around them"
+        )
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -183,21 +270,25 @@ def export_onnx(
     calib: torch.Tensor | None = None,
     factorized: set[str] | None = None,
 ) -> ExportResult:
-    """Write ``model`` (float weights, fake quantization stripped) as the artifact of ``config``."""
+    """Write ``model`` (float weights, fake quantization stripped) as the artifact of ``config``.
+
+    ``act_ranges`` (from :func:`~autoslim.passes.quantize.act_ranges_of`) are the activation
+    ranges training simulated; every activation the file quantises must be one of them, or
+    :class:`ExportError` is raised. Without them (None) int8 layers are post-training quantised
+    with ONNX Runtime's own MinMax calibration on ``calib``.
+    """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = config or CompressionConfig()
+    strict = act_ranges is not None  # None: plain post-training quantization by ORT
     act_ranges = act_ranges or {}
     factorized = factorized or set()
     result = ExportResult(path, 0)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmpd:
         fp = Path(tmpd) / "float.onnx"
-        try:
-            _float_export(model, example[:1], fp)
-        except Exception as e:  # noqa: BLE001 - torch.onnx raises many types
-            raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e)[:300]}") from e
+        result.exporter = _float_export(model, example[:1], fp)
         om = onnx.load(str(fp))
         nodes = _weight_nodes(om)
         torch_layers = [
@@ -227,31 +318,40 @@ def export_onnx(
             if calib is None:
                 raise ExportError("int8 activations need calibration images (calib=...)")
             input_name = om.graph.input[0].name
+            fixed = om.graph.input[0].type.tensor_type.shape.dim[0].dim_value  # 0: dynamic
             overrides: dict[str, list[dict]] = {}
             for name, bits in static.items():
-                node = nodes[name]
                 wq = QuantType.QInt4 if bits == 4 else QuantType.QInt8
-                overrides[node.input[1]] = [{"quant_type": wq, "axis": 0, "symmetric": True}]
-                if name in act_ranges:
-                    lo, hi = act_ranges[name]
-                    overrides[node.input[0]] = [
-                        {
-                            "rmin": np.array(min(lo, 0.0), np.float32),
-                            "rmax": np.array(max(hi, 0.0), np.float32),
-                        }
-                    ]
+                overrides[nodes[name].input[1]] = [
+                    {
+                        "quant_type": wq,
+                        "axis": 0,
+                        "symmetric": True,
+                        "reduce_range": bits == 8,  # QRANGE[8]: 7-bit range, see there
+                    }
+                ]
+            result.tensors = _activation_tensors(om, nodes, act_ranges)
+            simulated = {t: act_ranges[k] for k, t in result.tensors.items()}
+            for tensor, (lo, hi) in simulated.items():
+                scale, zp = act_qparams(lo, hi)  # the very values training rounded with
+                overrides[tensor] = [
+                    {"scale": np.array(scale, np.float32), "zero_point": np.array(zp, np.uint8)}
+                ]
             exclude = [n.name for lname, n in nodes.items() if lname not in static]
             logging.getLogger().setLevel(logging.ERROR)  # ORT's "consider pre-processing" noise
             try:
                 quantize_static(
                     str(fp),
                     str(out),
-                    _Reader(input_name, calib.numpy().astype(np.float32)),
+                    _Reader(input_name, calib.numpy().astype(np.float32), batch=fixed or 64),
                     quant_format=QuantFormat.QDQ,
                     per_channel=True,
                     weight_type=QuantType.QInt8,
                     activation_type=QuantType.QUInt8,
                     nodes_to_exclude=exclude,
+                    # only what training simulates: conv/linear inputs, conv outputs (ReLU and
+                    # ReLU6 folded in); residual adds, pools, SE multiplies stay float
+                    op_types_to_quantize=list(QUANTIZED_OPS),
                     extra_options={
                         "TensorQuantOverrides": overrides,
                         "WeightSymmetric": True,
@@ -266,6 +366,8 @@ def export_onnx(
                     f"{len(static)} int8/int4 layers; try act_bits=32 or weight_bits=8 for them"
                 ) from e
             om = onnx.load(str(out))
+            if strict:
+                _check_quantized_tensors(om, set(simulated))
             for name, bits in static.items():
                 result.layers[name] = f"int{bits}-weights/uint8-activations QDQ"
         for name, bits in storage.items():
@@ -293,13 +395,84 @@ def ort_session(path: str | Path, *, threads: int = 1, providers: list[str] | No
 
 
 def onnx_predict(session, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits of the artifact on ``x`` (batched)."""
-    name = session.get_inputs()[0].name
+    """Logits of the artifact on ``x`` (batched; in the file's own batch size if it is fixed)."""
+    inp = session.get_inputs()[0]
+    name = inp.name
+    if isinstance(inp.shape[0], int) and inp.shape[0] > 0:
+        batch_size = inp.shape[0]
     outs = [
         session.run(None, {name: x[i : i + batch_size].numpy()})[0]
         for i in range(0, len(x), batch_size)
     ]
     return torch.from_numpy(np.concatenate(outs))
+
+
+def diagnose_divergence(
+    model: nn.Module, path: str | Path, x: torch.Tensor, tensors: dict[str, str]
+) -> str:
+    """Where the artifact stops computing what ``model`` (fake-quantised) computes, in one line.
+
+    Every quantised activation of the file is compared with the same tensor in PyTorch, in
+    graph order (the file run without graph optimizations, so each tensor exists); the first
+    whose relative error exceeds 5% is named. If the unoptimized file matches and the optimized
+    one does not, the runtime's integer kernels are to blame, not the quantization.
+    """
+    import onnxruntime as ort
+
+    from .passes.quantize import ActQuant
+
+    feats: dict[str, torch.Tensor] = {}
+    order: list[tuple[str, tuple[str, ...]]] = []
+    hooks = []
+    for n, m in model.named_modules():
+        if isinstance(m, ActQuant):
+            order.append((n, m.keys))
+            hooks.append(
+                m.register_forward_hook(lambda _m, _i, o, n=n: feats.__setitem__(n, o.detach()))
+            )
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = model(x).numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    om = onnx.load(str(path))
+    dq_of = {n.input[0]: n.output[0] for n in om.graph.node if n.op_type == "DequantizeLinear"}
+    q_of = {n.input[0]: n.output[0] for n in om.graph.node if n.op_type == "QuantizeLinear"}
+    probes: dict[str, str] = {}
+    for n, keys in order:
+        t = next((tensors[k] for k in keys if k in tensors), None)
+        v = dq_of.get(q_of.get(t, ""), None) if t else None
+        if v:
+            probes[n] = v
+    om.graph.output.extend(
+        helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in probes.values()
+    )
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(om.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: x.numpy()}), strict=True))
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12))
+
+    for n, keys in order:
+        if n in probes and rel(got[probes[n]], feats[n].numpy()) > 0.05:
+            return (
+                f"first diverging tensor: {' = '.join(keys)} (relative error "
+                f"{rel(got[probes[n]], feats[n].numpy()):.1%})"
+            )
+    opt = onnx_predict(ort_session(path), x).numpy()
+    plain, fast = rel(got[names[0]], ref), rel(opt, ref)
+    if fast > 2 * plain + 0.01:
+        return (
+            f"the QDQ graph matches (logits {plain:.1%} apart) but ONNX Runtime's optimized "
+            f"int8 kernels do not ({fast:.1%}): the runtime computes the file differently"
+        )
+    return f"no single tensor diverges; logits {plain:.1%} apart (accumulated rounding)"
 
 
 _NODE_OVERHEAD = 1200  # bytes per conv/linear layer: names, shapes, Q/DQ nodes and scalars

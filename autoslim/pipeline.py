@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifact import ExportResult, export_onnx
+from .artifact import ExportResult, diagnose_divergence, export_onnx
 from .config import CompressionConfig
 from .data import DataSplits, Split
 from .errors import ExportError
@@ -26,7 +26,13 @@ from .passes import PassReport
 from .passes.distill import Recovery, distill, recalibrate_bn, teacher_logits
 from .passes.lowrank import factorize_model
 from .passes.prune import prune_model
-from .passes.quantize import calibrate, fold_batchnorm, quantize_model, strip_fake_quant
+from .passes.quantize import (
+    calibrate,
+    fold_batchnorm,
+    quantize_model,
+    snap_biases,
+    strip_fake_quant,
+)
 from .teacher import cache_dir, predict, state_hash
 
 __all__ = ["Compressed", "compress", "export", "GATE_AGREEMENT"]
@@ -183,6 +189,8 @@ def compress(
             )
     bar.close()
     student.eval()
+    if quantized:
+        snap_biases(student)  # the int32 biases the file will hold
     return Compressed(student, config, reports, example, calib, act_ranges, factorized, loss)
 
 
@@ -199,7 +207,7 @@ def export(
     PyTorch model's; below ``min_agreement`` the file is removed and :class:`ExportError` says why.
     """
     ref = predict(compressed.model, check.x).argmax(1) if check is not None else None
-    float_model = strip_fake_quant(copy.deepcopy(compressed.model))
+    float_model = strip_fake_quant(copy.deepcopy(compressed.model), snap=True)
     result = export_onnx(
         float_model,
         path,
@@ -214,11 +222,15 @@ def export(
         agree = agreement(pred, ref)
         result.agreement = agree
         if agree < min_agreement:
+            try:
+                why = diagnose_divergence(
+                    compressed.model, result.path, check.x[:64], result.tensors
+                )
+            except Exception as e:  # noqa: BLE001 - the diagnosis must not hide the gate
+                why = f"no diagnosis ({type(e).__name__}: {e})"
             Path(result.path).unlink(missing_ok=True)
             raise ExportError(
                 f"correctness gate: the artifact agrees with the PyTorch model on {agree:.2%} of "
-                f"{len(check)} images (need >= {min_agreement:.0%}); layers "
-                f"{sorted(compressed.act_ranges)[:3]}... may have activations outside their "
-                "calibrated range: try act_bits=32 for them or more calibration images"
+                f"{len(check)} images (need >= {min_agreement:.1%}); {why}"
             )
     return result

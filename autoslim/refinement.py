@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .errors import ExportError, RecoveryError, UsageError
 from .measure import artifact_accuracy, get_backend
 from .passes.distill import Recovery, distill, recalibrate_bn
-from .passes.quantize import act_ranges_of, calibrate
+from .passes.quantize import act_ranges_of, calibrate, snap_biases
 from .pipeline import (
     Compressed,
     build_student,
@@ -206,6 +206,8 @@ def train_and_export(
         student, in_qat = to_fake_quant(student, config, factorized, reports), True
         calibrate(student, calib)
     student.eval()
+    if in_qat:
+        snap_biases(student)  # the int32 biases the file will hold
     c = Compressed(
         student, config, reports, task.example, calib, act_ranges_of(student), factorized
     )

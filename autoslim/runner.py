@@ -236,8 +236,12 @@ def _objective(task: Task):
         try:
             res = evaluate(task, config, spec.run_dir / "trials" / f"{trial.number:05d}")
         except CandidateFailed as e:
-            trial.set_user_attr("fail_reason", str(e)[:500])
+            trial.set_user_attr("fail_reason", one_line(str(e)))
             raise
+        except Exception as e:  # noqa: BLE001 - ORT, onnx, torch: one trial, not the study
+            reason = one_line(f"{type(e).__name__}: {e}")
+            trial.set_user_attr("fail_reason", reason)
+            raise CandidateFailed(reason) from e
         for k, v in res.items():
             if k != "config":
                 trial.set_user_attr(k, v)
@@ -262,6 +266,12 @@ def _objective(task: Task):
         return tuple(float(metrics[o]) for o in spec.objectives)
 
     return objective
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """A failure reason as one line of at most ``limit`` characters (tables, reports, logs)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _fitting_baseline(task: Task) -> list[tuple[float, int, int]]:

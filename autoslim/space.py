@@ -15,7 +15,8 @@ Schema (documented with examples in ``search_spaces/README.md``)::
     act_bits = 8
     rank = ["off", 0.5]
     share = ["weight_bits", "rank"] # these knobs: one parameter for all layers matched
-                                    # (true = all knobs of the rule)
+                                    # (true = all knobs of the rule; "stage" = all knobs,
+                                    # one parameter per stage: per feature-map resolution)
 
 A knob is a fixed value (scalar), a choice list (array) or a range (``{min, max, step?}``).
 Rules are tried in order and the first whose pattern matches a name wins; ``prune`` applies to
@@ -39,9 +40,18 @@ from torch import nn
 
 from .config import ACT_BITS, WEIGHT_BITS, CompressionConfig, DistillConfig, LayerConfig
 from .errors import ConfigError
-from .passes.prune import list_groups
+from .passes.prune import list_groups, pruning_note
 
-__all__ = ["Knob", "Rule", "SearchSpace", "Dimension", "BoundSpace", "load_space", "SPACES_DIR"]
+__all__ = [
+    "Knob",
+    "Rule",
+    "SearchSpace",
+    "Dimension",
+    "BoundSpace",
+    "load_space",
+    "find_stages",
+    "SPACES_DIR",
+]
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 _KNOBS = ("prune", "weight_bits", "act_bits", "rank")
@@ -121,6 +131,7 @@ class Rule:
     knobs: dict[str, Knob]
     share: tuple[str, ...] = ()
     index: int = 0
+    per_stage: bool = False  # share = "stage": one parameter per stage (see find_stages)
 
     def matches(self, name: str) -> bool:
         if self.is_regex:
@@ -209,7 +220,8 @@ def load_space(path: str | Path) -> SearchSpace:
         if not knobs:
             raise _err(f, where, r, f"a rule needs at least one knob of {list(_KNOBS)}")
         share = r.get("share", False)
-        if share is True:
+        per_stage = share == "stage"
+        if share is True or per_stage:
             share = list(knobs)
         elif share is False:
             share = []
@@ -218,9 +230,9 @@ def load_space(path: str | Path) -> SearchSpace:
                 f,
                 f"{where}.share",
                 share,
-                f"share is true, false or a list of this rule's knobs {sorted(knobs)}",
+                f'share is true, false, "stage" or a list of this rule\'s knobs {sorted(knobs)}',
             )
-        rules.append(Rule(pattern, "regex" in r, knobs, tuple(share), i))
+        rules.append(Rule(pattern, "regex" in r, knobs, tuple(share), i, per_stage))
     dist = d.get("distill", {})
     if not isinstance(dist, dict) or set(dist) - {"temperature", "alpha"}:
         raise _err(f, "distill", dist, "expected a table with temperature and/or alpha")
@@ -248,6 +260,54 @@ def load_space(path: str | Path) -> SearchSpace:
     )
 
 
+def _shared(rule: Rule) -> str:
+    if rule.per_stage:
+        return "; one parameter per stage"
+    return "; shared: " + ",".join(rule.share) if rule.share else ""
+
+
+def find_stages(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, str], dict[str, str]]:
+    """Each Conv2d's stage: ``stage0`` for the largest feature map, ``stage1`` for the next
+    smaller one, and so on (a stage of a CNN is the run of layers at one resolution); and each
+    stage's size (``"14x14"``). A conv that reads a globally pooled 1x1 map while the network
+    is still larger (squeeze-excite) belongs to the stage it sits in. Empty when the model's
+    forward fails on ``example``.
+    """
+    calls: list[tuple[str, tuple[int, int], tuple[int, int]]] = []
+    hooks = [
+        m.register_forward_hook(
+            lambda _m, inp, out, n=n: calls.append(
+                (n, tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]))
+            )
+        )
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    except Exception:  # noqa: BLE001 - no stages: per-stage knobs become one "head" dimension
+        return {}, {}
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    size_of: dict[str, tuple[int, int]] = {}
+    main: tuple[int, int] | None = None
+    for name, size_in, size_out in calls:
+        if name in size_of:
+            continue
+        if main is not None and size_in == (1, 1) and main[0] * main[1] > 1:
+            size_of[name] = main  # squeeze-excite branch on a pooled map
+        else:
+            size_of[name] = main = size_out
+    order = sorted(set(size_of.values()), key=lambda hw: -hw[0] * hw[1])
+    stages = {n: f"stage{order.index(hw)}" for n, hw in size_of.items()}
+    return stages, {f"stage{i}": f"{h}x{w}" for i, (h, w) in enumerate(order)}
+
+
 @dataclass(frozen=True)
 class Dimension:
     """One named search dimension and the layers/groups it controls."""
@@ -268,6 +328,9 @@ class BoundSpace:
     groups: dict[str, int] = field(default_factory=dict)  # group name -> channels
     layers: list[str] = field(default_factory=list)
     matched: dict[str, list[str]] = field(default_factory=dict)  # rule label -> names
+    stages: dict[str, str] = field(default_factory=dict)  # conv layer -> stage name
+    stage_sizes: dict[str, str] = field(default_factory=dict)  # stage name -> "14x14"
+    note: str | None = None  # why nothing can be pruned, when the graph does not trace
 
     @classmethod
     def build(
@@ -281,6 +344,7 @@ class BoundSpace:
     ) -> BoundSpace:
         groups = {g.name: g.channels for g in list_groups(model, example, classifier=classifier)}
         layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        stages, stage_sizes = find_stages(model, example)
         dims: dict[str, Dimension] = {}
         fixed: dict[str, dict[str, Any]] = {k: {} for k in _KNOBS}
         matched: dict[str, list[str]] = {r.label: [] for r in space.rules}
@@ -295,7 +359,12 @@ class BoundSpace:
             if knob.fixed:
                 fixed[kind][target] = knob.choices[0]
                 return
-            name = f"{kind}/{rule.label}" if kind in rule.share else f"{kind}/{target}"
+            if rule.per_stage:
+                name = f"{kind}/{stages.get(target, 'head')}"
+            elif kind in rule.share:
+                name = f"{kind}/{rule.label}"
+            else:
+                name = f"{kind}/{target}"
             old = dims.get(name)
             dims[name] = Dimension(name, knob, (*(old.targets if old else ()), target), kind)
 
@@ -311,7 +380,8 @@ class BoundSpace:
             out.append(Dimension("kd/temperature", space.temperature, (), "temperature"))
         if not space.alpha.fixed:
             out.append(Dimension("kd/alpha", space.alpha, (), "alpha"))
-        return cls(space, out, fixed, groups, layers, matched)
+        note = pruning_note(model, example) if not groups else None
+        return cls(space, out, fixed, groups, layers, matched, stages, stage_sizes, note)
 
     def int4_layers(self) -> list[str]:
         """Layers whose weights this space may store as int4 (a choice or a fixed value)."""
@@ -402,9 +472,19 @@ class BoundSpace:
             knobs = ", ".join(sorted(r.knobs))
             shown = ", ".join(names[:8]) + (f", ... (+{len(names) - 8})" if len(names) > 8 else "")
             lines.append(
-                f"{r.label} {pat} [{knobs}{'; shared: ' + ','.join(r.share) if r.share else ''}]: "
+                f"{r.label} {pat} [{knobs}{_shared(r)}]: "
                 f"{len(names)} matched{': ' + shown if names else ''}"
             )
+        by_stage: dict[str, list[str]] = {}
+        for layer, st in self.stages.items():
+            by_stage.setdefault(st, []).append(layer)
+        for st, names in by_stage.items():
+            lines.append(
+                f"{st} ({self.stage_sizes.get(st, '?')}): {len(names)} conv layers, "
+                f"{names[0]} .. {names[-1]}"
+            )
+        if self.note:
+            lines.append(f"note: {self.note}")
         unmatched = [n for n in self.layers if not any(n in v for v in self.matched.values())]
         lines.append(f"unmatched layers (left as they are): {len(unmatched)}")
         lines.append(

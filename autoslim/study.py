@@ -73,6 +73,8 @@ class StudySpec:
     teacher_checkpoint: str | None = None
     teacher_epochs: int = 6
     teacher_max_steps: int | None = None
+    teacher_batch_size: int = 128
+    teacher_max_lr: float = 0.1
     space: str = "default"
     objectives: list[str] = field(default_factory=lambda: ["accuracy", "latency"])
     budget: int | None = None
@@ -226,7 +228,12 @@ def build_task(spec: StudySpec, *, progress: bool = True) -> Task:
     """Load data, get (or train once) the teacher and bind the space to it."""
     get_backend(spec.backend)  # fail fast on an unavailable backend
     data = spec.load_data()
-    recipe = TeacherRecipe(epochs=spec.teacher_epochs, max_steps=spec.teacher_max_steps)
+    recipe = TeacherRecipe(
+        epochs=spec.teacher_epochs,
+        max_steps=spec.teacher_max_steps,
+        batch_size=spec.teacher_batch_size,
+        max_lr=spec.teacher_max_lr,
+    )
     teacher = get_teacher(
         spec.model, data, recipe=recipe, checkpoint=spec.teacher_checkpoint, progress=progress
     )
@@ -318,6 +325,7 @@ def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str
         latency_ms=lat.median_ms,
         latency_p90_ms=lat.p90_ms,
         agreement=res.agreement,
+        exporter=res.exporter,  # "dynamo" unless the fallback exporters were needed
         num_params=c.num_params(),
         artifact=str(path),
         artifact_sha256=sha256_file(path),

@@ -82,3 +82,31 @@ def test_fingerprint_mismatch_refuses_to_resume(tmp_path: Path):
         open_study(spec, fingerprint={**fp, "teacher_hash": "bbb"})
     assert "refusing to resume" in str(e.value)
     assert e.value.exit_code == 2
+
+
+def test_a_trial_failing_inside_onnx_runtime_fails_alone(tmp_path: Path, monkeypatch):
+    """ONNX Runtime raising inside a trial (its artifact truncated just before the latency
+    session opens it: ORT's own protobuf error) fails that trial with the reason in one line;
+    the other trials run and the study reaches its trial count."""
+    from autoslim import measure
+    from autoslim.runner import search
+
+    real = measure.OrtBackend.measure
+    calls = {"n": 0}
+
+    def truncating(self, artifact, **kw):
+        calls["n"] += 1
+        if calls["n"] % 2 == 0:  # the 1st call is the teacher's baseline
+            data = Path(artifact).read_bytes()
+            Path(artifact).write_bytes(data[: len(data) // 3])
+        return real(self, artifact, **kw)
+
+    monkeypatch.setattr(measure.OrtBackend, "measure", truncating)
+    spec = load_study_spec(tiny_study_file(tmp_path, "flaky", trials=4), budget="none")
+    res = search(spec, progress=False)
+    df = res.frame
+    assert len(df) == 4
+    failed = df[df["state"] == "FAIL"]
+    assert len(failed) >= 1 and (df["status"] == "ok").sum() >= 1
+    for reason in failed["fail_reason"]:
+        assert "\n" not in reason and ("ONNXRuntimeError" in reason or "Protobuf" in reason), reason

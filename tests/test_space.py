@@ -12,7 +12,7 @@ from autoslim.artifact import estimate_size, export_onnx
 from autoslim.cli import main
 from autoslim.config import CompressionConfig
 from autoslim.errors import ConfigError
-from autoslim.models import build_model, stem_and_classifier
+from autoslim.models import build_model, list_models, stem_and_classifier
 from autoslim.passes.lowrank import factorize_model
 from autoslim.passes.prune import list_groups, prune_model
 from autoslim.passes.quantize import fold_batchnorm
@@ -40,18 +40,46 @@ def test_shipped_spaces_bind_and_give_valid_configs(name, resnet):
         assert set(cfg.prune) == {g.name for g in list_groups(resnet, X, classifier="fc")}
 
 
-def test_default_space_is_per_stage_int8_for_resnets_and_per_group_elsewhere(resnet):
+def test_default_space_is_per_stage_int8_for_resnets(resnet):
     bound = load_space("default").bind(resnet, X, classifier="fc", stem="conv1")
     prune = [d for d in bound.dims if d.kind == "prune"]
     # one ratio per ResNet stage (the stem shares layer1's residual channels), 12 groups covered
     assert len(prune) == 4
     assert sorted(t for d in prune for t in d.targets) == sorted(bound.groups)
     assert not bound.int4_layers()  # no int4: ORT CPU has no int4 conv kernels
-    vgg = build_model("vgg11_bn").eval()
-    stem, cls = stem_and_classifier("vgg11_bn", vgg)
-    other = load_space("default").bind(vgg, X, classifier=cls, stem=stem)
-    n_groups = len(list_groups(vgg, X, classifier=cls))
-    assert len([d for d in other.dims if d.kind == "prune"]) == n_groups
+    # the stages found from the graph are ResNet's layer1..layer4 (the stem with layer1)
+    for layer, stage in bound.stages.items():
+        want = "stage0" if layer == "conv1" else f"stage{int(layer[5]) - 1}"
+        assert stage == want, (layer, stage)
+    assert bound.stage_sizes == {
+        "stage0": "14x14",
+        "stage1": "7x7",
+        "stage2": "4x4",
+        "stage3": "2x2",
+    }
+
+
+SHUFFLENET = f"{Path(__file__).resolve().parent / 'tiny_models.py'}:shufflenet"
+
+
+@pytest.mark.parametrize("name", [*list_models(), SHUFFLENET], ids=[*list_models(), "shufflenet"])
+def test_default_space_is_small_and_per_stage_for_every_cnn(name):
+    """Stages come from the graph (feature-map resolution), not from ResNet's layer names: every
+    CNN gets one pruning ratio and one low-rank choice per stage, every group covered once."""
+    model = build_model(name).eval()
+    stem, cls = stem_and_classifier(name, model)
+    bound = load_space("default").bind(model, X, classifier=cls, stem=stem)
+    n_stages = len(bound.stage_sizes)
+    assert 3 <= n_stages <= 6, bound.stage_sizes
+    assert len(bound.dims) <= 2 * n_stages + 2  # prune + rank per stage, KD temperature + alpha
+    areas = [int(h) * int(w) for h, w in (v.split("x") for v in bound.stage_sizes.values())]
+    assert areas == sorted(areas, reverse=True)  # stage0 is the largest map
+    prune = [d for d in bound.dims if d.kind == "prune"]
+    covered = [t for d in prune for t in d.targets]
+    assert sorted(covered) == sorted(bound.groups)  # every prunable group, exactly once
+    if name == SHUFFLENET:  # Torch-Pruning cannot trace the channel shuffle
+        assert not prune and bound.note and "ZeroDivisionError" in bound.note
+        assert [d for d in bound.dims if d.kind == "rank"]  # still searched over ranks
 
 
 def test_int4_layers_lists_what_may_become_int4(resnet):
@@ -103,6 +131,7 @@ def test_space_check_cli(capsys):
     out = capsys.readouterr().out
     assert "rule0" in out and "fc" in out
     assert "10 dimensions" in out
+    assert "stage3 (2x2): 5 conv layers, layer4.0.conv1 .. layer4.1.conv2" in out
     assert main(["space", "check", "no/such/space.toml"]) == 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torchvision
 from torch import nn
 
 
@@ -31,3 +32,22 @@ def build(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
 def linear(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """A batch-norm-free model: its copy computes exactly what the original computes."""
     return nn.Sequential(nn.Flatten(1), nn.Linear(in_channels * 28 * 28, num_classes))
+
+
+def shufflenet(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """torchvision's ShuffleNetV2 x0.5 for 28x28 images: its channel shuffle defeats
+    Torch-Pruning's dependency graph (ZeroDivisionError), so it cannot be pruned."""
+    m = torchvision.models.shufflenet_v2_x0_5(weights=None, num_classes=num_classes)
+    m.conv1[0] = nn.Conv2d(in_channels, 24, 3, stride=2, padding=1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+def convnext(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """A small ConvNeXt (torchvision's blocks, 2 stages): torch.export fails on its dynamic
+    batch dimension, so the exporter falls back to a static batch."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    m = ConvNeXt([CNBlockConfig(32, 64, 1), CNBlockConfig(64, None, 1)], num_classes=num_classes)
+    m.features[0][0] = nn.Conv2d(in_channels, 32, 2, stride=2)
+    return m

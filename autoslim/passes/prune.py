@@ -16,9 +16,14 @@ import torch_pruning as tp
 from torch import nn
 
 from ..config import CompressionConfig
+from ..errors import AutoslimError
 from . import PassReport
 
-__all__ = ["GroupInfo", "list_groups", "prune_model", "kept_channels"]
+__all__ = ["GroupInfo", "list_groups", "prune_model", "kept_channels", "pruning_note"]
+
+
+class PruningError(AutoslimError):
+    """Torch-Pruning failed while removing channels (the candidate fails, the study goes on)."""
 
 
 @dataclass(frozen=True)
@@ -40,16 +45,29 @@ def _importance(name: str) -> tp.importance.Importance:
     }[name]()
 
 
+class UntraceableGraph(Exception):
+    """Torch-Pruning cannot build the model's dependency graph (the model is not pruned)."""
+
+
 def _groups(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]):
     was_training = model.training
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    model.train(was_training)  # building the graph leaves the model in eval mode
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        groups = list(
+            dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear])
+        )
+    except Exception as e:  # noqa: BLE001 - e.g. ZeroDivisionError on ShuffleNet's shuffle
+        raise UntraceableGraph(
+            f"Torch-Pruning cannot trace this model's channel dependencies "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); it is not pruned, "
+            "bit-widths and ranks are still searched"
+        ) from e
+    finally:
+        model.train(was_training)  # building the graph leaves the model in eval mode
     order = {m: i for i, (_, m) in enumerate(model.named_modules())}
     names = {m: n for n, m in model.named_modules()}
     out = []
-    for group in dg.get_all_groups(
-        ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]
-    ):
+    for group in groups:
         mods = []
         for item in group:
             m = item.dep.target.module
@@ -69,8 +87,20 @@ def list_groups(
     """The prunable coupled channel groups of ``model`` (the classifier's output is never one)."""
     mods = dict(model.named_modules())
     ignored = [mods[classifier]] if classifier in mods else []
-    _, groups, names = _groups(model, example, ignored)
+    try:
+        _, groups, names = _groups(model, example, ignored)
+    except UntraceableGraph:
+        return []
     return [GroupInfo(names[ms[0]], int(c), tuple(names[m] for m in ms)) for ms, c in groups]
+
+
+def pruning_note(model: nn.Module, example: torch.Tensor) -> str | None:
+    """Why ``model`` cannot be pruned at all (one line), or None when its graph traces."""
+    try:
+        _groups(model, example, [])
+    except UntraceableGraph as e:
+        return str(e)
+    return None
 
 
 def kept_channels(channels: int, ratio: float, round_to: int) -> int:
@@ -93,7 +123,14 @@ def prune_model(
     ratios = {k: float(v) for k, v in config.prune.items() if v > 0}
     mods = dict(model.named_modules())
     ignored = [mods[classifier]] if classifier in mods else []
-    _, groups, names = _groups(model, example, ignored)
+    if not ratios:
+        return report
+    try:
+        _, groups, names = _groups(model, example, ignored)
+    except UntraceableGraph as e:
+        for key in sorted(ratios):
+            report.skip(key, str(e))
+        return report
     by_name = {names[ms[0]]: (ms, c) for ms, c in groups}
     for key in sorted(set(ratios) - set(by_name)):
         report.skip(key, "no prunable channel group has this name (see `autoslim space check`)")
@@ -128,8 +165,15 @@ def prune_model(
             round_to=None,
             global_pruning=False,
         )
-        pruner.step()
-        model.train(was_training)
+        try:
+            pruner.step()
+        except Exception as e:  # noqa: BLE001 - a group Torch-Pruning cannot prune
+            raise PruningError(
+                f"Torch-Pruning failed on groups {sorted(plan)[:4]} ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:160]}); set prune = 0 for them in the space"
+            ) from e
+        finally:
+            model.train(was_training)
     for gname, (c, k, r) in plan.items():
         m = by_name[gname][0][0]
         real = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
