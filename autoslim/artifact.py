@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -27,7 +28,7 @@ from torch import nn
 
 from .config import CompressionConfig
 from .errors import ExportError
-from .passes.quantize import QRANGE, act_qparams, layer_config
+from .passes.quantize import QRANGE, act_qparams, layer_config, split_add_key
 
 __all__ = [
     "ExportResult",
@@ -57,6 +58,21 @@ class ExportResult:
 EXPORTERS = ("dynamo", "dynamo-static-batch", "torchscript")
 
 
+@contextlib.contextmanager
+def _quiet_logs():
+    """Silence the root and torch loggers for a block, then restore their levels (the
+    exporters and ORT's quantizer log tracebacks and hints that are not the user's business)."""
+    loggers = [logging.getLogger(), logging.getLogger("torch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _float_export(model: nn.Module, example: torch.Tensor, path: Path) -> str:
     """Write the float ONNX file; return which exporter wrote it.
 
@@ -69,7 +85,7 @@ def _float_export(model: nn.Module, example: torch.Tensor, path: Path) -> str:
     model.eval()
     errors = []
     for how in EXPORTERS:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_logs():
             warnings.simplefilter("ignore")
             try:
                 if how == "torchscript":
@@ -213,7 +229,16 @@ def drop_stack_traces(model: onnx.ModelProto) -> None:
             node.metadata_props.extend(keep)
 
 
-QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "Relu", "Clip")  # op types the file quantises
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "Add", "Relu", "Clip")  # op types the file quantises
+
+
+def _readers(om: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in om.graph.node:
+        for t in node.input:
+            out.setdefault(t, []).append(node)
+    return out
 
 
 def _activation_tensors(
@@ -225,22 +250,49 @@ def _activation_tensors(
     and ``LAYER:act`` (the output of the Relu/Clip that alone reads LAYER's output: ONNX
     Runtime's quantizer removes that activation and quantises its output in the conv's place).
     """
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in om.graph.node:
-        for t in node.input:
-            readers.setdefault(t, []).append(node)
+    readers = _readers(om)
+    adds = {frozenset(n.input): n for n in om.graph.node if n.op_type == "Add"}
     out: dict[str, str] = {}
-    for key in act_ranges:
-        layer, _, role = key.rpartition(":")
-        node = nodes.get(layer)
-        if node is None:
+    pending = sorted(act_ranges, key=lambda k: k.startswith("add("))  # layers, then adds
+    for _ in range(len(pending) + 1):  # an add may read another add's output
+        later = []
+        for key in pending:
+            layer, _, role = key.rpartition(":")
+            if layer.startswith("add("):
+                a, b = split_add_key(layer)
+                if a not in out or b not in out:
+                    later.append(key)
+                    continue
+                node = adds.get(frozenset((out[a], out[b])))
+                tensor = node.output[0] if node is not None else None
+            else:
+                node = nodes.get(layer)
+                tensor = None if node is None else node.input[0] if role == "in" else node.output[0]
+            if tensor is None:
+                continue
+            if role == "act":
+                after = readers.get(tensor, [])
+                if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):
+                    tensor = after[0].output[0]
+            out[key] = tensor
+        if not later or later == pending:
+            break
+        pending = later
+    return out
+
+
+def _simulated_adds(om: onnx.ModelProto, tensors: dict[str, str]) -> set[str]:
+    """Names of the Add nodes whose output training quantised (the others stay float)."""
+    made = {t for k, t in tensors.items() if k.startswith("add(")}
+    readers = _readers(om)
+    out = set()
+    for node in om.graph.node:
+        if node.op_type != "Add":
             continue
-        tensor = node.input[0] if role == "in" else node.output[0]
-        if role == "act":
-            after = readers.get(tensor, [])
-            if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):
-                tensor = after[0].output[0]
-        out[key] = tensor
+        after = readers.get(node.output[0], [])
+        folded = len(after) == 1 and after[0].op_type in ("Relu", "Clip")
+        if node.output[0] in made or (folded and after[0].output[0] in made):
+            out.add(node.name)
     return out
 
 
@@ -337,29 +389,36 @@ def export_onnx(
                 overrides[tensor] = [
                     {"scale": np.array(scale, np.float32), "zero_point": np.array(zp, np.uint8)}
                 ]
-            exclude = [n.name for lname, n in nodes.items() if lname not in static]
-            logging.getLogger().setLevel(logging.ERROR)  # ORT's "consider pre-processing" noise
+            mine = {nodes[name].name for name in static}
+            exclude = [
+                n.name
+                for n in om.graph.node
+                if n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in mine
+            ]
+            keep = _simulated_adds(om, result.tensors)
+            exclude += [n.name for n in om.graph.node if n.op_type == "Add" and n.name not in keep]
             try:
-                quantize_static(
-                    str(fp),
-                    str(out),
-                    _Reader(input_name, calib.numpy().astype(np.float32), batch=fixed or 64),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    weight_type=QuantType.QInt8,
-                    activation_type=QuantType.QUInt8,
-                    nodes_to_exclude=exclude,
-                    # only what training simulates: conv/linear inputs, conv outputs (ReLU and
-                    # ReLU6 folded in); residual adds, pools, SE multiplies stay float
-                    op_types_to_quantize=list(QUANTIZED_OPS),
-                    extra_options={
-                        "TensorQuantOverrides": overrides,
-                        "WeightSymmetric": True,
-                        "ActivationSymmetric": False,
-                        # keep the logits float: quantizing them flips near-tied predictions
-                        "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],
-                    },
-                )
+                with _quiet_logs():  # ORT logs "consider pre-processing" on the root logger
+                    quantize_static(
+                        str(fp),
+                        str(out),
+                        _Reader(input_name, calib.numpy().astype(np.float32), batch=fixed or 64),
+                        quant_format=QuantFormat.QDQ,
+                        per_channel=True,
+                        weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8,
+                        nodes_to_exclude=exclude,
+                        # only what training simulates: conv/linear inputs, conv and residual-add
+                        # outputs (ReLU, ReLU6 folded in); pools, SE multiplies, other adds: float
+                        op_types_to_quantize=list(QUANTIZED_OPS),
+                        extra_options={
+                            "TensorQuantOverrides": overrides,
+                            "WeightSymmetric": True,
+                            "ActivationSymmetric": False,
+                            # keep the logits float: quantizing them flips near-tied predictions
+                            "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],
+                        },
+                    )
             except Exception as e:  # noqa: BLE001 - ORT raises AssertionError and others
                 raise ExportError(
                     f"ONNX Runtime quantization failed ({type(e).__name__}: {str(e)[:200]}) for "
@@ -428,7 +487,10 @@ def diagnose_divergence(
         if isinstance(m, ActQuant):
             order.append((n, m.keys))
             hooks.append(
-                m.register_forward_hook(lambda _m, _i, o, n=n: feats.__setitem__(n, o.detach()))
+                m.register_forward_hook(
+                    # cloned: an in-place activation (SiLU, ReLU) overwrites it next
+                    lambda _m, _i, o, n=n: feats.__setitem__(n, o.detach().clone())
+                )
             )
     model.eval()
     try:

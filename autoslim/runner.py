@@ -294,6 +294,8 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
     def log(*a: object) -> None:
         print(*a, file=sys.stderr)
 
+    if task.space.note:
+        log(f"note: {task.space.note}")
     int4 = task.space.int4_layers()
     if int4 and "latency" in spec.objectives and spec.backend == "onnxruntime-cpu":
         log(

@@ -86,15 +86,20 @@ def fidelity(models: list[str], out: Path) -> None:
     for model in models:
         task = build_task(spec_for(model, out, max_accuracy_drop="none"), progress=True)
         cfg = task.space.to_config(task.space.uniform_params(prune=0.3, weight_bits=8, act_bits=8))
-        c = compress(
-            task.teacher.model,
-            cfg,
-            data=task.data,
-            recovery=Recovery(steps=150),
-            teacher_key=task.teacher.content_hash,
-            classifier=task.classifier,
-            stem=task.stem,
-        )
+        for lr in (0.01, 0.005, 0.0025):  # the search's recovery LR, halved if it diverges
+            try:
+                c = compress(
+                    task.teacher.model,
+                    cfg,
+                    data=task.data,
+                    recovery=Recovery(steps=150, lr=lr),
+                    teacher_key=task.teacher.content_hash,
+                    classifier=task.classifier,
+                    stem=task.stem,
+                )
+                break
+            except FloatingPointError as e:
+                print(f"{label(model)}: recovery at lr {lr} diverged ({e})", file=sys.stderr)
         check = task.data.val.subset(1000)
         files, rows = {}, {}
         ours, check_fn = artifact.QUANTIZED_OPS, artifact._check_quantized_tensors

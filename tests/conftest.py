@@ -40,6 +40,8 @@ torch.set_num_threads(1)
 
 TESTS_DIR = Path(__file__).resolve().parent
 TINY = f"{TESTS_DIR / 'tiny_models.py'}:build"  # user factory spec of tests/tiny_models.py
+SHUFFLENET = f"{TESTS_DIR / 'tiny_models.py'}:shufflenet"  # Torch-Pruning cannot trace it
+CONVNEXT = f"{TESTS_DIR / 'tiny_models.py'}:convnext"  # torch.export fails on a dynamic batch
 TINY_RECIPE = TeacherRecipe(max_steps=150, batch_size=64)
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 EXAMPLE_28 = (1, 1, 28, 28)

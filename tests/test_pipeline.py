@@ -29,8 +29,16 @@ def test_compress_and_export_record_agreement(resnet_artifact, resnet18, fmnist)
     reports = c.report_dict()
     assert len(reports["prune"]["touched"]) == 12  # every channel group of ResNet-18
     assert len(reports["quantize"]["touched"]) == 21
-    assert set(c.act_ranges) == {t["layer"] for t in reports["quantize"]["touched"]}
+    # every tensor the file quantises has a trained range: each layer's input, each conv's
+    # output (after its ReLU), each of the 8 residual adds' output
+    layers = {t["layer"] for t in reports["quantize"]["touched"]}
+    keys = set(c.act_ranges)
+    assert {k.rpartition(":")[0] for k in keys if k.endswith(":in")} == layers
+    convs = layers - {"fc"}
+    assert {k.rpartition(":")[0] for k in keys if k.endswith((":out", ":act"))} >= convs
+    assert len([k for k in keys if k.startswith("add(")]) == 8
     assert all(lo <= hi for lo, hi in c.act_ranges.values())
+    assert set(result.tensors) == keys  # each found in the ONNX graph
     assert result.path.is_file()
     # The recorded agreement is the share of equal top-1 predictions, file vs PyTorch model.
     check = fmnist.val.subset(200)

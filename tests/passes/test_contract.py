@@ -21,7 +21,7 @@ from autoslim import CompressionConfig, LayerConfig, build_model
 from autoslim.passes import PassReport
 from autoslim.passes.lowrank import factorize_model
 from autoslim.passes.prune import kept_channels, prune_model
-from autoslim.passes.quantize import FakeQuantLayer, fake_quant_weight, quantize_model
+from autoslim.passes.quantize import QRANGE, FakeQuantLayer, fake_quant_weight, quantize_model
 
 Model = nn.Module
 
@@ -123,7 +123,8 @@ def _check_quantize(bits: int):
             rows = wq.reshape(wq.shape[0], -1)
             distinct = max(len(torch.unique(row)) for row in rows)
             assert 2 < distinct <= 2**bits, name
-            step = w.abs().reshape(w.shape[0], -1).amax(1) * 2 / (254 if bits == 8 else 15)
+            qmin, qmax = QRANGE[bits]  # int8: 7 bits of range (see QRANGE)
+            step = w.abs().reshape(w.shape[0], -1).amax(1) * 2 / (qmax - qmin)
             err = (wq - w).abs().reshape(w.shape[0], -1).amax(1)
             assert torch.all(err <= step / 2 + 1e-6), name  # round to nearest level
             assert not torch.equal(wq, w)
