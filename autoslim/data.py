@@ -195,6 +195,7 @@ def load_dataset(
     val_size: int = 5000,
     seed: int = 0,
     limit_train: int | None = None,
+    limit_test: int | None = None,
 ) -> DataSplits:
     """Load a dataset by name and split its training set into train and validation.
 
@@ -202,7 +203,7 @@ def load_dataset(
     always give the same, disjoint train and validation sets. The test set is kept apart and
     untouched. Images are scaled to [0, 1] and normalised by the train split's per-channel mean
     and std, which are recorded with the split. ``limit_train`` keeps only the first N training
-    images after the split (for quick runs and tests).
+    images after the split, ``limit_test`` the first N test images (quick runs and tests).
     """
     dd = Path(data_dir) if data_dir else None
     if name == "fashion-mnist":
@@ -222,6 +223,10 @@ def load_dataset(
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     if limit_train is not None:
         train_idx = train_idx[:limit_train]
+    if limit_test is not None:
+        if limit_test < 1:
+            raise DataError(f"limit_test must be >= 1 test images; got {limit_test}")
+        xte, yte = xte[:limit_test], yte[:limit_test]
     num_classes = int(max(ytr.max(), yte.max())) + 1
 
     xtr_f = torch.from_numpy(xtr[train_idx]).float().div_(255.0)

@@ -70,6 +70,7 @@ class StudySpec:
     val_size: int = 5000
     split_seed: int = 0
     limit_train: int | None = None
+    limit_test: int | None = None  # first N test images only (the test split only reports)
     teacher_checkpoint: str | None = None
     teacher_epochs: int = 6
     teacher_max_steps: int | None = None
@@ -128,6 +129,7 @@ class StudySpec:
             val_size=self.val_size,
             seed=self.split_seed,
             limit_train=self.limit_train,
+            limit_test=self.limit_test,
         )
 
     def recovery(self) -> Recovery:
