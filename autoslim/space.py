@@ -40,7 +40,7 @@ from torch import nn
 
 from .config import ACT_BITS, WEIGHT_BITS, CompressionConfig, DistillConfig, LayerConfig
 from .errors import ConfigError
-from .passes.prune import list_groups, pruning_note
+from .passes.prune import groups_and_note
 
 __all__ = [
     "Knob",
@@ -342,7 +342,8 @@ class BoundSpace:
         classifier: str | None,
         stem: str | None = None,
     ) -> BoundSpace:
-        groups = {g.name: g.channels for g in list_groups(model, example, classifier=classifier)}
+        infos, note = groups_and_note(model, example, classifier=classifier)
+        groups = {g.name: g.channels for g in infos}
         layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         stages, stage_sizes = find_stages(model, example)
         dims: dict[str, Dimension] = {}
@@ -380,7 +381,6 @@ class BoundSpace:
             out.append(Dimension("kd/temperature", space.temperature, (), "temperature"))
         if not space.alpha.fixed:
             out.append(Dimension("kd/alpha", space.alpha, (), "alpha"))
-        note = pruning_note(model, example) if not groups else None
         return cls(space, out, fixed, groups, layers, matched, stages, stage_sizes, note)
 
     def int4_layers(self) -> list[str]:

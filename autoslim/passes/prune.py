@@ -19,7 +19,7 @@ from ..config import CompressionConfig
 from ..errors import AutoslimError
 from . import PassReport
 
-__all__ = ["GroupInfo", "list_groups", "prune_model", "kept_channels", "pruning_note"]
+__all__ = ["GroupInfo", "list_groups", "prune_model", "kept_channels", "groups_and_note"]
 
 
 class PruningError(AutoslimError):
@@ -85,22 +85,22 @@ def list_groups(
     model: nn.Module, example: torch.Tensor, *, classifier: str | None = None
 ) -> list[GroupInfo]:
     """The prunable coupled channel groups of ``model`` (the classifier's output is never one)."""
+    return groups_and_note(model, example, classifier=classifier)[0]
+
+
+def groups_and_note(
+    model: nn.Module, example: torch.Tensor, *, classifier: str | None = None
+) -> tuple[list[GroupInfo], str | None]:
+    """:func:`list_groups`, plus why ``model`` cannot be pruned at all (one line; None when its
+    graph traces), from one trace of the dependency graph."""
     mods = dict(model.named_modules())
     ignored = [mods[classifier]] if classifier in mods else []
     try:
         _, groups, names = _groups(model, example, ignored)
-    except UntraceableGraph:
-        return []
-    return [GroupInfo(names[ms[0]], int(c), tuple(names[m] for m in ms)) for ms, c in groups]
-
-
-def pruning_note(model: nn.Module, example: torch.Tensor) -> str | None:
-    """Why ``model`` cannot be pruned at all (one line), or None when its graph traces."""
-    try:
-        _groups(model, example, [])
     except UntraceableGraph as e:
-        return str(e)
-    return None
+        return [], str(e)
+    infos = [GroupInfo(names[ms[0]], int(c), tuple(names[m] for m in ms)) for ms, c in groups]
+    return infos, None
 
 
 def kept_channels(channels: int, ratio: float, round_to: int) -> int:

@@ -7,7 +7,8 @@ The scheme (the same as ``onnxruntime.quantization`` writes into the artifact):
 - activations: per-tensor asymmetric uint8 with a range calibrated on a fixed calibration batch
   (min/max, 0 included), on exactly the tensors the exported file quantises: the input and the
   output of every ``act_bits=8`` conv (the output of its ReLU/ReLU6 when one alone follows it:
-  ONNX Runtime folds it into the conv) and the input of every ``act_bits=8`` linear. Each range
+  ONNX Runtime folds it into the conv), the input of every ``act_bits=8`` linear and the output
+  of every residual add of two such tensors. Each range
   is handed to the exporter as an override for that tensor, and the exporter quantises no other
   tensor, so the artifact computes what was trained, with the scales that were trained.
 Batch norm is folded into the preceding conv first (as the ONNX export does), so the weights
@@ -244,8 +245,8 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_")
 
 
-def _insert_act_quant(gm: fx.GraphModule, static: dict[str, nn.Module]) -> int:
-    """Insert one ActQuant after every tensor that ONNX Runtime will quantise; return the count."""
+def _insert_act_quant(gm: fx.GraphModule, static: dict[str, nn.Module]) -> None:
+    """Insert one ActQuant after every tensor that ONNX Runtime will quantise."""
     keys: dict[fx.Node, list[str]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target not in static or not node.args:
@@ -286,21 +287,23 @@ def _insert_act_quant(gm: fx.GraphModule, static: dict[str, nn.Module]) -> int:
         count += 1
     gm.graph.lint()
     gm.recompile()
-    return count
 
 
-def _act_modules(model: nn.Module) -> list[nn.Module]:
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, ActQuant) or (isinstance(m, FakeQuantLayer) and m.quantize_input)
-    ]
+def _act_quantizers(model: nn.Module) -> list[tuple[tuple[str, ...], nn.Module]]:
+    """Every module that fake-quantises an activation, with the keys naming its tensor."""
+    out: list[tuple[tuple[str, ...], nn.Module]] = []
+    for n, m in model.named_modules():
+        if isinstance(m, ActQuant):
+            out.append((m.keys, m))
+        elif isinstance(m, FakeQuantLayer) and m.quantize_input:
+            out.append(((f"{n}:in",), m))
+    return out
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> dict[str, list[float]]:
     """Record the range of every fake-quantised activation on ``x``; return :func:`act_ranges_of`."""
-    mods = _act_modules(model)
+    mods = [m for _, m in _act_quantizers(model)]
     for m in mods:
         m.act_range = torch.tensor([float("inf"), float("-inf")])
         m.calibrating = True
@@ -322,13 +325,11 @@ def act_ranges_of(model: nn.Module) -> dict[str, list[float]]:
     Keys are ``LAYER:in`` / ``LAYER:out`` / ``LAYER:act`` (see :class:`ActQuant`); one tensor
     may carry several keys (the output of one conv is the input of the next).
     """
-    out: dict[str, list[float]] = {}
-    for n, m in model.named_modules():
-        keys = m.keys if isinstance(m, ActQuant) else (f"{n}:in",)
-        if isinstance(m, ActQuant) or (isinstance(m, FakeQuantLayer) and m.quantize_input):
-            for k in keys:
-                out[k] = [float(m.act_range[0]), float(m.act_range[1])]
-    return out
+    return {
+        k: [float(m.act_range[0]), float(m.act_range[1])]
+        for keys, m in _act_quantizers(model)
+        for k in keys
+    }
 
 
 @torch.no_grad()
@@ -339,14 +340,12 @@ def snap_biases(model: nn.Module) -> int:
     channel); rounded here, the model the gate compares with is the model the file holds.
     Call after the last training step. Returns the number of layers snapped.
     """
-    in_scale: dict[str, float] = {}
-    for n, m in model.named_modules():
-        if isinstance(m, ActQuant):
-            for k in m.keys:
-                if k.endswith(":in"):
-                    in_scale[k[:-3]] = act_qparams(*m.act_range.tolist())[0]
-        elif isinstance(m, FakeQuantLayer) and m.quantize_input:
-            in_scale[n] = act_qparams(*m.act_range.tolist())[0]
+    in_scale = {
+        k[: -len(":in")]: act_qparams(*m.act_range.tolist())[0]
+        for keys, m in _act_quantizers(model)
+        for k in keys
+        if k.endswith(":in")
+    }
     count = 0
     for n, m in model.named_modules():
         if not (isinstance(m, FakeQuantLayer) and m.act_bits == 8 and n in in_scale):
