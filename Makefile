@@ -55,4 +55,4 @@ bench-models: $(STAMP) data
 	$(BIN)/python benchmarks/bench_models.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache studies/*/runs
+	rm -rf $(VENV) .pytest_cache studies/runs

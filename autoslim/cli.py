@@ -1,7 +1,8 @@
 """The ``autoslim`` command: a thin layer over the library.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage/input error, 3 ``pick`` found no qualifying
-trial, 130 after Ctrl-C.
+trial, 130 after Ctrl-C, 143 after SIGTERM. Every error is one ``autoslim: error: ...`` line on
+stderr (``--verbose``: third-party warnings and, for an unexpected error, the traceback).
 Logs and progress go to stderr, results to stdout (``--json`` for machines).
 """
 
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import AutoslimError, UsageError
+from .errors import AutoslimError, Terminated, UsageError, one_line
 
 __all__ = ["main"]
 
@@ -35,8 +38,51 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
         help="fashion-mnist | cifar10 | imagefolder:PATH (default fashion-mnist)",
     )
     p.add_argument("--data-dir", default=None, help="where the dataset files are")
-    p.add_argument("--val-size", type=int, default=5000, help="validation images split off train")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument(
+        "--val-size", type=_POS_INT, default=5000, help="validation images split off train"
+    )
+    p.add_argument(
+        "--split-seed", type=_NONNEG_INT, default=0, help="seed of the train/validation split"
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) that names the help to read."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"autoslim: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind: type, *, low: float | None = None, high: float | None = None, strict=False):
+    """An argparse type: an int or float, at least ``low`` (above it with ``strict``), at most
+    ``high``; the error says what was expected and what was got."""
+    name = "an integer" if kind is int else "a number"
+    bound = []
+    if low is not None:
+        bound.append(f"{'>' if strict else '>='} {low:g}")
+    if high is not None:
+        bound.append(f"<= {high:g}")
+    want = name + (" " + " and ".join(bound) if bound else "")
+
+    def parse(text: str) -> int | float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}; got {text!r}") from None
+        if v != v or (low is not None and (v <= low if strict else v < low)):
+            raise argparse.ArgumentTypeError(f"expected {want}; got {text!r}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"expected {want}; got {text!r}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+_POS_INT = _number(int, low=1)
+_NONNEG_INT = _number(int, low=0)
+_POS_FLOAT = _number(float, low=0, strict=True)
+_FRACTION = _number(float, low=0, high=1)
 
 
 def _fraction_or_none(text: str) -> float | str:
@@ -46,11 +92,14 @@ def _fraction_or_none(text: str) -> float | str:
     if is_no_limit(text):
         return text
     try:
-        return float(text)
+        v = float(text)
     except ValueError:
+        v = float("nan")
+    if not 0 <= v <= 1:
         raise argparse.ArgumentTypeError(
-            f"expected a fraction such as 0.03 (= 3 pt) or 'none'; got {text!r}"
-        ) from None
+            f"expected a fraction in [0, 1] such as 0.03 (= 3 pt) or 'none'; got {text!r}"
+        )
+    return v
 
 
 def _out(obj: object, as_json: bool, text: str) -> None:
@@ -62,7 +111,7 @@ def _train(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .teacher import TeacherRecipe, get_teacher, teacher_path, train_teacher
 
-    data = load_dataset(a.dataset, data_dir=a.data_dir, val_size=a.val_size, seed=a.seed)
+    data = load_dataset(a.dataset, data_dir=a.data_dir, val_size=a.val_size, seed=a.split_seed)
     recipe = TeacherRecipe(
         epochs=a.epochs, batch_size=a.batch_size, max_lr=a.lr, max_steps=a.max_steps
     )
@@ -121,6 +170,7 @@ def _search(a: argparse.Namespace) -> int:
         trials=a.trials,
         sampler=a.sampler,
         seed=a.seed,
+        split_seed=a.split_seed,
         storage=a.storage,
         backend=a.backend,
         teacher_checkpoint=a.teacher,
@@ -331,17 +381,18 @@ def _refine(a: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="autoslim", description=__doc__.splitlines()[0])
+    p = _Parser(prog="autoslim", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version="autoslim 0.1.0")
+    p.add_argument("--verbose", action="store_true", help=_VERBOSE)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (or reuse the cached) teacher")
     t.add_argument("--model", default="resnet18")
     _add_data_args(t)
-    t.add_argument("--epochs", type=int, default=6)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.1, help="one-cycle max learning rate")
-    t.add_argument("--max-steps", type=int, default=None, help="stop after N steps (quick runs)")
+    t.add_argument("--epochs", type=_POS_INT, default=6)
+    t.add_argument("--batch-size", type=_POS_INT, default=128)
+    t.add_argument("--lr", type=_POS_FLOAT, default=0.1, help="one-cycle max learning rate")
+    t.add_argument("--max-steps", type=_POS_INT, default=None, help="stop after N steps")
     t.add_argument("--force", action="store_true", help="retrain even if cached")
     t.add_argument("--json", action="store_true")
 
@@ -349,13 +400,18 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="run or resume a compression search (Optuna study)")
     s.add_argument(
-        "study", nargs="?", default=None, help="study TOML (default studies/default.toml)"
+        "study",
+        nargs="?",
+        default=None,
+        help="study TOML or a shipped study name (default: default)",
     )
     s.add_argument("--name", help="study name (output folder studies/runs/NAME)")
     s.add_argument("--model")
     s.add_argument("--dataset")
     s.add_argument("--data-dir")
-    s.add_argument("--space", help="search-space TOML or a name in search_spaces/")
+    s.add_argument(
+        "--space", help="search-space TOML or a shipped space name (default, prune-only, ...)"
+    )
     s.add_argument(
         "--budget", help="max artifact size, e.g. 2MB (10^6 bytes) or 1.5MiB ('none': no limit)"
     )
@@ -366,18 +422,17 @@ def _parser() -> argparse.ArgumentParser:
         help="max val accuracy drop below the teacher, 0.01 = 1 pt ('none' lifts the study's)",
     )
     s.add_argument("--objectives", help="comma list of accuracy,latency,size")
-    s.add_argument("--trials", type=int, help="total trials in the study")
+    s.add_argument("--trials", type=_POS_INT, help="total trials in the study")
     s.add_argument("--sampler", choices=["tpe", "nsga2", "random"])
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=_NONNEG_INT, help="sampler seed")
+    s.add_argument("--split-seed", type=_NONNEG_INT, help="seed of the train/validation split")
     s.add_argument(
         "--storage", help="any Optuna RDB URL (default: SQLite file in the study folder)"
     )
-    s.add_argument(
-        "--backend", help="latency backend (onnxruntime-cpu, onnxruntime-cuda, torch-cpu)"
-    )
+    s.add_argument("--backend", help="latency backend (onnxruntime-cpu, onnxruntime-cuda)")
     s.add_argument("--teacher", help="your own trained checkpoint (state_dict)")
-    s.add_argument("--recovery-steps", type=int, help="KD steps per trial (fidelity)")
-    s.add_argument("--limit-train", type=int, help="use only N training images (quick runs)")
+    s.add_argument("--recovery-steps", type=_NONNEG_INT, help="KD steps per trial (fidelity)")
+    s.add_argument("--limit-train", type=_POS_INT, help="use only N training images (quick runs)")
     s.add_argument("--out-dir", help="output folder (default studies/runs/NAME)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--json", action="store_true")
@@ -404,7 +459,7 @@ def _parser() -> argparse.ArgumentParser:
     pk = sub.add_parser("pick", help="choose one trial by constraints and a preference")
     study_arg(pk)
     pk.add_argument("--max-size", help="e.g. 2MB (10^6 bytes) or 1.5MiB")
-    pk.add_argument("--min-accuracy", type=float, help="min val accuracy, e.g. 0.91")
+    pk.add_argument("--min-accuracy", type=_FRACTION, help="min val accuracy, e.g. 0.91")
     pk.add_argument("--max-latency", help="e.g. 0.2ms")
     pk.add_argument("--prefer", choices=["latency", "size", "accuracy"], default="latency")
     pk.add_argument(
@@ -414,7 +469,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a trial's verified artifact")
     study_arg(ex)
-    ex.add_argument("--trial", type=int, required=True, help="trial number")
+    ex.add_argument("--trial", type=_NONNEG_INT, required=True, help="trial number")
     ex.add_argument("-o", "--output", required=True, help="where to write the .onnx file")
     ex.add_argument(
         "--replay",
@@ -427,44 +482,80 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--json", action="store_true")
     rf = sub.add_parser("refine", help="longer distillation + QAT of a picked trial")
     study_arg(rf)
-    rf.add_argument("--trial", type=int, help="trial number")
+    rf.add_argument("--trial", type=_NONNEG_INT, help="trial number")
     rf.add_argument("--front", action="store_true", help="every feasible front point, resumable")
     rf.add_argument("-o", "--output", help=".onnx file (with --front: a folder)")
-    rf.add_argument("--epochs", type=int, default=5, help="KD epochs over the training split")
-    rf.add_argument("--lr", type=float, default=0.01, help="peak learning rate (cosine decay)")
-    rf.add_argument("--batch-size", type=int, default=128)
+    rf.add_argument("--epochs", type=_POS_INT, default=5, help="KD epochs over the training split")
+    rf.add_argument("--lr", type=_POS_FLOAT, default=0.01, help="peak learning rate (cosine decay)")
+    rf.add_argument("--batch-size", type=_POS_INT, default=128)
     rf.add_argument(
         "--qat-fraction",
-        type=float,
+        type=_FRACTION,
         default=0.3,
         help="last share of the steps quantization-aware (default 0.3)",
     )
-    rf.add_argument("--max-steps-per-epoch", type=int, help="cap an epoch (quick runs)")
+    rf.add_argument("--max-steps-per-epoch", type=_POS_INT, help="cap an epoch (quick runs)")
     rf.add_argument("--restart", action="store_true", help="discard a checkpoint or earlier result")
     rf.add_argument("--max-size", help="with --front: only points at most this size")
-    rf.add_argument("--min-accuracy", type=float, help="with --front: only points this accurate")
+    rf.add_argument(
+        "--min-accuracy", type=_FRACTION, help="with --front: only points this accurate"
+    )
     rf.add_argument("--max-latency", help="with --front: only points at most this latency")
     rf.add_argument("--quiet", action="store_true", help="no progress bars")
     rf.add_argument("--json", action="store_true")
     for extra in _EXTRA_PARSERS:
         extra(sub)
+    leaves = [chk, *(c for n, c in sub.choices.items() if n != "space")]
+    for leaf in leaves:  # `autoslim search ... --verbose` as well as `autoslim --verbose search`
+        leaf.add_argument(
+            "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE
+        )
     return p
 
 
+_VERBOSE = "show third-party warnings, and the traceback of an unexpected error"
 _EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
+    old = None
     try:
-        return _COMMANDS[args.command](args)
+        old = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        with warnings.catch_warnings():
+            if not verbose:  # torch / ORT / Optuna warnings are not the user's business
+                warnings.simplefilter("ignore")
+            return _COMMANDS[args.command](args)
     except AutoslimError as e:
-        print(f"autoslim: error: {e}", file=sys.stderr)
+        print(f"autoslim: error: {one_line(e, limit=2000)}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("autoslim: terminated (SIGTERM); finished work is kept", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("autoslim: interrupted; finished work is kept", file=sys.stderr)
         return 130
+    except Exception as e:
+        if verbose:
+            raise
+        print(
+            f"autoslim: error: unexpected {type(e).__name__}: {one_line(e, limit=1000)} "
+            "(a bug: rerun with --verbose for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,12 @@ def _imagefolder(path: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
             for p in sorted((d / c).glob("*")):
                 if p.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}:
                     continue
-                img = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
+                try:
+                    img = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
+                except (OSError, SyntaxError, ValueError) as e:  # PIL's errors on bad files
+                    raise DataError(
+                        f"imagefolder: cannot decode image {p}: {e}; fix or remove the file"
+                    ) from None
                 xs.append(img.transpose(2, 0, 1))
                 ys.append(ci)
         if not xs:

@@ -1,6 +1,7 @@
 """One exception tree. Every message says the rule, the value it got and how to fix it.
 
-Exit codes (used by the CLI): 0 ok, 1 runtime failure, 2 usage/input error, 130 after Ctrl-C.
+Exit codes (used by the CLI): 0 ok, 1 runtime failure, 2 usage/input error, 130 after Ctrl-C,
+143 after SIGTERM.
 """
 
 from __future__ import annotations
@@ -13,7 +14,19 @@ __all__ = [
     "ConfigError",
     "ExportError",
     "RecoveryError",
+    "Terminated",
+    "one_line",
 ]
+
+
+def one_line(text: object, limit: int = 500) -> str:
+    """A message as one line of at most ``limit`` characters (errors, tables, reports, logs)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a running trial is failed cleanly; the CLI exits 143."""
 
 
 class AutoslimError(Exception):

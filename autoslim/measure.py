@@ -3,12 +3,14 @@
 Latency backends share one small interface (:class:`LatencyBackend`): ``measure(artifact)``
 returns a :class:`Latency` (median, p90, runs) at batch 1 after warm-up. ``onnxruntime-cpu`` is
 the default (1 thread, the deployable setting); ``onnxruntime-cuda`` runs the same file with
-ORT's CUDA provider where onnxruntime-gpu and a GPU exist; ``torch-cpu`` times the PyTorch
-module for comparison. A remote device agent would be one more backend.
+ORT's CUDA provider where onnxruntime-gpu and a GPU exist. Every backend times the artifact file, never the
+PyTorch module (what ships is what is measured). A remote device agent would be one more backend.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +19,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
 from .artifact import onnx_predict, ort_session
 from .data import Split
@@ -27,12 +28,26 @@ __all__ = [
     "Latency",
     "LatencyBackend",
     "OrtBackend",
-    "TorchCpuBackend",
     "get_backend",
     "list_backends",
     "artifact_accuracy",
     "agreement",
+    "host_identity",
 ]
+
+
+def host_identity() -> dict[str, str | int]:
+    """Which machine a timing comes from: host name, CPU model and the cores this process has."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"host": platform.node(), "cpu": cpu, "cores": int(cores or 1)}
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,6 @@ class LatencyBackend(Protocol):
         input_shape: tuple[int, ...],
         runs: int = 200,
         warmup: int = 20,
-        model: nn.Module | None = None,
     ) -> Latency: ...
 
 
@@ -96,7 +110,6 @@ class OrtBackend:
         input_shape: tuple[int, ...],
         runs: int = 200,
         warmup: int = 20,
-        model: nn.Module | None = None,
     ) -> Latency:
         sess = ort_session(artifact, threads=self.threads, providers=[self.provider])
         name = sess.get_inputs()[0].name
@@ -104,44 +117,9 @@ class OrtBackend:
         return _summary(_time(lambda: sess.run(None, {name: x}), runs, warmup), self.name)
 
 
-class TorchCpuBackend:
-    """The PyTorch module in eager mode on CPU (for comparison with the artifact)."""
-
-    name = "torch-cpu"
-
-    def __init__(self, threads: int = 1) -> None:
-        self.threads = threads
-
-    def available(self) -> bool:
-        return True
-
-    def measure(
-        self,
-        artifact: Path,
-        *,
-        input_shape: tuple[int, ...],
-        runs: int = 200,
-        warmup: int = 20,
-        model: nn.Module | None = None,
-    ) -> Latency:
-        if model is None:
-            raise UsageError("torch-cpu latency needs the PyTorch model; pass model=...")
-        x = torch.randn(1, *input_shape)
-        old = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        model.eval()
-        try:
-            with torch.no_grad():
-                ts = _time(lambda: model(x), runs, warmup)
-        finally:
-            torch.set_num_threads(old)
-        return _summary(ts, self.name)
-
-
 _BACKENDS = {
     "onnxruntime-cpu": lambda: OrtBackend("CPUExecutionProvider"),
     "onnxruntime-cuda": lambda: OrtBackend("CUDAExecutionProvider"),
-    "torch-cpu": TorchCpuBackend,
 }
 
 

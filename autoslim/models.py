@@ -116,7 +116,13 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
         if spec_obj is None or spec_obj.loader is None:
             raise ModelError(f"cannot import {path} as a Python module")
         module = importlib.util.module_from_spec(spec_obj)
-        spec_obj.loader.exec_module(module)
+        try:
+            spec_obj.loader.exec_module(module)
+        except Exception as e:  # the user's file: a syntax error, a failing import, ...
+            where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+            raise ModelError(
+                f"cannot import model file {path}{where}: {type(e).__name__}: {e}; fix the file"
+            ) from None
     else:
         try:
             module = importlib.import_module(target)

@@ -236,7 +236,7 @@ def refine(
     ``restart`` discards both. The refined artifact must have the trial's exact size, else
     :class:`ExportError` and nothing is recorded.
     """
-    from .study import StudySpec, build_task
+    from .study import StudySpec, build_task, time_teacher
 
     recipe = recipe or RefineRecipe()
     out = check_onnx_output(output) if output is not None else None
@@ -287,6 +287,7 @@ def refine(
     lat = get_backend(spec.backend).measure(
         art, input_shape=data.input_shape, runs=spec.latency_runs
     )
+    teacher_ms = time_teacher(task, view.run_dir)  # side by side, in this process
     result = {
         "trial": trial,
         "recipe": recipe.to_dict(),
@@ -299,7 +300,8 @@ def refine(
         "search_val_accuracy": float(row["val_accuracy"]),
         "search_test_accuracy": float(row["test_accuracy"]),
         "search_latency_ms": float(row["latency_ms"]),
-        "teacher_latency_ms": view.baseline.get("latency_ms"),
+        "teacher_latency_ms": teacher_ms,
+        **{k: task.teacher_timing[k] for k in ("host", "cpu")},
         "history": history,
         "artifact": str(art),
         "sha256": sha256_file(art),

@@ -38,6 +38,7 @@ TABLE_COLUMNS = [
     "size_bytes",
     "size_estimate",
     "latency_ms",
+    "teacher_latency_ms",
     "speedup",
     "compression",
     "feasible",
@@ -45,6 +46,8 @@ TABLE_COLUMNS = [
     "seconds",
     "summary",
     "fail_reason",
+    "agreement",
+    "host",
 ]
 
 
@@ -69,6 +72,9 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
             "size_bytes": a.get("size_bytes", np.nan),
             "size_estimate": a.get("size_estimate", np.nan),
             "latency_ms": a.get("latency_ms", np.nan),
+            "teacher_latency_ms": a.get("teacher_latency_ms") or np.nan,
+            "host": a.get("host", ""),
+            "agreement": a.get("agreement", np.nan),
             "feasible": bool(a.get("feasible", False)),
             "summary": a.get("summary", ""),
             "fail_reason": a.get("fail_reason", ""),
@@ -85,7 +91,9 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
             speedup=pd.Series(dtype=float),
             compression=pd.Series(dtype=float),
         )
-    df["speedup"] = base.get("latency_ms", np.nan) / df["latency_ms"]
+    # each trial against the teacher timed in its own process (older trials: the baseline's)
+    teacher_ms = df["teacher_latency_ms"].astype(float).fillna(base.get("latency_ms", np.nan))
+    df["speedup"] = teacher_ms / df["latency_ms"]
     df["compression"] = base.get("size_bytes", np.nan) / df["size_bytes"]
     ok = (df["status"] == "ok") & df["feasible"]
     df["front"] = False

@@ -121,10 +121,10 @@ class StudyView:
 
     @property
     def cli_ref(self) -> str:
-        """How to name this study on the command line (name if in studies/runs, else folder)."""
-        from .study import STUDIES_DIR, default_storage_url
+        """How to name this study on the command line (name if in ./studies/runs, else folder)."""
+        from .study import default_storage_url, runs_dir
 
-        default = (STUDIES_DIR / "runs" / self.name).resolve()
+        default = (runs_dir() / self.name).resolve()
         ref = self.name if self.run_dir.resolve() == default else str(self.run_dir)
         if self.storage_url != default_storage_url(self.run_dir):
             ref += f" --storage {self.storage_url}"
@@ -214,8 +214,12 @@ def check_onnx_output(output: str | Path) -> Path:
     out = Path(output)
     if out.suffix != ".onnx":
         raise UsageError(f"output must be an .onnx file; got {str(out)!r} (e.g. -o model.onnx)")
-    if not out.parent.exists():
+    if not out.parent.is_dir():
         raise UsageError(f"output folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise UsageError(
+            f"output {out} is a folder, not a file; give a file name like {out}/model.onnx"
+        )
     return out
 
 
@@ -285,6 +289,11 @@ def export_trial(
             }
         )
         stored = rec_path.parent / "model.onnx"
+        if not stored.is_file():  # never fall back to replaying the *search* config
+            raise UsageError(
+                f"the refined artifact of trial {trial} ({stored}) is missing; run "
+                f"`autoslim refine {view.cli_ref} --trial {trial} --restart` to rebuild it"
+            )
     output = check_onnx_output(output)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".autoslim-export-") as tmp:
         if stored.is_file() and not replay:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import platform
+import shutil
 import signal
 import sys
 import threading
@@ -21,12 +24,11 @@ from typing import Any
 import optuna
 from tqdm.auto import tqdm
 
-from .errors import UsageError
+from .errors import Terminated, UsageError, one_line
 from .pareto import OBJECTIVE_COLUMNS, OBJECTIVES
 from .report import table_records, trials_frame, write_outputs
 from .results import StudyView
 from .study import (
-    STUDIES_DIR,
     CandidateFailed,
     StudySpec,
     Task,
@@ -35,11 +37,21 @@ from .study import (
     estimate,
     evaluate,
     measure_baseline,
+    runs_dir,
+    time_teacher,
 )
 
-__all__ = ["search", "open_study", "open_existing", "load_study", "SearchResult"]
+__all__ = [
+    "search",
+    "open_study",
+    "open_existing",
+    "load_study",
+    "heal_dead_trials",
+    "SearchResult",
+]
 
 BASELINES = [(0.0, 8, 8), (0.3, 8, 8), (0.5, 8, 8)]  # (prune, weight bits, act bits)
+RETIME_EVERY = 5  # trials between two timings of the teacher (speed-ups use the latest one)
 
 
 class SearchResult:
@@ -83,11 +95,12 @@ def open_study(
             directions=[OBJECTIVES[o] for o in spec.objectives],
             sampler=sampler,
         )
-    except ValueError as e:
+    except Exception as e:  # a clash of names, a file that is not an Optuna database
+        first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [""])[0]
         raise UsageError(
-            f"cannot open study {spec.name!r} in {spec.storage_url}: {e}; "
-            "use another --name or --storage"
-        ) from e
+            f"cannot open study {spec.name!r} in {redact(spec.storage_url)}: {type(e).__name__}: "
+            f"{first}; use another --name or --storage"
+        ) from None
     if fingerprint is not None:
         stored = study.user_attrs.get("fingerprint")
         if stored is None:
@@ -101,7 +114,7 @@ def open_study(
                 k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
             )
             raise UsageError(
-                f"study {spec.name!r} in {spec.storage_url} was run with a different "
+                f"study {spec.name!r} in {redact(spec.storage_url)} was run with a different "
                 f"{', '.join(diff)} (stored {', '.join(f'{k}={stored.get(k)}' for k in diff)}); "
                 "refusing to resume: pass a new --name or delete "
                 f"{spec.run_dir} to start over"
@@ -109,13 +122,68 @@ def open_study(
     return study
 
 
+def redact(url: str) -> str:
+    """A storage URL with its password hidden (for every message and log line)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide that we can find
+        return url
+
+
+def check_storage(url: str) -> str:
+    """Fail fast, in one line, on a storage URL that cannot work; return it with the password
+    hidden (for messages). SQLite files are created on demand; a server is connected to once."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    try:
+        u = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise UsageError(
+            f"storage {url!r} is not a database URL; expected e.g. sqlite:///study.db or "
+            "postgresql+psycopg://user@host/dbname"
+        ) from None
+    shown = u.render_as_string(hide_password=True)
+    try:
+        u.get_dialect()
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise UsageError(
+            f"storage {shown}: unknown database kind {u.drivername!r}; expected sqlite:/// or "
+            "postgresql+psycopg://"
+        ) from None
+    if u.get_backend_name() == "sqlite":
+        return shown
+    args = {"connect_timeout": 10} if u.get_backend_name() == "postgresql" else {}
+    try:
+        engine = sqlalchemy.create_engine(u, connect_args=args)
+    except ImportError as e:
+        raise UsageError(
+            f"storage {shown}: its database driver is not installed ({e}); for PostgreSQL use "
+            "postgresql+psycopg://... (psycopg is installed with autoslim)"
+        ) from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", e) or e).strip().splitlines()
+        raise UsageError(
+            f"cannot reach the storage database {shown}: {reason[0] if reason else e!r}; start "
+            "the server or fix --storage"
+        ) from None
+    finally:
+        engine.dispose()
+    return shown
+
+
 def _locate(name_or_dir: str | Path, storage: str | None) -> tuple[Path, str, str]:
     p = Path(name_or_dir)
-    run_dir = p if p.is_dir() else STUDIES_DIR / "runs" / str(name_or_dir)
+    run_dir = p if p.is_dir() else runs_dir() / str(name_or_dir)
     url = storage or default_storage_url(run_dir)
     if storage is None and not (run_dir / "study.db").is_file():
         raise UsageError(
-            f"no study found at {run_dir} (expected a study name in studies/runs/ or a study "
+            f"no study found at {run_dir} (expected a study name in ./studies/runs/ or a study "
             "folder holding study.db); run `autoslim search` first or pass --storage URL"
         )
     return run_dir, url, p.name
@@ -132,7 +200,11 @@ def _open(url: str, name: str) -> optuna.Study:
     try:
         names = optuna.get_all_study_names(storage=url)
     except Exception as e:  # a bad URL or a file that is not an Optuna database
-        raise UsageError(f"cannot read study storage {url}: {e}") from e
+        first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [""])[0]
+        raise UsageError(
+            f"cannot read study storage {redact(url)}: {type(e).__name__}: {first} (is it an Optuna "
+            "study database? pass the study folder or --storage URL it was run with)"
+        ) from None
     if not names:
         raise UsageError(f"storage {url} holds no study; run `autoslim search` first")
     if name not in names and len(names) > 1:
@@ -215,6 +287,62 @@ def _done(study: optuna.Study) -> int:
     return n
 
 
+def _start_token(pid: int) -> str | None:
+    """When process ``pid`` started (Linux /proc), so a reused pid is not taken for the owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks
+
+
+def _owner() -> dict[str, Any]:
+    """This process, as recorded on each trial it runs."""
+    return {"host": platform.node(), "pid": os.getpid(), "start": _start_token(os.getpid())}
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    pid = int(owner.get("pid", -1))
+    if pid <= 0:
+        return False
+    if Path("/proc").is_dir():
+        return owner.get("start") is not None and _start_token(pid) == owner.get("start")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def heal_dead_trials(study: optuna.Study, run_dir: Path) -> list[int]:
+    """Fail the trials that a dead process of this machine left RUNNING; remove their temp files.
+
+    A ``kill -9`` or a power cut leaves the trial RUNNING in the storage forever. Each trial
+    records its owner (host, pid, process start time); a RUNNING trial whose owner is gone
+    becomes FAIL with that reason, and its folder loses the exporter's ``.export-*`` temp
+    folders. Trials of other machines are left alone (their heartbeat is the workers' job).
+    Returns the trial numbers healed.
+    """
+    host, healed = platform.node(), []
+    storage = study._storage  # Optuna has no public setter of another process's trial state
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = t.user_attrs.get("owner")
+        if not owner or owner.get("host") != host or _alive(owner):
+            continue
+        reason = (
+            f"its process (pid {owner.get('pid')} on {host}) died before the trial finished "
+            "(killed or crashed); marked failed by the next run"
+        )
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        for tmp in (run_dir / "trials" / f"{t.number:05d}").glob(".export-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        healed.append(t.number)
+    return healed
+
+
 def _suggest(trial: optuna.Trial, task: Task) -> dict[str, Any]:
     params = {}
     for d in task.space.dims:
@@ -228,8 +356,14 @@ def _suggest(trial: optuna.Trial, task: Task) -> dict[str, Any]:
 
 def _objective(task: Task):
     spec = task.spec
+    since = {"n": 0}  # trials since the teacher was last timed
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
+        if since["n"] >= RETIME_EVERY:  # interleaved, so a drifting machine drifts both
+            time_teacher(task, spec.run_dir)
+            since["n"] = 0
+        since["n"] += 1
+        trial.set_user_attr("owner", _owner())  # a dead owner's RUNNING trial is healed later
         config = task.space.to_config(_suggest(trial, task))
         trial.set_user_attr("config", config.to_json())
         trial.set_user_attr("summary", config.summary())
@@ -268,12 +402,6 @@ def _objective(task: Task):
     return objective
 
 
-def one_line(text: str, limit: int = 500) -> str:
-    """A failure reason as one line of at most ``limit`` characters (tables, reports, logs)."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
 def _fitting_baseline(task: Task) -> list[tuple[float, int, int]]:
     """The by-hand pipeline as a trial: the smallest uniform int8 ratio that fits the budget."""
     if task.spec.budget is None:
@@ -288,12 +416,17 @@ def _fitting_baseline(task: Task) -> list[tuple[float, int, int]]:
 
 def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
     """Run (or resume) the study described by ``spec`` until it holds ``spec.trials`` trials."""
+    if spec.storage:
+        check_storage(spec.storage)  # before minutes of teacher training
     task = build_task(spec, progress=progress)
     study = open_study(spec, fingerprint=task.fingerprint(), sampler=_sampler(spec))
 
     def log(*a: object) -> None:
         print(*a, file=sys.stderr)
 
+    healed = heal_dead_trials(study, spec.run_dir)
+    if healed:
+        log(f"note: trials {healed} were left RUNNING by a process that died; marked failed")
     if task.space.note:
         log(f"note: {task.space.note}")
     int4 = task.space.int4_layers()
@@ -301,10 +434,14 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
         log(
             f"note: the space may store {len(int4)} layers' weights as int4; ONNX Runtime's CPU "
             "provider has no int4 conv kernels, so such models run slower than int8 ones "
-            "(for a latency study use an int8 space such as search_spaces/default.toml)"
+            "(for a latency study use an int8 space such as --space default)"
         )
-    base = measure_baseline(task, spec.run_dir)
-    study.set_user_attr("baseline", base)
+    stored = study.user_attrs.get("baseline")
+    if stored:  # a resume: the stored baseline stays; only the timing is redone, in this process
+        task.baseline = dict(stored)
+        time_teacher(task, spec.run_dir)
+    else:
+        study.set_user_attr("baseline", measure_baseline(task, spec.run_dir))
     study.set_user_attr(
         "teacher", {k: v for k, v in task.teacher.meta.items() if isinstance(v, (str, int, float))}
     )
@@ -318,7 +455,7 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
     remaining = max(0, spec.trials - done)
     log(
         f"study {spec.name}: {done} trials stored, {remaining} to run "
-        f"({len(task.space.dims)} dimensions; storage {spec.storage_url})"
+        f"({len(task.space.dims)} dimensions; storage {redact(spec.storage_url)})"
     )
     if remaining:
         bar = tqdm(
@@ -330,15 +467,16 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
         )
         best = {"acc": -math.inf}
 
-        interrupted = {"flag": False}
+        interrupted: dict[str, type[KeyboardInterrupt] | None] = {"by": None}
 
-        def on_sigint(signum: int, frame: Any) -> None:
-            interrupted["flag"] = True
-            raise KeyboardInterrupt
+        def on_signal(signum: int, frame: Any) -> None:
+            # SIGTERM like Ctrl-C: Optuna fails the running trial and re-raises
+            interrupted["by"] = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            raise interrupted["by"]
 
         def cb(st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
-            if interrupted["flag"]:  # the interrupt landed where Python swallowed it
-                raise KeyboardInterrupt
+            if interrupted["by"]:  # the interrupt landed where Python swallowed it
+                raise interrupted["by"]
             bar.update(1)
             if t.user_attrs.get("feasible") and t.user_attrs.get("status") == "ok":
                 best["acc"] = max(best["acc"], t.user_attrs["val_accuracy"])
@@ -349,7 +487,8 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
 
         logging.getLogger("optuna").setLevel(logging.ERROR)
         main_thread = threading.current_thread() is threading.main_thread()
-        old = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+        signals = (signal.SIGINT, signal.SIGTERM)
+        old = {s: signal.signal(s, on_signal) for s in signals} if main_thread else {}
         try:
             study.optimize(
                 _objective(task),
@@ -360,8 +499,8 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
             )
         finally:
             bar.close()
-            if main_thread:
-                signal.signal(signal.SIGINT, old)
+            for s, handler in old.items():
+                signal.signal(s, handler)
     view = _view(study, spec.run_dir, spec.storage_url, importance=True)
     outputs = write_outputs(view)
     return SearchResult(study, view.trials, outputs, task)

@@ -1,6 +1,6 @@
-"""Search-space files (``search_spaces/*.toml``): load, validate, bind to a model.
+"""Search-space files: load, validate, bind to a model (shipped: ``autoslim/search_spaces/``).
 
-Schema (documented with examples in ``search_spaces/README.md``)::
+Schema (documented with examples in ``autoslim/search_spaces/README.md``)::
 
     skip = ["conv1", "fc"]          # layers/groups never touched (globs)
 
@@ -32,6 +32,7 @@ import json
 import re
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ __all__ = [
     "SPACES_DIR",
 ]
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+# shipped spaces: package data (importlib.resources), so an installed wheel has them
+SPACES_DIR = Path(str(resources.files("autoslim") / "search_spaces"))
 _KNOBS = ("prune", "weight_bits", "act_bits", "rank")
 _RULE_KEYS = {"match", "regex", *_KNOBS, "share"}
 _TOP_KEYS = {"name", "description", "skip", "distill", "rules", "round_to", "importance"}
@@ -179,7 +181,7 @@ class SearchSpace:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a search-space TOML file (a bare name looks in ``search_spaces/``)."""
+    """Read and validate a search-space TOML file (a bare name: a shipped space)."""
     p = Path(path)
     if not p.exists() and not p.suffix and (SPACES_DIR / f"{p}.toml").exists():
         p = SPACES_DIR / f"{p}.toml"

@@ -1,9 +1,10 @@
-"""Study definitions (``studies/*.toml``), the task they describe, and one trial's evaluation.
+"""Study definitions (TOML files), the task they describe, and one trial's evaluation.
 
 A study file names the model, dataset, teacher recipe, search space, objectives, budgets,
-latency backend, trial count and recovery fidelity. ``autoslim search`` with no file uses
-``studies/default.toml``; CLI flags override file values. Outputs go to ``studies/runs/NAME/``
-(ignored by git): the Optuna storage, one folder per trial with its artifact, tables, plots.
+latency backend, trial count and recovery fidelity. ``autoslim search`` with no file uses the
+shipped ``default`` study (package data, ``autoslim/studies/default.toml``); CLI flags override
+file values. Outputs go to ``./studies/runs/NAME/`` under the current directory (or
+``out_dir``): the Optuna storage, one folder per trial with its artifact, tables, plots.
 
 :func:`evaluate` is the one runner of a candidate: size pre-check (analytic, before training)
 -> compress -> recover -> export -> measure on the artifact. It returns plain data and never
@@ -19,6 +20,7 @@ import math
 import time
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from .artifact import estimate_size, export_onnx
 from .config import CompressionConfig
 from .data import DataSplits, load_dataset
 from .errors import AutoslimError, ConfigError, UsageError
-from .measure import artifact_accuracy, get_backend
+from .measure import artifact_accuracy, get_backend, host_identity
 from .models import stem_and_classifier
 from .pareto import OBJECTIVES
 from .passes.distill import Recovery
@@ -47,10 +49,20 @@ __all__ = [
     "build_task",
     "evaluate",
     "default_storage_url",
+    "time_teacher",
     "STUDIES_DIR",
+    "runs_dir",
 ]
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+# shipped study files: package data (importlib.resources), so an installed wheel has them
+STUDIES_DIR = Path(str(resources.files("autoslim") / "studies"))
+
+
+def runs_dir() -> Path:
+    """Where studies without ``out_dir`` live: ``./studies/runs`` under the current directory."""
+    return Path.cwd() / "studies" / "runs"
+
+
 SAMPLERS = ("tpe", "nsga2", "random")
 
 
@@ -96,6 +108,17 @@ class StudySpec:
     out_dir: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
+        for k, low in _MIN_VALUES.items():
+            v = getattr(self, k)
+            if v is not None and not v >= low:
+                raise ConfigError(f"{k} must be >= {low}; got {v!r}")
+        if not 0 < self.gate_agreement <= 1:
+            raise ConfigError(f"gate_agreement is a fraction in (0, 1]; got {self.gate_agreement}")
+        for k in ("teacher_max_lr", "recovery_lr", "max_latency_ms"):
+            v = getattr(self, k)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{k} must be a number > 0; got {v!r}")
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives):
             raise ConfigError(
@@ -113,9 +136,29 @@ class StudySpec:
                 f"got {self.max_accuracy_drop}"
             )
 
+    def _check_types(self) -> None:
+        """Each field's value has the field's type (a study file can hold anything)."""
+        for f in dataclasses.fields(self):
+            v, t = getattr(self, f.name), str(f.type)
+            if v is None and "None" in t:
+                continue
+            if t.startswith("int") or t.startswith("float"):
+                ok = isinstance(v, int | float) if t.startswith("float") else isinstance(v, int)
+                if isinstance(v, bool) or not ok:
+                    raise ConfigError(
+                        f"{f.name} must be {'an integer' if t.startswith('int') else 'a number'}"
+                        f"; got {v!r}"
+                    )
+            elif t.startswith("str") and not isinstance(v, str):
+                raise ConfigError(f"{f.name} must be a string; got {v!r}")
+            elif t.startswith("list") and not (
+                isinstance(v, list) and all(isinstance(x, str) for x in v)
+            ):
+                raise ConfigError(f"{f.name} must be a list of names; got {v!r}")
+
     @property
     def run_dir(self) -> Path:
-        return Path(self.out_dir) if self.out_dir else STUDIES_DIR / "runs" / self.name
+        return Path(self.out_dir) if self.out_dir else runs_dir() / self.name
 
     @property
     def storage_url(self) -> str:
@@ -151,10 +194,30 @@ class StudySpec:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(StudySpec)}
+# lower bounds of the numeric fields (None: unset, allowed where the field is optional)
+_MIN_VALUES = {
+    "val_size": 1,
+    "split_seed": 0,
+    "limit_train": 1,
+    "limit_test": 1,
+    "teacher_epochs": 1,
+    "teacher_max_steps": 1,
+    "teacher_batch_size": 1,
+    "budget": 1,
+    "seed": 0,
+    "recovery_steps": 0,
+    "recovery_batch_size": 1,
+    "recovery_subset": 1,
+    "latency_runs": 1,
+    "gate_images": 1,
+}
 
 
 def load_study_spec(path: str | Path | None = None, **overrides: Any) -> StudySpec:
-    """Read a study TOML (default ``studies/default.toml``) and apply non-None ``overrides``."""
+    """Read a study TOML and apply non-None ``overrides``.
+
+    ``path``: a file, or the name of a shipped study (``default`` when None).
+    """
     p = Path(path) if path else STUDIES_DIR / "default.toml"
     if not p.is_file() and not p.suffix and (STUDIES_DIR / f"{p}.toml").is_file():
         p = STUDIES_DIR / f"{p}.toml"
@@ -176,19 +239,32 @@ def load_study_spec(path: str | Path | None = None, **overrides: Any) -> StudySp
         values.update(flat)
         values.setdefault("name", p.stem)
     elif path is not None:
-        raise UsageError(f"study file {path} not found; give a TOML file like studies/default.toml")
+        shipped = sorted(x.stem for x in STUDIES_DIR.glob("*.toml"))
+        raise UsageError(
+            f"study file {path} not found; give a TOML file or a shipped study name {shipped}"
+        )
     values.update({k: v for k, v in overrides.items() if v is not None})
     for k in ("budget", "max_latency_ms", "max_accuracy_drop"):  # "none" lifts a file's limit
         if is_no_limit(values.get(k)):
             values[k] = None
-    if values.get("budget") is not None:
-        values["budget"] = parse_size(values["budget"])
-    if values.get("max_latency_ms") is not None:
-        values["max_latency_ms"] = parse_latency_ms(values["max_latency_ms"])
+    flags = {k for k, v in overrides.items() if v is not None}
+
+    def where(key: str | None = None) -> str:  # name the file when the value came from it
+        return f"{p}: " if p.is_file() and (key is None or key not in flags) else ""
+
+    for k, parse in (("budget", parse_size), ("max_latency_ms", parse_latency_ms)):
+        if values.get(k) is not None:
+            try:
+                values[k] = parse(values[k])
+            except UsageError as e:
+                raise ConfigError(f"{where(k)}{k}: {e}") from e
     try:
         return StudySpec(**values)
     except TypeError as e:
-        raise ConfigError(f"study: {e}") from e
+        raise ConfigError(f"{where()}study: {e}") from e
+    except ConfigError as e:
+        bad = str(e).split(" ", 1)[0]  # messages start with the field's name
+        raise ConfigError(f"{where(bad)}{e}") from e
 
 
 @dataclass
@@ -202,6 +278,8 @@ class Task:
     classifier: str | None
     stem: str | None
     baseline: dict[str, float] = field(default_factory=dict)
+    # the teacher's latency measured by this process, with its host (see time_teacher)
+    teacher_timing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def example(self) -> torch.Tensor:
@@ -228,7 +306,8 @@ class Task:
 
 def build_task(spec: StudySpec, *, progress: bool = True) -> Task:
     """Load data, get (or train once) the teacher and bind the space to it."""
-    get_backend(spec.backend)  # fail fast on an unavailable backend
+    get_backend(spec.backend)  # fail fast on an unavailable backend or a bad space file,
+    space = load_space(spec.space)  # before minutes of teacher training
     data = spec.load_data()
     recipe = TeacherRecipe(
         epochs=spec.teacher_epochs,
@@ -240,26 +319,45 @@ def build_task(spec: StudySpec, *, progress: bool = True) -> Task:
         spec.model, data, recipe=recipe, checkpoint=spec.teacher_checkpoint, progress=progress
     )
     stem, classifier = stem_and_classifier(spec.model, teacher.model)
-    space = load_space(spec.space).bind(
+    bound = space.bind(
         teacher.model, torch.zeros(1, *data.input_shape), classifier=classifier, stem=stem
     )
-    return Task(spec, data, teacher, space, classifier, stem)
+    return Task(spec, data, teacher, bound, classifier, stem)
 
 
 def measure_baseline(task: Task, out_dir: Path) -> dict[str, float]:
-    """The teacher as an fp32 ONNX artifact: size, val/test accuracy, latency (same backend)."""
+    """The teacher as an fp32 ONNX artifact: size, val/test accuracy, latency (same backend).
+
+    Also sets ``task.teacher_timing`` (the latency a trial's speed-up is computed against).
+    """
     path = out_dir / "teacher_fp32.onnx"
     res = export_onnx(copy.deepcopy(task.teacher.model), path, example=task.example)
-    lat = get_backend(task.spec.backend).measure(
-        path, input_shape=task.data.input_shape, runs=task.spec.latency_runs
-    )
     task.baseline = {
         "size_bytes": res.size_bytes,
         "val_accuracy": artifact_accuracy(path, task.data.val)[0],
         "test_accuracy": artifact_accuracy(path, task.data.test)[0],
-        "latency_ms": lat.median_ms,
+        "latency_ms": time_teacher(task, out_dir),
     }
     return task.baseline
+
+
+def time_teacher(task: Task, out_dir: Path) -> float:
+    """Time the teacher's fp32 file now, in this process, on the study's backend.
+
+    Exports ``out_dir/teacher_fp32.onnx`` if missing. The result, with the host it was measured
+    on, becomes ``task.teacher_timing``: the denominator of the speed-ups of the trials this
+    process runs next (timings of other runs or machines are never mixed in).
+    """
+    path = out_dir / "teacher_fp32.onnx"
+    if not path.is_file():
+        export_onnx(copy.deepcopy(task.teacher.model), path, example=task.example)
+    lat = get_backend(task.spec.backend).measure(
+        path,
+        input_shape=task.data.input_shape,
+        runs=task.spec.latency_runs,
+    )
+    task.teacher_timing = {"latency_ms": lat.median_ms, **host_identity()}
+    return lat.median_ms
 
 
 def estimate(task: Task, config: CompressionConfig) -> int:
@@ -326,6 +424,10 @@ def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str
         size_bytes=res.size_bytes,
         latency_ms=lat.median_ms,
         latency_p90_ms=lat.p90_ms,
+        # what this trial's speed-up is against: the teacher timed in this process, and where
+        teacher_latency_ms=task.teacher_timing.get("latency_ms"),
+        host=task.teacher_timing.get("host"),
+        cpu=task.teacher_timing.get("cpu"),
         agreement=res.agreement,
         exporter=res.exporter,  # "dynamo" unless the fallback exporters were needed
         num_params=c.num_params(),

@@ -12,13 +12,13 @@ Two parts, one process, one machine:
    validation images, the median latency of 3 x 200 runs of each file side by side, and the
    quantised-activation count. This decides which tensors the file may quantise.
 2. ``search``: per model, a teacher (short recipe, printed), then a ``--trials`` default search
-   (studies/default.toml) at a budget of a fifth of the model's uniform int8 size; prints
+   (autoslim/studies/default.toml) at a budget of a fifth of the model's uniform int8 size; prints
    measured / over-budget / failed trials, the gate's agreement (min, median) and pass rate,
    and the front's most accurate point (val and test accuracy, bytes, latency ratio vs the fp32
    teacher file measured in the same study run).
 
 Run: ``make bench-models`` (both parts; ``--part fidelity|search``, ``--models a,b``,
-``--trials N``). Outputs under ``--out-dir`` (a temp folder by default); teachers are cached.
+``--trials N``, ``--recovery-steps N``). Outputs under ``--out-dir`` (a temp folder by default); teachers are cached.
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def fidelity(models: list[str], out: Path) -> None:
             )
 
 
-def searches(models: list[str], out: Path, trials: int) -> None:
+def searches(models: list[str], out: Path, trials: int, recovery_steps: int) -> None:
+    print(f"{trials} trials per model, {recovery_steps} recovery steps per trial")
     print(
         "| model | teacher (recipe, val / test) | budget | measured / over / failed | "
         "gate pass | agreement min / median | front | best: val / test acc, bytes, latency "
@@ -144,7 +145,9 @@ def searches(models: list[str], out: Path, trials: int) -> None:
             task.space.to_config(task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8)),
         )
         budget = int(int8 / 5)
-        spec = spec_for(model, out, budget=f"{budget}B", trials=trials)
+        spec = spec_for(
+            model, out, budget=f"{budget}B", trials=trials, recovery_steps=recovery_steps
+        )
         res = search(spec, progress=True)
         df = res.frame
         base = res.study.user_attrs["baseline"]
@@ -153,7 +156,8 @@ def searches(models: list[str], out: Path, trials: int) -> None:
         gate_fail = failed[failed["fail_reason"].str.startswith("correctness gate")]
         over = (df["status"] == "over_budget").sum()
         passed = len(ok) / max(1, len(ok) + len(gate_fail))
-        agree = ok["agreement"].astype(float)
+        gated = {t.number: t.user_attrs.get("agreement") for t in res.study.trials}
+        agree = ok["trial"].map(gated).astype(float)
         front = res.front
         best = front.sort_values("val_accuracy", ascending=False).head(1)
         if len(best):
@@ -180,18 +184,26 @@ def searches(models: list[str], out: Path, trials: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=("fidelity", "search", "both"), default="both")
-    ap.add_argument("--models", default=None, help="comma-separated (default: all seven)")
+    ap.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated; regnet = the user file (default: all seven)",
+    )
     ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--recovery-steps", type=int, default=150, help="per trial (default: 150)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="bench-models-"))
     out.mkdir(parents=True, exist_ok=True)
-    chosen = args.models.split(",") if args.models else None
+    # "regnet" names the user-file model (benchmarks/user_models.py:regnet)
+    chosen = (
+        [REGNET if m == "regnet" else m for m in args.models.split(",")] if args.models else None
+    )
     if args.part in ("fidelity", "both"):
         fidelity(chosen or FIDELITY_MODELS, out)
     if args.part in ("search", "both"):
-        searches(chosen or MODELS, out, args.trials)
+        searches(chosen or MODELS, out, args.trials, args.recovery_steps)
     print(f"outputs: {out}", file=sys.stderr)
     return 0
 

@@ -1,0 +1,170 @@
+"""Every bad input gets one ``autoslim: error: ...`` line, the right exit code, no traceback, and
+leaves every stored study byte-identical (a table of the inputs users give)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+from autoslim.cli import main
+
+# (id, arguments, exit code, a fragment the one line must hold). In the arguments, {study} is a
+# finished tiny study folder, {tmp} a scratch folder holding the files made by `inputs`,
+# {corrupt} a study folder whose study.db is not a database.
+CASES = [
+    # flags argparse checks
+    ("unknown-command", "bogus", 2, "invalid choice: 'bogus'"),
+    ("unknown-flag", "search --no-such-flag", 2, "unrecognized arguments: --no-such-flag"),
+    ("trials-not-int", "search --trials many", 2, "--trials: expected an integer >= 1"),
+    ("trials-zero", "search --trials 0", 2, "--trials: expected an integer >= 1; got '0'"),
+    ("recovery-steps-negative", "search --recovery-steps -1", 2, "--recovery-steps"),
+    ("limit-train-zero", "search --limit-train 0", 2, "--limit-train"),
+    ("seed-negative", "search --seed -1", 2, "--seed"),
+    ("split-seed-text", "search --split-seed x", 2, "--split-seed"),
+    ("sampler-unknown", "search --sampler cmaes", 2, "--sampler: invalid choice"),
+    ("drop-above-one", "search --max-accuracy-drop 2", 2, "fraction in [0, 1]"),
+    ("drop-text", "search --max-accuracy-drop lots", 2, "fraction in [0, 1]"),
+    ("train-epochs-zero", "train --epochs 0", 2, "--epochs: expected an integer >= 1"),
+    ("train-lr-zero", "train --lr 0", 2, "--lr: expected a number > 0"),
+    ("train-lr-nan", "train --lr nan", 2, "--lr: expected a number > 0"),
+    ("train-batch-negative", "train --batch-size -3", 2, "--batch-size"),
+    ("train-max-steps-text", "train --max-steps many", 2, "--max-steps"),
+    ("train-val-size-zero", "train --val-size 0", 2, "--val-size"),
+    ("train-old-seed-flag", "train --seed 1", 2, "unrecognized arguments: --seed"),
+    ("refine-qat-fraction", "refine {study} --trial 0 --qat-fraction 1.5", 2, "--qat-fraction"),
+    ("refine-epochs-zero", "refine {study} --trial 0 --epochs 0", 2, "--epochs"),
+    ("refine-neither", "refine {study}", 2, "exactly one of --trial N or --front"),
+    ("pick-min-accuracy", "pick {study} --min-accuracy 3", 2, "--min-accuracy"),
+    ("export-negative-trial", "export {study} --trial -1 -o {tmp}/m.onnx", 2, "--trial"),
+    ("export-no-output", "export {study} --trial 0", 2, "-o/--output"),
+    ("report-format", "report {study} --format pdf", 2, "--format: invalid choice"),
+    # values the library checks
+    ("budget-text", "search --budget lots", 2, "budget"),
+    ("budget-negative", "search --budget -2MB", 2, "budget"),
+    ("latency-unit", "search --max-latency 5parsecs", 2, "latency"),
+    ("objective-unknown", "search --objectives accuracy,speed", 2, "objectives"),
+    ("objective-no-accuracy", "search --objectives latency", 2, "must include 'accuracy'"),
+    ("backend-unknown", "search --backend tpu", 2, "unknown latency backend 'tpu'"),
+    ("backend-torch-cpu", "search --backend torch-cpu", 2, "unknown latency backend"),
+    ("storage-scheme", "search --storage bogus://x --name s", 2, "storage"),
+    (
+        "storage-postgres-unreachable",
+        "search --storage postgresql+psycopg://u:secret@127.0.0.1:9/db --name s",
+        2,
+        "cannot reach the storage database postgresql+psycopg://u:***@127.0.0.1:9/db",
+    ),
+    ("storage-not-a-url", "search --storage nothing-like-a-url", 2, "not a database URL"),
+    ("study-missing", "search {tmp}/missing.toml", 2, "not found"),
+    ("study-not-toml", "search {tmp}/bad.toml", 2, "not valid TOML"),
+    ("study-unknown-key", "search {tmp}/unknown-key.toml", 2, "unknown keys ['epochz']"),
+    ("study-trials-text", "search {tmp}/trials-text.toml", 2, "trials must be an integer"),
+    ("study-steps-negative", "search {tmp}/steps-negative.toml", 2, "recovery_steps must be >= 0"),
+    ("study-gate", "search {tmp}/gate.toml", 2, "gate_agreement"),
+    ("space-missing", "search --space nowhere", 2, "search space 'nowhere' not found"),
+    ("space-not-toml", "space check {tmp}/bad.toml", 2, "not valid TOML"),
+    ("space-empty-range", "space check {tmp}/range.toml", 2, "empty range"),
+    ("space-model-unknown", "space check default --model resnet9000", 2, "unknown model"),
+    ("model-unknown", "train --model resnet9000 --max-steps 1", 2, "unknown model 'resnet9000'"),
+    ("model-syntax-error", "train --model {tmp}/broken.py:build --max-steps 1", 2, "broken.py"),
+    ("model-no-factory", "train --model {tmp}/nofactory.py:build --max-steps 1", 2, "build"),
+    ("model-not-a-module", "train --model {tmp}/returns.py:build --max-steps 1", 2, "nn.Module"),
+    ("teacher-missing", "search --model resnet18 --teacher {tmp}/none.pt", 2, "none.pt"),
+    ("teacher-garbage", "search --model resnet18 --teacher {tmp}/garbage.pt", 2, "garbage.pt"),
+    ("data-folder-missing", "train --dataset imagefolder:{tmp}/nowhere", 2, "nowhere"),
+    ("data-corrupt-image", "train --dataset imagefolder:{tmp}/corrupt", 2, "bad.png"),
+    ("data-unknown", "train --dataset imagenet-1k", 2, "imagenet-1k"),
+    ("data-dir-empty", "train --data-dir {tmp}/empty", 2, "dataset-fashion-mnist"),
+    ("study-unknown", "report no-such-study", 2, "no study found"),
+    ("study-db-corrupt", "report {corrupt}", 2, "cannot read study storage"),
+    ("report-output-folder", "report {study} -o {tmp}/nowhere/r.html", 2, "--output"),
+    ("pick-size-text", "pick {study} --max-size lots", 2, "size"),
+    ("pick-nothing-qualifies", "pick {study} --min-accuracy 0.999", 3, "no trial"),
+    ("export-unknown-trial", "export {study} --trial 999 -o {tmp}/m.onnx", 2, "999"),
+    ("export-output-is-folder", "export {study} --trial 0 -o {tmp}/folder.onnx", 2, "folder"),
+    ("export-output-parent", "export {study} --trial 0 -o {tmp}/no/such/m.onnx", 2, "folder"),
+    ("export-refined-missing", "export {study} --trial 0 --refined -o {tmp}/m.onnx", 2, "refine"),
+    ("refine-unknown-trial", "refine {study} --trial 999", 2, "999"),
+]
+
+
+def _make_inputs(tmp: Path, study: Path) -> dict[str, str]:
+    (tmp / "bad.toml").write_text("this is = = not toml")
+    (tmp / "unknown-key.toml").write_text("epochz = 3\n")
+    (tmp / "trials-text.toml").write_text('trials = "many"\n')
+    (tmp / "steps-negative.toml").write_text("[recovery]\nsteps = -1\n")
+    (tmp / "gate.toml").write_text("gate_agreement = 1.5\n")
+    (tmp / "range.toml").write_text('[[rules]]\nmatch = "*"\nprune = {min = 0.5, max = 0.2}\n')
+    (tmp / "broken.py").write_text("def build(:\n")
+    (tmp / "nofactory.py").write_text("x = 1\n")
+    (tmp / "returns.py").write_text("def build(**kw):\n    return 42\n")
+    (tmp / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    (tmp / "empty").mkdir()
+    (tmp / "folder.onnx").mkdir()
+    for c in ("a", "b"):
+        (tmp / "corrupt" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(tmp / "corrupt" / c / f"{i}.png")
+    (tmp / "corrupt" / "b" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    corrupt = tmp / "corrupt-study"
+    corrupt.mkdir()
+    (corrupt / "study.db").write_bytes(b"SQLite format 3\x00" + b"\x13" * 4000)
+    return {"study": str(study), "tmp": str(tmp), "corrupt": str(corrupt)}
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_study) -> dict[str, str]:
+    # a copy of the shared study: a case that wrongly wrote to it must not disturb other tests
+    study = tmp_path_factory.mktemp("bad-inputs") / "study"
+    shutil.copytree(tiny_study.run_dir, study)
+    return _make_inputs(tmp_path_factory.mktemp("bad-input-files"), study)
+
+
+def test_the_table_is_large_enough() -> None:
+    assert len(CASES) >= 45
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("args,code,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_line_and_changes_nothing(
+    inputs: dict[str, str], capsys: pytest.CaptureFixture, args: str, code: int, fragment: str
+) -> None:
+    study = Path(inputs["study"])
+    before = _hashes(study)
+    try:
+        rc = main(args.format(**inputs).split())
+    except SystemExit as e:  # argparse
+        rc = e.code
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert rc == code, cap.err
+    assert len(lines) == 1 and lines[0].startswith("autoslim: error: "), cap.err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in cap.err + cap.out
+    assert cap.out == ""
+    assert _hashes(study) == before  # nothing stored changed or was added
+
+
+@pytest.mark.parametrize(
+    "args",
+    ["search --trials 0", "train --model {tmp}/broken.py:build", "report {corrupt}"],
+    ids=["argparse", "user-file", "corrupt-db"],
+)
+def test_a_real_process_prints_one_line_and_no_warnings(inputs: dict[str, str], args: str) -> None:
+    """As a terminal sees it: third-party warnings and log lines stay off stderr."""
+    r = run_cli(*args.format(**inputs).split(), timeout=300)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autoslim: error: "), r.stderr
