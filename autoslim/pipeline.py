@@ -171,6 +171,13 @@ def compress(
             total_steps=steps,
             on_step=tick,
         )
+        # Running BN statistics lag behind weights that training moves fast: on a 72-80% pruned
+        # MobileNetV3 after 42 KD steps the eval-mode model scored 0.17 on its own training
+        # batch (logits ~1600), 0.63 once re-estimated. Evaluation and the BN folded into the
+        # int8 convs both use them, so they are re-estimated on the final float weights.
+        recalibrate_bn(
+            student, train.x, batches=recovery.bn_batches, batch_size=recovery.batch_size
+        )
     act_ranges: dict[str, list[float]] = {}
     if quantized:
         student = to_fake_quant(student, config, factorized, reports)

@@ -163,7 +163,8 @@ def train_and_export(
             ):
                 if hi <= lo:
                     continue
-                if qat and not in_qat:
+                if qat and not in_qat:  # BN re-estimated on the final float weights, then folded
+                    recalibrate_bn(student, train.x, batches=20, batch_size=recipe.batch_size)
                     student, in_qat = to_fake_quant(student, config, factorized, reports), True
                     calibrate(student, calib)
                 try:
@@ -202,6 +203,8 @@ def train_and_export(
             bar.set_postfix(loss=f"{loss:.3f}", val_acc=f"{val:.4f}", qat=in_qat)
     finally:
         bar.close()
+    if not in_qat:  # running BN statistics lag behind the weights (see pipeline.compress)
+        recalibrate_bn(student, train.x, batches=20, batch_size=recipe.batch_size)
     if quantized and not in_qat:  # qat_fraction=0: quantise after training, calibrated
         student, in_qat = to_fake_quant(student, config, factorized, reports), True
         calibrate(student, calib)

@@ -65,7 +65,10 @@ def label(model: str) -> str:
 
 
 def spec_for(model: str, out: Path, **kw):
-    recipe = {"teacher_epochs": 1, **RECIPES.get(model, {})}
+    """The default study for ``model`` with its short teacher recipe. The accuracy floor is
+    lifted: with short recoveries every candidate sits more than the default 5 pt below the
+    teacher, and the table reports the front of all measured, in-budget candidates."""
+    recipe = {"teacher_epochs": 1, "max_accuracy_drop": "none", **RECIPES.get(model, {})}
     name = "bench-" + label(model).split()[0]
     return load_study_spec(None, model=model, name=name, out_dir=str(out / name), **recipe, **kw)
 
