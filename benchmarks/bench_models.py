@@ -70,7 +70,9 @@ def spec_for(model: str, out: Path, **kw):
     teacher, and the table reports the front of all measured, in-budget candidates."""
     recipe = {"teacher_epochs": 1, "max_accuracy_drop": "none", **RECIPES.get(model, {})}
     name = "bench-" + label(model).split()[0]
-    return load_study_spec(None, model=model, name=name, out_dir=str(out / name), **recipe, **kw)
+    return load_study_spec(
+        None, model=model, name=name, out_dir=str(out / name), **{**recipe, **kw}
+    )
 
 
 def _count_quantized(path: Path) -> int:
@@ -87,7 +89,7 @@ def fidelity(models: list[str], out: Path) -> None:
     )
     print("|---|---|---:|---:|---:|---:|")
     for model in models:
-        task = build_task(spec_for(model, out, max_accuracy_drop="none"), progress=True)
+        task = build_task(spec_for(model, out), progress=True)
         cfg = task.space.to_config(task.space.uniform_params(prune=0.3, weight_bits=8, act_bits=8))
         for lr in (0.01, 0.005, 0.0025):  # the search's recovery LR, halved if it diverges
             try:
