@@ -447,7 +447,8 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
     )
     done = _done(study)
     if not study.get_trials(deepcopy=False):
-        for prune, wb, ab in BASELINES + _fitting_baseline(task):
+        # no more baselines than trials: enqueued ones never run would show as "waiting"
+        for prune, wb, ab in (BASELINES + _fitting_baseline(task))[: spec.trials]:
             study.enqueue_trial(
                 task.space.uniform_params(prune=prune, weight_bits=wb, act_bits=ab),
                 skip_if_exists=True,

@@ -195,3 +195,22 @@ def test_int8_file_quantises_exactly_the_tensors_training_simulated(name, tmp_pa
     }
     assert quantised == set(res.tensors.values())
     assert len(res.tensors) == len(c.act_ranges)  # each trained range found in the graph
+
+
+def test_an_int8_export_leaves_the_process_logging_alone(tiny_teacher, fmnist, tmp_path) -> None:
+    """ORT's quantizer and the exporters are silenced for the export only: the root and torch
+    loggers keep the levels the user's program set."""
+    import logging
+
+    root, tlog = logging.getLogger(), logging.getLogger("torch")
+    saved = root.level, tlog.level
+    root.setLevel(logging.INFO)
+    tlog.setLevel(logging.WARNING)
+    try:
+        cfg = CompressionConfig.uniform(weight_bits=8, act_bits=8, groups=["conv1"])
+        c = compress(tiny_teacher.model, cfg, data=fmnist, recovery=Recovery(steps=0))
+        export(c, tmp_path / "m.onnx", check=fmnist.val.subset(100), min_agreement=0.5)
+        assert (root.level, tlog.level) == (logging.INFO, logging.WARNING)
+    finally:
+        root.setLevel(saved[0])
+        tlog.setLevel(saved[1])

@@ -113,3 +113,15 @@ def test_installed_command_exit_code(tmp_path: Path, autoslim_cache: Path) -> No
     assert proc.returncode == 2
     assert "dataset-fashion-mnist" in _one_error_line(proc.stderr)
     assert proc.stdout == ""
+
+
+def test_train_and_search_name_the_split_seed_alike() -> None:
+    """``train --split-seed 1`` then ``search --split-seed 1`` use one split, so the search finds
+    that teacher (``--seed`` of search is the sampler's seed only)."""
+    from autoslim.cli import _parser
+    from autoslim.study import load_study_spec
+
+    t = _parser().parse_args(["train", "--split-seed", "1"])
+    s = _parser().parse_args(["search", "--split-seed", "1", "--seed", "7"])
+    spec = load_study_spec(None, split_seed=s.split_seed, seed=s.seed)
+    assert (t.split_seed, spec.split_seed, spec.seed) == (1, 1, 7)

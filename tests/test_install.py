@@ -4,6 +4,7 @@ search run from an empty folder, outside the source tree, writes under that fold
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -76,6 +77,17 @@ def test_tiny_search_from_an_empty_folder(installed: Path, tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     run = tmp_path / "studies" / "runs" / "tiny"
     assert (run / "study.db").is_file() and (run / "report.html").is_file()
-    assert "1 trials" in r.stdout
+    assert re.search(r"^1 trials \(\d measured\)", r.stdout, re.M), r.stdout
     # the shipped default space was found as package data (no fallback, no "one of []")
     assert "not found" not in r.stderr
+
+
+def test_the_shipped_default_study_is_read(installed: Path, tmp_path: Path) -> None:
+    """No study file: the shipped default (with its accuracy floor), not dataclass defaults."""
+    code = (
+        "from autoslim.study import load_study_spec as f; s = f(None); print(s.max_accuracy_drop)"
+    )
+    out = subprocess.run(
+        [str(installed / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )  # fmt: skip
+    assert out.stdout.strip() == "0.05", out.stderr

@@ -12,7 +12,7 @@ from conftest import BUDGET, SHUFFLENET, TINY_TRIALS, run_cli, start_cli, tiny_s
 
 from autoslim.errors import UsageError
 from autoslim.models import list_models
-from autoslim.runner import open_existing, open_study
+from autoslim.runner import load_study, open_existing, open_study
 from autoslim.study import load_study_spec
 
 
@@ -111,6 +111,7 @@ def test_a_killed_search_leaves_no_running_trial_after_the_next_run(tmp_path: Pa
     else:
         assert p.returncode == -signal.SIGKILL
         assert _states(db)[victim] == "RUNNING"  # what the next run must heal
+    baseline = open_existing(run).user_attrs["baseline"]
     r = run_cli("search", str(f), "--quiet")
     assert r.returncode == 0, r.stderr
     states = _states(db)
@@ -123,6 +124,19 @@ def test_a_killed_search_leaves_no_running_trial_after_the_next_run(tmp_path: Pa
         assert "died before the trial finished" in reason, reason
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(done) + 1 >= 3  # the study reached its trial count (the failed one counts)
+    assert study.user_attrs["baseline"] == baseline  # a resume re-times, never overwrites
+
+
+def test_speedups_use_the_teacher_timed_beside_each_trial(tiny_study):
+    """Each measured trial stores the teacher latency its process measured and the host; the
+    table's speed-up is against that timing, not a baseline from another run or machine."""
+    import platform
+
+    df = load_study(tiny_study.run_dir).trials
+    ok = df[df["status"] == "ok"]
+    assert len(ok)
+    assert (ok["teacher_latency_ms"] > 0).all() and (ok["host"] == platform.node()).all()
+    assert ((ok["speedup"] - ok["teacher_latency_ms"] / ok["latency_ms"]).abs() < 1e-9).all()
 
 
 def test_fingerprint_mismatch_refuses_to_resume(tmp_path: Path):
