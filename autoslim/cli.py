@@ -544,6 +544,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autoslim: interrupted; finished work is kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `autoslim ... | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:
         if verbose:
             raise

@@ -1,6 +1,8 @@
-"""Search-space files: load, validate, bind to a model (shipped: ``autoslim/search_spaces/``).
+"""Search-space files: load, validate, bind to a model.
 
-Schema (documented with examples in ``autoslim/search_spaces/README.md``)::
+Shipped spaces are package data in ``autoslim/resources/search_spaces/``.
+
+Schema (documented with examples in ``autoslim/resources/search_spaces/README.md``)::
 
     skip = ["conv1", "fc"]          # layers/groups never touched (globs)
 
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 # shipped spaces: package data (importlib.resources), so an installed wheel has them
-SPACES_DIR = Path(str(resources.files("autoslim") / "search_spaces"))
+SPACES_DIR = Path(str(resources.files("autoslim") / "resources" / "search_spaces"))
 _KNOBS = ("prune", "weight_bits", "act_bits", "rank")
 _RULE_KEYS = {"match", "regex", *_KNOBS, "share"}
 _TOP_KEYS = {"name", "description", "skip", "distill", "rules", "round_to", "importance"}

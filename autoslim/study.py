@@ -2,8 +2,8 @@
 
 A study file names the model, dataset, teacher recipe, search space, objectives, budgets,
 latency backend, trial count and recovery fidelity. ``autoslim search`` with no file uses the
-shipped ``default`` study (package data, ``autoslim/studies/default.toml``); CLI flags override
-file values. Outputs go to ``./studies/runs/NAME/`` under the current directory (or
+shipped ``default`` study (package data, ``autoslim/resources/studies/default.toml``); CLI
+flags override file values. Outputs go to ``./studies/runs/NAME/`` under the current directory (or
 ``out_dir``): the Optuna storage, one folder per trial with its artifact, tables, plots.
 
 :func:`evaluate` is the one runner of a candidate: size pre-check (analytic, before training)
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 # shipped study files: package data (importlib.resources), so an installed wheel has them
-STUDIES_DIR = Path(str(resources.files("autoslim") / "studies"))
+STUDIES_DIR = Path(str(resources.files("autoslim") / "resources" / "studies"))
 
 
 def runs_dir() -> Path:

@@ -30,8 +30,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     (wheel,) = wheels.glob("autoslim-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "autoslim/studies/default.toml" in names
-    assert "autoslim/search_spaces/default.toml" in names
+    assert "autoslim/resources/studies/default.toml" in names
+    assert "autoslim/resources/search_spaces/default.toml" in names
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     site = next((venv / "lib").glob("python3*/site-packages"))
