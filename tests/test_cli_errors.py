@@ -139,10 +139,17 @@ def test_the_table_is_large_enough() -> None:
 
 @pytest.mark.parametrize("args,code,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_gets_one_line_and_changes_nothing(
-    inputs: dict[str, str], capsys: pytest.CaptureFixture, args: str, code: int, fragment: str
+    inputs: dict[str, str],
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    args: str,
+    code: int,
+    fragment: str,
 ) -> None:
     study = Path(inputs["study"])
     before = _hashes(study)
+    monkeypatch.chdir(tmp_path)  # where a new study would be made: ./studies/runs/NAME
     try:
         rc = main(args.format(**inputs).split())
     except SystemExit as e:  # argparse
@@ -155,6 +162,7 @@ def test_bad_input_gets_one_line_and_changes_nothing(
     assert "Traceback" not in cap.err + cap.out
     assert cap.out == ""
     assert _hashes(study) == before  # nothing stored changed or was added
+    assert not any(tmp_path.iterdir())  # no half-made study folder
 
 
 @pytest.mark.parametrize(
