@@ -26,7 +26,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from .config import CompressionConfig
+from .config import CompressionConfig, LayerConfig
 from .errors import ExportError
 from .passes.quantize import QRANGE, act_qparams, layer_config, split_add_key
 
@@ -34,6 +34,8 @@ __all__ = [
     "ExportResult",
     "export_onnx",
     "estimate_size",
+    "calibrate_size",
+    "SizeCalibration",
     "ort_session",
     "onnx_predict",
     "diagnose_divergence",
@@ -541,34 +543,104 @@ _NODE_OVERHEAD = 1200  # bytes per conv/linear layer: names, shapes, Q/DQ nodes 
 _FILE_OVERHEAD = 16_000  # graph, opset imports, pooling/add nodes, input/output
 
 
+@dataclass(frozen=True)
+class SizeCalibration:
+    """The bytes of an architecture's file that are not its conv/linear tensors: node protos,
+    names, shapes, activation Q/DQ scalars, pooling and SE nodes. Measured once per study on two
+    reference files of the unpruned model (fp32 and int8): pruning changes tensor sizes, not
+    the graph, so the estimate of any candidate is exact up to its per-layer tensor bytes.
+
+    ``fp32_graph``, ``int8_graph``: those bytes in each reference; ``layers``: its conv/linear
+    count; ``int8_layers``: how many of them the int8 reference quantises; ``layer_node``:
+    the mean bytes of one conv/linear node with its output's shape record (what a low-rank
+    factorisation adds per split layer, besides the Q/DQ nodes of an int8 layer).
+    """
+
+    fp32_graph: int
+    int8_graph: int
+    layers: int
+    int8_layers: int
+    layer_node: int
+
+    def graph_bytes(self, layers: int, quantized: int) -> int:
+        """Graph bytes of a candidate with ``layers`` conv/linear layers, ``quantized`` int."""
+        per_int8 = (self.int8_graph - self.fp32_graph) / max(1, self.int8_layers)
+        added = max(0, layers - self.layers)  # each split layer's new node
+        return round(self.fp32_graph + per_int8 * quantized + self.layer_node * added)
+
+
+def _layer_tensor_bytes(m: nn.Module, cfg: LayerConfig) -> int:
+    """Bytes of one conv/linear layer's tensors in the file: weight at its width, (folded)
+    bias, per-channel weight scales and zero points, int32 bias with its scales."""
+    e, o = m.weight.numel(), m.weight.shape[0]
+    if cfg.weight_bits == 32:
+        return 4 * e + 4 * o
+    if cfg.weight_bits == 16:
+        return 2 * e + 4 * o
+    w = (e * cfg.weight_bits + 7) // 8 + o * (4 + 1)
+    return w + (12 * o if cfg.act_bits == 8 else 4 * o)
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
 def estimate_size(
-    model: nn.Module, config: CompressionConfig, *, factorized: set[str] | None = None
+    model: nn.Module,
+    config: CompressionConfig,
+    *,
+    factorized: set[str] | None = None,
+    calibration: SizeCalibration | None = None,
 ) -> int:
     """Analytic size in bytes of the artifact of ``model`` (already pruned and factorised).
 
-    Counts each Conv2d/Linear's weight at its stored width plus per-channel scales, zero
-    points and the (folded) bias; other parameters are folded into convs by the export.
-    Checked against real files in the tests: within 2% or above the real size.
+    With ``calibration`` (:func:`calibrate_size`, measured on the architecture): its graph
+    bytes plus each conv/linear layer's tensor bytes at its stored width: exact on the
+    reference files, within 0.5% on pruned candidates, within 3% with low-rank layers (tests).
+    Without: fixed per-layer and
+    per-file overheads measured on ResNets, which undercount architectures with many non-conv
+    nodes (MobileNetV3 at 80% pruning: 18% under).
     """
     factorized = factorized or set()
-    total = _FILE_OVERHEAD
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.Conv2d, nn.Linear)):
-            continue
-        e, o = m.weight.numel(), m.weight.shape[0]
-        cfg = layer_config(config, name, factorized)
-        bias = 4 * o
-        if cfg.weight_bits == 32:
-            w = 4 * e
-        elif cfg.weight_bits == 16:
-            w = 2 * e + 600  # Cast node
-        else:
-            w = (e * cfg.weight_bits + 7) // 8 + o * (4 + 1)
-            if cfg.act_bits == 8:
-                # int32 bias + its per-channel scale and zero point, plus the activation
-                # Q/DQ pairs with their scales (measured ~1.4 kB per layer on trained ResNets)
-                bias = 12 * o + 1400
-            else:
-                w += 2400  # DequantizeLinear node and its three initializer names
-        total += w + bias + _NODE_OVERHEAD
+    layers = _layers(model)
+    cfgs = [layer_config(config, n, factorized) for n, _ in layers]
+    tensors = sum(_layer_tensor_bytes(m, c) for (_, m), c in zip(layers, cfgs, strict=True))
+    if calibration is not None:
+        quantized = sum(1 for c in cfgs if c.weight_bits < 16)
+        return tensors + calibration.graph_bytes(len(layers), quantized)
+    total = _FILE_OVERHEAD + tensors
+    for c in cfgs:
+        if c.weight_bits == 16:
+            total += 600  # Cast node
+        elif c.weight_bits < 16:
+            # activation Q/DQ pairs with their scales (~1.4 kB per layer on trained ResNets),
+            # or the DequantizeLinear node of a weight-only layer
+            total += 1400 if c.act_bits == 8 else 2400
+        total += _NODE_OVERHEAD
     return total
+
+
+def calibrate_size(
+    model: nn.Module,
+    *,
+    fp32_file: Path,
+    int8_file: Path,
+    int8_config: CompressionConfig,
+) -> SizeCalibration:
+    """Measure ``model``'s graph bytes from its fp32 and uniform-int8 files (unpruned)."""
+    layers = _layers(model)
+    fp32 = CompressionConfig()
+    t32 = sum(_layer_tensor_bytes(m, fp32.layer(n)) for n, m in layers)
+    t8 = sum(_layer_tensor_bytes(m, int8_config.layer(n)) for n, m in layers)
+    n8 = sum(1 for n, _ in layers if int8_config.layer(n).weight_bits < 16)
+    g = onnx.load(str(fp32_file), load_external_data=False).graph
+    shapes = {v.name: v.ByteSize() for v in g.value_info}
+    nodes = [n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    node = sum(n.ByteSize() + sum(shapes.get(o, 0) for o in n.output) for n in nodes)
+    return SizeCalibration(
+        fp32_graph=fp32_file.stat().st_size - t32,
+        int8_graph=int8_file.stat().st_size - t8,
+        layers=len(layers),
+        int8_layers=n8,
+        layer_node=round(node / max(1, len(nodes))),
+    )

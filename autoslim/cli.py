@@ -44,6 +44,24 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--split-seed", type=_NONNEG_INT, default=0, help="seed of the train/validation split"
     )
+    _add_image_args(p)
+
+
+def _add_image_args(p: argparse.ArgumentParser, default: str | None = "refuse") -> None:
+    p.add_argument(
+        "--image-size",
+        type=_number(int, low=8),
+        help="imagefolder: resize and center-crop every image to N x N",
+    )
+    p.add_argument(
+        "--resize", type=_number(int, low=8), help="imagefolder: shorter side before the crop"
+    )
+    p.add_argument(
+        "--bad-images",
+        choices=["refuse", "skip"],
+        default=default,
+        help="imagefolder: refuse unreadable files (default) or skip them, reported once",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,7 +129,15 @@ def _train(a: argparse.Namespace) -> int:
     from .data import load_dataset
     from .teacher import TeacherRecipe, get_teacher, teacher_path, train_teacher
 
-    data = load_dataset(a.dataset, data_dir=a.data_dir, val_size=a.val_size, seed=a.split_seed)
+    data = load_dataset(
+        a.dataset,
+        data_dir=a.data_dir,
+        val_size=a.val_size,
+        seed=a.split_seed,
+        image_size=a.image_size,
+        resize=a.resize,
+        bad_images=a.bad_images,
+    )
     recipe = TeacherRecipe(
         epochs=a.epochs, batch_size=a.batch_size, max_lr=a.lr, max_steps=a.max_steps
     )
@@ -171,6 +197,9 @@ def _search(a: argparse.Namespace) -> int:
         sampler=a.sampler,
         seed=a.seed,
         split_seed=a.split_seed,
+        image_size=a.image_size,
+        resize=a.resize,
+        bad_images=a.bad_images,
         storage=a.storage,
         backend=a.backend,
         teacher_checkpoint=a.teacher,
@@ -209,7 +238,7 @@ def _space(a: argparse.Namespace) -> int:
     if a.dataset == "fashion-mnist" and a.data_dir is None:
         shape, classes = (1, 28, 28), 10  # no need to read the data to bind a space
     else:
-        d = load_dataset(a.dataset, data_dir=a.data_dir)
+        d = load_dataset(a.dataset, data_dir=a.data_dir, image_size=a.image_size, resize=a.resize)
         shape, classes = d.input_shape, d.num_classes
     model = build_model(a.model, in_channels=shape[0], num_classes=classes, image_size=shape[1])
     stem, cls = stem_and_classifier(a.model, model)
@@ -433,6 +462,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", help="your own trained checkpoint (state_dict)")
     s.add_argument("--recovery-steps", type=_NONNEG_INT, help="KD steps per trial (fidelity)")
     s.add_argument("--limit-train", type=_POS_INT, help="use only N training images (quick runs)")
+    _add_image_args(s, default=None)
     s.add_argument("--out-dir", help="output folder (default studies/runs/NAME)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--json", action="store_true")
@@ -444,6 +474,7 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--model", default="resnet18")
     chk.add_argument("--dataset", default="fashion-mnist")
     chk.add_argument("--data-dir")
+    _add_image_args(chk)
 
     def study_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("study", help="study name (studies/runs/NAME) or study folder")

@@ -5,7 +5,10 @@ Names:
   ``dataset-fashion-mnist``) or ``data_dir``.
 - ``cifar10``: torchvision's on-disk layout (``cifar-10-batches-py``), never downloaded.
 - ``imagefolder:PATH``: a user's own images, ``PATH/train/<class>/*`` and optionally
-  ``PATH/test/<class>/*`` (otherwise 20% of train, seeded, becomes test).
+  ``PATH/test/<class>/*`` (otherwise 20% of train, seeded, becomes test). Images of any size and
+  format PIL reads; with ``image_size`` each is resized (shorter side to ``resize``, default
+  ``image_size * 8 / 7``) and center-cropped to ``image_size`` square. Unreadable files are
+  refused with their path (``bad_images="refuse"``) or skipped and reported once (``"skip"``).
 
 The test split is only for final reports; search decisions use the validation split.
 """
@@ -80,6 +83,11 @@ class DataSplits:
         key = (
             f"{self.name}|{len(self.train)}|{len(self.val)}|{len(self.test)}|{self.seed}"
             f"|{mean}|{std}|{self.meta.get('source_hash', '')}"
+            + (
+                f"|{self.meta['image_size']}/{self.meta['resize']}"
+                if self.meta.get("image_size")
+                else ""
+            )
         )
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -142,7 +150,31 @@ def _cifar10(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return xtr, ytr, xte, yte
 
 
-def _imagefolder(path: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+BAD_IMAGES = ("refuse", "skip")
+
+
+def _fit(img: np.ndarray, image_size: int | None, resize: int | None) -> np.ndarray:
+    """(C, H, W) uint8 -> resized (shorter side ``resize``) and center-cropped ``image_size``."""
+    if image_size is None:
+        return img
+    from torchvision.transforms.v2 import functional as TF
+
+    t = torch.from_numpy(np.ascontiguousarray(img).copy())
+    short = resize or round(image_size * 8 / 7)
+    t = TF.resize(t, [short], antialias=True)  # shorter side, aspect kept
+    return TF.center_crop(t, [image_size, image_size]).numpy()
+
+
+def _imagefolder(
+    path: str,
+    seed: int,
+    *,
+    image_size: int | None = None,
+    resize: int | None = None,
+    bad_images: str = "refuse",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    import sys
+
     from PIL import Image
 
     root = Path(path)
@@ -159,27 +191,41 @@ def _imagefolder(path: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
             "subfolders, one per class"
         )
 
+    if bad_images not in BAD_IMAGES:
+        raise DataError(f"bad_images must be one of {BAD_IMAGES}; got {bad_images!r}")
+
     def load(d: Path) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
+        xs, ys, bad = [], [], []
         for ci, c in enumerate(classes):
             for p in sorted((d / c).glob("*")):
                 if p.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}:
                     continue
                 try:
-                    img = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
+                    with Image.open(p) as im:
+                        img = np.asarray(im.convert("RGB"), dtype=np.uint8)
                 except (OSError, SyntaxError, ValueError) as e:  # PIL's errors on bad files
-                    raise DataError(
-                        f"imagefolder: cannot decode image {p}: {e}; fix or remove the file"
-                    ) from None
-                xs.append(img.transpose(2, 0, 1))
+                    if bad_images == "refuse":
+                        raise DataError(
+                            f"imagefolder: cannot decode image {p}: {e}; fix or remove the "
+                            'file, or skip such files (bad_images = "skip")'
+                        ) from None
+                    bad.append(f"{p}: {e}")
+                    continue
+                xs.append(_fit(img.transpose(2, 0, 1), image_size, resize))
                 ys.append(ci)
+        if bad:  # one line, however many
+            print(
+                f"note: imagefolder: skipped {len(bad)} unreadable images under {d} "
+                f"(first: {bad[0]})",
+                file=sys.stderr,
+            )
         if not xs:
             raise DataError(f"imagefolder: no images under {d}; expected .png/.jpg files")
         shapes = {x.shape for x in xs}
         if len(shapes) > 1:
             raise DataError(
                 f"imagefolder: images under {d} have {len(shapes)} different sizes; "
-                "resize them to one size first"
+                "give image_size (study file) or --image-size N to resize and crop them"
             )
         return np.stack(xs), np.asarray(ys, dtype=np.int64)
 
@@ -201,6 +247,9 @@ def load_dataset(
     seed: int = 0,
     limit_train: int | None = None,
     limit_test: int | None = None,
+    image_size: int | None = None,
+    resize: int | None = None,
+    bad_images: str = "refuse",
 ) -> DataSplits:
     """Load a dataset by name and split its training set into train and validation.
 
@@ -209,14 +258,31 @@ def load_dataset(
     untouched. Images are scaled to [0, 1] and normalised by the train split's per-channel mean
     and std, which are recorded with the split. ``limit_train`` keeps only the first N training
     images after the split, ``limit_test`` the first N test images (quick runs and tests).
+    ``image_size``, ``resize`` and ``bad_images`` apply to ``imagefolder:`` (module docstring).
     """
+    if image_size is not None and not name.startswith("imagefolder:"):
+        raise DataError(
+            f"image_size applies to imagefolder: datasets; {name} has a fixed size (drop it)"
+        )
+    if image_size is not None and image_size < 8:
+        raise DataError(f"image_size must be >= 8 pixels; got {image_size}")
+    if resize is not None and (image_size is None or resize < image_size):
+        raise DataError(
+            f"resize (shorter side, {resize}) needs image_size and must be >= it ({image_size})"
+        )
     dd = Path(data_dir) if data_dir else None
     if name == "fashion-mnist":
         xtr, ytr, xte, yte = _fashion_mnist(dd)
     elif name == "cifar10":
         xtr, ytr, xte, yte = _cifar10(dd)
     elif name.startswith("imagefolder:"):
-        xtr, ytr, xte, yte = _imagefolder(name.split(":", 1)[1], seed)
+        xtr, ytr, xte, yte = _imagefolder(
+            name.split(":", 1)[1],
+            seed,
+            image_size=image_size,
+            resize=resize,
+            bad_images=bad_images,
+        )
     else:
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(list_datasets())}")
     n = len(ytr)
@@ -259,5 +325,7 @@ def load_dataset(
             "source_hash": h.hexdigest()[:16],
             "val_indices_hash": hashlib.sha256(val_idx.tobytes()).hexdigest()[:16],
             "limit_train": limit_train,
+            "image_size": image_size,
+            "resize": resize,
         },
     )

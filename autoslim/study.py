@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import json
 import math
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .artifact import estimate_size, export_onnx
+from .artifact import SizeCalibration, calibrate_size, estimate_size, export_onnx
 from .config import CompressionConfig
 from .data import DataSplits, load_dataset
 from .errors import AutoslimError, ConfigError, UsageError
@@ -83,6 +84,9 @@ class StudySpec:
     split_seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None  # first N test images only (the test split only reports)
+    image_size: int | None = None  # imagefolder: resize + center-crop every image to this
+    resize: int | None = None  # imagefolder: shorter side before the crop (image_size * 8 / 7)
+    bad_images: str = "refuse"  # imagefolder: unreadable files refused, or "skip"ped
     teacher_checkpoint: str | None = None
     teacher_epochs: int = 6
     teacher_max_steps: int | None = None
@@ -173,6 +177,9 @@ class StudySpec:
             seed=self.split_seed,
             limit_train=self.limit_train,
             limit_test=self.limit_test,
+            image_size=self.image_size,
+            resize=self.resize,
+            bad_images=self.bad_images,
         )
 
     def recovery(self) -> Recovery:
@@ -200,6 +207,8 @@ _MIN_VALUES = {
     "split_seed": 0,
     "limit_train": 1,
     "limit_test": 1,
+    "image_size": 8,
+    "resize": 8,
     "teacher_epochs": 1,
     "teacher_max_steps": 1,
     "teacher_batch_size": 1,
@@ -280,6 +289,7 @@ class Task:
     baseline: dict[str, float] = field(default_factory=dict)
     # the teacher's latency measured by this process, with its host (see time_teacher)
     teacher_timing: dict[str, Any] = field(default_factory=dict)
+    size_calibration: SizeCalibration | None = None  # see size_calibration(task)
 
     @property
     def example(self) -> torch.Tensor:
@@ -360,12 +370,39 @@ def time_teacher(task: Task, out_dir: Path) -> float:
     return lat.median_ms
 
 
+def size_calibration(task: Task) -> SizeCalibration:
+    """The architecture's graph bytes, measured once per task on two files of the unpruned
+    teacher (fp32, and uniform int8 with no training): a few seconds, then cached."""
+    if task.size_calibration is None:
+        int8 = task.space.to_config(task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8))
+        with tempfile.TemporaryDirectory(prefix="autoslim-size-") as tmp:
+            f32, f8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            export_onnx(copy.deepcopy(task.teacher.model), f32, example=task.example)
+            c = compress(
+                task.teacher.model,
+                int8,
+                data=task.data,
+                recovery=Recovery(steps=0, bn_batches=0),
+                classifier=task.classifier,
+                stem=task.stem,
+            )
+            export(c, f8)
+            task.size_calibration = calibrate_size(
+                task.teacher.model, fp32_file=f32, int8_file=f8, int8_config=int8
+            )
+    return task.size_calibration
+
+
 def estimate(task: Task, config: CompressionConfig) -> int:
-    """Analytic artifact size of ``config`` (prune + factorise a copy, no training): ~0.5 s."""
+    """Analytic artifact size of ``config`` (prune + factorise a copy, no training): ~0.5 s,
+    calibrated on the architecture's own files (:func:`size_calibration`)."""
+    calibration = size_calibration(task)
     m = copy.deepcopy(task.teacher.model)
     prune_model(m, config, example=task.example, classifier=task.classifier)
     rep = factorize_model(m, config, skip=(task.stem,) if task.stem else ())
-    return estimate_size(m, config, factorized={t["layer"] for t in rep.touched})
+    return estimate_size(
+        m, config, factorized={t["layer"] for t in rep.touched}, calibration=calibration
+    )
 
 
 class CandidateFailed(AutoslimError):

@@ -214,3 +214,47 @@ def test_an_int8_export_leaves_the_process_logging_alone(tiny_teacher, fmnist, t
     finally:
         root.setLevel(saved[0])
         tlog.setLevel(saved[1])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_calibrated_size_estimate_is_exact_or_conservative(name, tmp_path: Path, fmnist) -> None:
+    """Calibrated on the architecture's unpruned fp32 and int8 files, the estimate of pruned
+    int8 candidates (where the uncalibrated one undercounted MobileNetV3 by 18%) is within
+    0.5%; with low-rank layers (nodes the reference lacks, counted by their mean node size)
+    within 3% (measured: 0.7-1.8% under)."""
+    import copy
+
+    from autoslim import build_model, list_groups
+    from autoslim.artifact import calibrate_size, estimate_size
+    from autoslim.models import stem_and_classifier
+    from autoslim.passes.distill import recalibrate_bn
+    from autoslim.pipeline import build_student
+
+    torch.manual_seed(0)
+    m = build_model(name, in_channels=1, num_classes=10, image_size=28).eval()
+    with torch.no_grad():  # as after training: no bias is exactly zero (ORT drops those)
+        for mod in m.modules():
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.uniform_(-0.2, 0.2)
+    recalibrate_bn(m, fmnist.train.x, batches=2, batch_size=64)
+    stem, cls = stem_and_classifier(name, m)
+    x = torch.zeros(1, 1, 28, 28)
+    groups = [g.name for g in list_groups(m, x, classifier=cls)]
+    rec = Recovery(steps=0, bn_batches=2, batch_size=64)
+
+    def real(cfg: CompressionConfig, path: Path) -> int:
+        c = compress(m, cfg, data=fmnist, recovery=rec, classifier=cls, stem=stem)
+        return export(c, path).size_bytes
+
+    int8 = CompressionConfig.uniform(prune=0.0, weight_bits=8, act_bits=8, groups=groups)
+    real(int8, tmp_path / "int8.onnx")
+    export_onnx(copy.deepcopy(m), tmp_path / "fp32.onnx", example=x)
+    cal = calibrate_size(
+        m, fp32_file=tmp_path / "fp32.onnx", int8_file=tmp_path / "int8.onnx", int8_config=int8
+    )
+    for kw, low, high in (({}, -0.005, 0.005), ({"rank_ratio": 0.5}, -0.03, 0.03)):
+        cfg = CompressionConfig.uniform(prune=0.8, weight_bits=8, act_bits=8, groups=groups, **kw)
+        s, _, facts = build_student(m, cfg, example=x, classifier=cls, stem=stem)
+        est = estimate_size(s, cfg, factorized=facts, calibration=cal)
+        got = real(cfg, tmp_path / "m.onnx")
+        assert low <= (est - got) / got <= high, (kw, est, got)

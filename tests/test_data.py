@@ -175,6 +175,54 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         load_dataset(f"imagefolder:{tmp_path}", val_size=1)
 
 
+def _mixed_folder(root: Path) -> Path:
+    """Two classes of RGB, grey and palette images of six sizes and three formats."""
+    sizes = [(40, 30), (17, 64), (96, 96), (33, 21), (128, 80), (50, 51)]
+    for ci, c in enumerate(("cats", "dogs")):
+        (root / c).mkdir(parents=True)
+        for i, size in enumerate(sizes):
+            img = Image.new("RGB", size, (200 * ci, 60, 30 * i))
+            mode, ext = [("RGB", "png"), ("L", "jpg"), ("P", "gif")][i % 3]
+            img.convert(mode).save(root / c / f"{i}.{ext}")
+    return root
+
+
+def test_imagefolder_of_any_size_and_format_is_resized_and_cropped(tmp_path: Path) -> None:
+    root = _mixed_folder(tmp_path / "mixed")
+    with pytest.raises(DataError, match="--image-size"):
+        load_dataset(f"imagefolder:{root}", val_size=2)
+    d = load_dataset(f"imagefolder:{root}", val_size=2, image_size=24)
+    assert d.input_shape == (3, 24, 24)
+    assert len(d.train) + len(d.val) + len(d.test) == 12
+    other = load_dataset(f"imagefolder:{root}", val_size=2, image_size=24, resize=48)
+    assert other.fingerprint() != d.fingerprint()  # another preprocessing, another teacher
+    with pytest.raises(DataError, match="image_size applies to imagefolder"):
+        load_dataset("fashion-mnist", image_size=32)
+
+
+def test_a_corrupt_image_is_refused_by_path_or_skipped_once(tmp_path: Path, capsys) -> None:
+    root = _mixed_folder(tmp_path / "mixed")
+    for k in range(3):
+        (root / "dogs" / f"bad{k}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DataError, match=r"bad0\.png"):
+        load_dataset(f"imagefolder:{root}", val_size=2, image_size=16)
+    d = load_dataset(f"imagefolder:{root}", val_size=2, image_size=16, bad_images="skip")
+    assert len(d.train) + len(d.val) + len(d.test) == 12
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "skipped 3 unreadable images" in err[0] and "bad0.png" in err[0]
+
+
+def test_a_mixed_size_folder_trains_a_teacher(tmp_path: Path, capsys) -> None:
+    from conftest import TINY
+
+    from autoslim.cli import main
+
+    root = _mixed_folder(tmp_path / "mixed")
+    args = ["train", "--model", TINY, "--dataset", f"imagefolder:{root}", "--val-size", "2"]
+    assert main([*args, "--image-size", "32", "--max-steps", "3", "--batch-size", "4"]) == 0
+    assert "teacher" in capsys.readouterr().out
+
+
 def test_fingerprint_does_not_depend_on_the_thread_count() -> None:
     """Teachers are cached by it: a CLI run (all threads) must find the test run's (1 thread)."""
     prints = []
