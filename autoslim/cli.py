@@ -86,10 +86,13 @@ def _number(kind: type, *, low: float | None = None, high: float | None = None, 
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {want}; got {text!r}") from None
-        if v != v or (low is not None and (v <= low if strict else v < low)):
-            raise argparse.ArgumentTypeError(f"expected {want}; got {text!r}")
-        if high is not None and v > high:
+            v = None
+        if (
+            v is None
+            or v != v  # nan
+            or (low is not None and (v <= low if strict else v < low))
+            or (high is not None and v > high)
+        ):
             raise argparse.ArgumentTypeError(f"expected {want}; got {text!r}")
         return v
 

@@ -96,10 +96,9 @@ def open_study(
             sampler=sampler,
         )
     except Exception as e:  # a clash of names, a file that is not an Optuna database
-        first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [""])[0]
         raise UsageError(
             f"cannot open study {spec.name!r} in {redact(spec.storage_url)}: {type(e).__name__}: "
-            f"{first}; use another --name or --storage"
+            f"{_first_line(e)}; use another --name or --storage"
         ) from None
     if fingerprint is not None:
         stored = study.user_attrs.get("fingerprint")
@@ -120,6 +119,12 @@ def open_study(
                 f"{spec.run_dir} to start over"
             )
     return study
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of a database error (SQLAlchemy appends its background and a link)."""
+    lines = str(getattr(e, "orig", None) or e).strip().splitlines()
+    return lines[0] if lines else repr(e)
 
 
 def redact(url: str) -> str:
@@ -167,9 +172,8 @@ def check_storage(url: str) -> str:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", e) or e).strip().splitlines()
         raise UsageError(
-            f"cannot reach the storage database {shown}: {reason[0] if reason else e!r}; start "
+            f"cannot reach the storage database {shown}: {_first_line(e)}; start "
             "the server or fix --storage"
         ) from None
     finally:
@@ -200,10 +204,10 @@ def _open(url: str, name: str) -> optuna.Study:
     try:
         names = optuna.get_all_study_names(storage=url)
     except Exception as e:  # a bad URL or a file that is not an Optuna database
-        first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [""])[0]
         raise UsageError(
-            f"cannot read study storage {redact(url)}: {type(e).__name__}: {first} (is it an Optuna "
-            "study database? pass the study folder or --storage URL it was run with)"
+            f"cannot read study storage {redact(url)}: {type(e).__name__}: {_first_line(e)} "
+            "(is it an Optuna study database? pass the study folder or --storage URL it was "
+            "run with)"
         ) from None
     if not names:
         raise UsageError(f"storage {url} holds no study; run `autoslim search` first")

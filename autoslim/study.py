@@ -372,12 +372,15 @@ def time_teacher(task: Task, out_dir: Path) -> float:
 
 def size_calibration(task: Task) -> SizeCalibration:
     """The architecture's graph bytes, measured once per task on two files of the unpruned
-    teacher (fp32, and uniform int8 with no training): a few seconds, then cached."""
+    teacher (fp32, and uniform int8 with no training): a few seconds, then cached. The fp32
+    file is the study's ``teacher_fp32.onnx`` where the baseline already wrote it."""
     if task.size_calibration is None:
         int8 = task.space.to_config(task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8))
         with tempfile.TemporaryDirectory(prefix="autoslim-size-") as tmp:
-            f32, f8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-            export_onnx(copy.deepcopy(task.teacher.model), f32, example=task.example)
+            f32, f8 = task.spec.run_dir / "teacher_fp32.onnx", Path(tmp) / "int8.onnx"
+            if not f32.is_file():
+                f32 = Path(tmp) / "fp32.onnx"
+                export_onnx(copy.deepcopy(task.teacher.model), f32, example=task.example)
             c = compress(
                 task.teacher.model,
                 int8,
