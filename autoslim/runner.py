@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 BASELINES = [(0.0, 8, 8), (0.3, 8, 8), (0.5, 8, 8)]  # (prune, weight bits, act bits)
+FITTING_LADDER = 3  # fitting uniform baselines enqueued when the budget is set
 RETIME_EVERY = 5  # trials between two timings of the teacher (speed-ups use the latest one)
 
 
@@ -406,16 +407,36 @@ def _objective(task: Task):
     return objective
 
 
-def _fitting_baseline(task: Task) -> list[tuple[float, int, int]]:
-    """The by-hand pipeline as a trial: the smallest uniform int8 ratio that fits the budget."""
-    if task.spec.budget is None:
-        return []
-    for i in range(10, 19):
-        r = i * 0.05
+def _baselines(task: Task) -> list[tuple[float, int, int]]:
+    """The uniform int8 points every study starts from, as (prune, weight bits, act bits).
+
+    Without a budget: :data:`BASELINES`. With one, the baselines the analytic estimate puts
+    over budget are dropped (they would not even be trained) and a ladder of fitting uniform
+    ratios takes their place: the by-hand pipeline's point (the smallest uniform int8 ratio
+    whose estimate fits) and the next steps up, so that a tight budget (a few percent of the
+    teacher, where most proposals are over) still starts with ``FITTING_LADDER`` trained points.
+    """
+    budget = task.spec.budget
+    if budget is None:
+        return list(BASELINES)
+
+    def fits(r: float) -> bool:
         params = task.space.uniform_params(prune=r, weight_bits=8, act_bits=8)
-        if estimate(task, task.space.to_config(params)) <= task.spec.budget:
-            return [(r, 8, 8)]
-    return []
+        return estimate(task, task.space.to_config(params)) <= budget
+
+    kept = [b for b in BASELINES if fits(b[0])]
+    ratios = [round(i * 0.05, 2) for i in range(10, 19)]  # 0.50 .. 0.90
+    first = next((i for i, r in enumerate(ratios) if fits(r)), None)
+    if first is None:
+        return kept
+    have = {b[0] for b in kept}
+    ladder = []  # the by-hand point always; then steps up (a larger ratio fits too)
+    for j, r in enumerate(ratios[first:]):
+        if j and len(kept) + len(ladder) >= FITTING_LADDER:
+            break
+        if r not in have:
+            ladder.append((r, 8, 8))
+    return kept + ladder
 
 
 def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
@@ -452,7 +473,7 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
     done = _done(study)
     if not study.get_trials(deepcopy=False):
         # no more baselines than trials: enqueued ones never run would show as "waiting"
-        for prune, wb, ab in (BASELINES + _fitting_baseline(task))[: spec.trials]:
+        for prune, wb, ab in _baselines(task)[: spec.trials]:
             study.enqueue_trial(
                 task.space.uniform_params(prune=prune, weight_bits=wb, act_bits=ab),
                 skip_if_exists=True,

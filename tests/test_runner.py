@@ -40,6 +40,17 @@ def test_tiny_study_front_meets_budget(tiny_study):
     assert len(open_existing(spec.run_dir).trials) == TINY_TRIALS
 
 
+def test_with_a_budget_every_enqueued_baseline_fits_it(tiny_study):
+    """Uniform baselines over the budget would only be rejected; the fitting ladder replaces
+    them, so even a tight budget starts with trained in-budget points."""
+    study = tiny_study.result.study
+    enqueued = [t for t in study.trials if "fixed_params" in t.system_attrs]
+    assert enqueued, "no baselines were enqueued"
+    for t in enqueued:
+        assert t.user_attrs["size_estimate"] <= BUDGET, (t.number, t.user_attrs["summary"])
+        assert t.user_attrs.get("status") != "over_budget"
+
+
 def _completed(db: Path) -> int:
     if not db.exists():
         return 0
