@@ -425,7 +425,7 @@ def _baselines(task: Task) -> list[tuple[float, int, int]]:
         return estimate(task, task.space.to_config(params)) <= budget
 
     kept = [b for b in BASELINES if fits(b[0])]
-    ratios = [round(i * 0.05, 2) for i in range(10, 19)]  # 0.50 .. 0.90
+    ratios = [round(i * 0.05, 2) for i in range(10, 20)]  # 0.50 .. 0.95
     first = next((i for i, r in enumerate(ratios) if fits(r)), None)
     if first is None:
         return kept
