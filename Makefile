@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data browser test lint demo bench-compress bench-search bench-refine bench-models clean
+.PHONY: install data browser test lint demo bench-compress bench-search bench-refine bench-models bench-data clean
 
 install: $(STAMP)
 
@@ -53,6 +53,11 @@ bench-refine: $(STAMP) data
 
 bench-models: $(STAMP) data
 	$(BIN)/python benchmarks/bench_models.py
+
+# its peak-RSS figures come from GNU time (Debian package time)
+bench-data: $(STAMP) data
+	@command -v /usr/bin/time >/dev/null 2>&1 || $(SUDO) apt-get install -y -q time >/dev/null
+	$(BIN)/python benchmarks/bench_data.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache studies/runs

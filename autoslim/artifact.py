@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from .config import CompressionConfig, LayerConfig
+from .data import Split
 from .errors import ExportError
 from .passes.quantize import QRANGE, act_qparams, layer_config, split_add_key
 
@@ -455,16 +456,18 @@ def ort_session(path: str | Path, *, threads: int = 1, providers: list[str] | No
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
-def onnx_predict(session, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits of the artifact on ``x`` (batched; in the file's own batch size if it is fixed)."""
+def onnx_predict(session, x: torch.Tensor | Split, batch_size: int = 256) -> torch.Tensor:
+    """Logits of the artifact on the images ``x`` or a split's (batched; in the file's own
+    batch size if it is fixed)."""
     inp = session.get_inputs()[0]
     name = inp.name
     if isinstance(inp.shape[0], int) and inp.shape[0] > 0:
         batch_size = inp.shape[0]
-    outs = [
-        session.run(None, {name: x[i : i + batch_size].numpy()})[0]
-        for i in range(0, len(x), batch_size)
-    ]
+    if isinstance(x, Split):
+        batches = x.batches(batch_size)
+    else:
+        batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+    outs = [session.run(None, {name: xb.numpy()})[0] for xb in batches]
     return torch.from_numpy(np.concatenate(outs))
 
 

@@ -62,6 +62,12 @@ def _add_image_args(p: argparse.ArgumentParser, default: str | None = "refuse") 
         default=default,
         help="imagefolder: refuse unreadable files (default) or skip them, reported once",
     )
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="imagefolder: decode images from their files per batch (default: when large)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,6 +146,7 @@ def _train(a: argparse.Namespace) -> int:
         image_size=a.image_size,
         resize=a.resize,
         bad_images=a.bad_images,
+        stream=a.stream,
     )
     recipe = TeacherRecipe(
         epochs=a.epochs, batch_size=a.batch_size, max_lr=a.lr, max_steps=a.max_steps
@@ -203,6 +210,7 @@ def _search(a: argparse.Namespace) -> int:
         image_size=a.image_size,
         resize=a.resize,
         bad_images=a.bad_images,
+        stream=a.stream,
         storage=a.storage,
         backend=a.backend,
         teacher_checkpoint=a.teacher,

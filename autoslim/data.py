@@ -1,4 +1,5 @@
-"""Datasets by name, held in memory as tensors, with a deterministic train/validation split.
+"""Datasets by name, held in memory as uint8 or streamed from files, with a deterministic
+train/validation split.
 
 Names:
 - ``fashion-mnist``: IDX .gz files from ``/usr/share/datasets/fashion-mnist/`` (Debian package
@@ -9,6 +10,9 @@ Names:
   format PIL reads; with ``image_size`` each is resized (shorter side to ``resize``, default
   ``image_size * 8 / 7``) and center-cropped to ``image_size`` square. Unreadable files are
   refused with their path (``bad_images="refuse"``) or skipped and reported once (``"skip"``).
+  Large folders (``stream``; by default above ``STREAM_ABOVE_BYTES`` of uint8 images) are
+  streamed: each batch is decoded from its files by ``DataLoader`` workers, training batches
+  with a random-resized crop and a flip, so memory does not grow with the number of images.
 
 The test split is only for final reports; search decisions use the validation split.
 """
@@ -17,16 +21,28 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, one_line
 
-__all__ = ["Split", "DataSplits", "load_dataset", "list_datasets", "FASHION_MNIST_DIR"]
+__all__ = [
+    "Split",
+    "TensorSplit",
+    "FolderSplit",
+    "DataSplits",
+    "load_dataset",
+    "list_datasets",
+    "data_workers",
+    "decode",
+    "FASHION_MNIST_DIR",
+]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _FMNIST_FILES = {
@@ -35,21 +51,273 @@ _FMNIST_FILES = {
 }
 
 
-@dataclass(frozen=True)
-class Split:
-    """Images as a float tensor (N, C, H, W), already normalised, and int64 labels (N,)."""
+def data_workers() -> int:
+    """DataLoader worker processes for streamed splits: one fewer than the cores this process
+    may run on (its affinity), at most 4; none on a single core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
 
-    x: torch.Tensor
+
+class Split:
+    """One split: int64 labels ``y`` in memory, images served normalised on demand.
+
+    Library code reads images through :meth:`images` (random access, evaluation view),
+    :meth:`batches` (in order) and :meth:`train_batches` (augmented training view), so a split
+    never has to hold its images as float32: :class:`TensorSplit` keeps them as uint8 in
+    memory (the fast path for small data), :class:`FolderSplit` decodes them from their files.
+    ``x`` materialises every image as float32 (small splits and tests only).
+    """
+
     y: torch.Tensor
+    shape: tuple[int, int, int]  # (channels, height, width) of one served image
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def images(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        """Normalised float32 images (N, C, H, W) at ``idx``: the evaluation view."""
+        raise NotImplementedError
+
     def subset(self, n: int | None) -> Split:
         """The first ``n`` samples (the split is already shuffled by its seed)."""
+        raise NotImplementedError
+
+    def train_batches(
+        self, index_batches: list[torch.Tensor], *, gen: torch.Generator, padding: int, flip: bool
+    ) -> Iterator[torch.Tensor]:
+        """Augmented training batches for ``index_batches``, in order; randomness from ``gen``."""
+        raise NotImplementedError
+
+    def batches_at(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Evaluation-view batches for ``index_batches``, in order."""
+        for idx in index_batches:
+            yield self.images(idx)
+
+    def batches(self, batch_size: int = 512, *, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """The first ``limit`` (default: all) images in order, ``batch_size`` at a time."""
+        n = len(self) if limit is None else min(limit, len(self))
+        yield from self.batches_at(
+            [torch.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        )
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first ``n`` images as one tensor (calibration sets, gate diagnoses)."""
+        return self.images(slice(0, min(n, len(self))))
+
+    @property
+    def x(self) -> torch.Tensor:
+        """Every image, float32 (N, C, H, W): memory-hungry; for small splits and tests."""
+        return self.images(slice(0, len(self)))
+
+    def _normalise(self, u8: torch.Tensor) -> torch.Tensor:
+        m = torch.tensor(self.mean).view(1, -1, 1, 1)
+        s = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (u8.float().div_(255.0) - m) / s
+
+
+class TensorSplit(Split):
+    """Images held in memory as uint8 (N, C, H, W): a quarter of float32's bytes."""
+
+    def __init__(
+        self, u8: torch.Tensor, y: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> None:
+        self.u8, self.y, self.mean, self.std = u8, y, mean, std
+        self.shape = tuple(int(v) for v in u8.shape[1:])  # type: ignore[assignment]
+
+    def images(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        return self._normalise(self.u8[idx])
+
+    def subset(self, n: int | None) -> Split:
         if n is None or n >= len(self):
             return self
-        return Split(self.x[:n], self.y[:n])
+        return TensorSplit(self.u8[:n], self.y[:n], self.mean, self.std)
+
+    def train_batches(
+        self, index_batches: list[torch.Tensor], *, gen: torch.Generator, padding: int, flip: bool
+    ) -> Iterator[torch.Tensor]:
+        for idx in index_batches:
+            yield pad_crop_flip(self.images(idx), padding=padding, flip=flip, gen=gen)
+
+
+def pad_crop_flip(
+    x: torch.Tensor, *, padding: int, flip: bool, gen: torch.Generator
+) -> torch.Tensor:
+    """Random crop after zero padding plus horizontal flip, per sample (small images)."""
+    b, _, h, w = x.shape
+    if padding > 0:
+        xp = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
+        ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
+        rows = (oy[:, None] + torch.arange(h))[:, :, None]  # (b, h, 1)
+        cols = (ox[:, None] + torch.arange(w))[:, None, :]  # (b, 1, w)
+        bi = torch.arange(b)[:, None, None]
+        x = xp.permute(0, 2, 3, 1)[bi, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        m = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(m[:, None, None, None], x.flip(3), x)
+    return x.contiguous()
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def decode(path: str | Path, *, min_side: int | None = None) -> torch.Tensor:
+    """One image file as uint8 RGB (3, H, W), decoded by Pillow. With ``min_side``, JPEGs are
+    decoded at the smallest power-of-two reduction whose shorter side is still >= it (Pillow's
+    ``draft``): a 4000 px photo served at 224 px decodes several times faster."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if min_side and im.format == "JPEG":
+            im.draft("RGB", (min_side, min_side))
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def short_side(image_size: int | None, resize: int | None) -> int | None:
+    """The shorter side images are resized to before the center crop (``image_size * 8 / 7``
+    unless ``resize`` says otherwise); None: images are served at their own size."""
+    if image_size is None:
+        return None
+    return resize or round(image_size * 8 / 7)
+
+
+def fit(img: torch.Tensor, image_size: int | None, resize: int | None) -> torch.Tensor:
+    """(C, H, W) uint8 -> shorter side :func:`short_side`, then a center crop of
+    ``image_size`` square: the evaluation view. Unchanged without a size."""
+    if image_size is None:
+        return img
+    from torchvision.transforms.v2 import functional as TF
+
+    img = TF.resize(
+        img, [short_side(image_size, resize)], antialias=True
+    )  # shorter side, aspect kept
+    return TF.center_crop(img, [image_size, image_size])
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Items ``(i, seed)`` of a :class:`FolderSplit` as uint8 tensors; ``seed < 0``: evaluation
+    view, else a random-resized crop + flip drawn from that seed (same seed, same view)."""
+
+    def __init__(self, split: FolderSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        i, seed = key
+        sp = self.split
+        try:
+            img = decode(sp.paths[i], min_side=short_side(sp.image_size, sp.resize))
+        except (RuntimeError, OSError, ValueError, SyntaxError) as e:
+            raise DataError(
+                f"imagefolder: cannot decode image {sp.paths[i]}: {one_line(str(e))}; fix or "
+                "remove the file"
+            ) from None
+        if seed < 0:
+            out = fit(img, sp.image_size, sp.resize)
+        else:
+            from torchvision.transforms import v2
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                crop = v2.RandomResizedCrop(list(sp.shape[1:]), scale=(0.25, 1.0), antialias=True)
+                out = v2.RandomHorizontalFlip()(crop(img))
+        if tuple(out.shape) != sp.shape:
+            raise DataError(
+                f"imagefolder: {sp.paths[i]} is {tuple(out.shape[1:])} px, the others "
+                f"{sp.shape[1:]}; give image_size (study file) or --image-size N to resize them"
+            )
+        return out
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the training threads
+
+
+class FolderSplit(Split):
+    """Images decoded from their files when served (bounded memory at any dataset size).
+
+    Batches go through a ``DataLoader`` with :func:`data_workers` worker processes; training
+    batches get a random-resized crop (scale 0.25-1) and a horizontal flip.
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        y: torch.Tensor,
+        *,
+        shape: tuple[int, int, int],
+        image_size: int | None,
+        resize: int | None,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        workers: int | None = None,
+    ) -> None:
+        self.paths, self.y, self.shape = paths, y, shape
+        self.image_size, self.resize, self.mean, self.std = image_size, resize, mean, std
+        self.workers = data_workers() if workers is None else workers
+
+    def subset(self, n: int | None) -> Split:
+        if n is None or n >= len(self):
+            return self
+        return FolderSplit(
+            self.paths[:n],
+            self.y[:n],
+            shape=self.shape,
+            image_size=self.image_size,
+            resize=self.resize,
+            mean=self.mean,
+            std=self.std,
+            workers=self.workers,
+        )
+
+    def images(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        keys = range(len(self))[idx] if isinstance(idx, slice) else [int(i) for i in idx]
+        ds = _Decoded(self)
+        if not keys:
+            return torch.empty(0, *self.shape)
+        return self._normalise(torch.stack([ds[(i, -1)] for i in keys]))
+
+    def _load(self, key_batches: list[list[tuple[int, int]]]) -> Iterator[torch.Tensor]:
+        if not key_batches:
+            return
+        loader = torch.utils.data.DataLoader(
+            _Decoded(self),
+            batch_sampler=key_batches,
+            num_workers=self.workers,
+            worker_init_fn=_worker_init if self.workers else None,
+            prefetch_factor=2 if self.workers else None,
+        )
+        it = iter(loader)
+        while True:
+            try:
+                u8 = next(it)
+            except StopIteration:
+                return
+            except DataError as e:  # a worker's error arrives with its traceback: one line
+                raise DataError(
+                    str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]
+                ) from None
+            yield self._normalise(u8)
+
+    def batches_at(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        yield from self._load([[(int(i), -1) for i in idx] for idx in index_batches])
+
+    def train_batches(
+        self, index_batches: list[torch.Tensor], *, gen: torch.Generator, padding: int, flip: bool
+    ) -> Iterator[torch.Tensor]:
+        keys = []
+        for idx in index_batches:
+            seeds = torch.randint(0, 2**31 - 1, (len(idx),), generator=gen)
+            keys.append([(int(i), int(s)) for i, s in zip(idx, seeds, strict=True)])
+        yield from self._load(keys)
 
 
 @dataclass(frozen=True)
@@ -69,8 +337,7 @@ class DataSplits:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one image."""
-        c, h, w = self.train.x.shape[1:]
-        return int(c), int(h), int(w)
+        return self.train.shape
 
     def fingerprint(self) -> str:
         """A short hash naming the dataset, split sizes, seed and normalisation.
@@ -88,6 +355,7 @@ class DataSplits:
                 if self.meta.get("image_size")
                 else ""
             )
+            + ("|stream" if self.meta.get("stream") else "")
         )
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -151,32 +419,53 @@ def _cifar10(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 
 
 BAD_IMAGES = ("refuse", "skip")
+STREAM_ABOVE_BYTES = 1 << 30  # an imagefolder whose uint8 images exceed this is streamed
+STATS_SAMPLE = 1000  # training images a streamed split's mean and std are computed on
 
 
-def _fit(img: np.ndarray, image_size: int | None, resize: int | None) -> np.ndarray:
-    """(C, H, W) uint8 -> resized (shorter side ``resize``) and center-cropped ``image_size``."""
-    if image_size is None:
-        return img
-    from torchvision.transforms.v2 import functional as TF
-
-    t = torch.from_numpy(np.ascontiguousarray(img).copy())
-    short = resize or round(image_size * 8 / 7)
-    t = TF.resize(t, [short], antialias=True)  # shorter side, aspect kept
-    return TF.center_crop(t, [image_size, image_size]).numpy()
-
-
-def _imagefolder(
-    path: str,
-    seed: int,
-    *,
-    image_size: int | None = None,
-    resize: int | None = None,
-    bad_images: str = "refuse",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _scan(
+    d: Path, classes: list[str], bad_images: str
+) -> tuple[list[str], list[int], set[tuple[int, int]]]:
+    """Image files under ``d/<class>/`` with their labels and the set of (width, height) sizes
+    (headers only). Unreadable files are refused, or skipped and reported in one line."""
     import sys
 
     from PIL import Image
 
+    paths, labels, sizes, bad = [], [], set(), []
+    for ci, c in enumerate(classes):
+        for p in sorted((d / c).glob("*")):
+            if p.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(p) as im:
+                    sizes.add(im.size)
+            except (OSError, SyntaxError, ValueError) as e:  # PIL's errors on bad files
+                if bad_images == "refuse":
+                    raise DataError(
+                        f"imagefolder: cannot decode image {p}: {one_line(str(e))}; fix or remove "
+                        'the file, or skip such files (bad_images = "skip", --bad-images skip)'
+                    ) from None
+                bad.append(f"{p}: {e}")
+                continue
+            paths.append(str(p))
+            labels.append(ci)
+    if bad:  # one line, however many
+        print(
+            f"note: imagefolder: skipped {len(bad)} unreadable images under {d} "
+            f"(first: {one_line(bad[0])})",
+            file=sys.stderr,
+        )
+    if not paths:
+        raise DataError(f"imagefolder: no images under {d}; expected .png/.jpg files")
+    return paths, labels, sizes
+
+
+def _imagefolder_files(
+    path: str, seed: int, bad_images: str, image_size: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """Train and test file paths and labels of ``PATH/train/<class>/*`` (test: ``PATH/test`` or
+    20% of train, seeded), and the (C, H, W) every image is served at."""
     root = Path(path)
     train_dir = root / "train" if (root / "train").is_dir() else root
     if not train_dir.is_dir():
@@ -190,53 +479,40 @@ def _imagefolder(
             f"imagefolder: found {len(classes)} class folders in {train_dir}; need at least 2 "
             "subfolders, one per class"
         )
-
     if bad_images not in BAD_IMAGES:
         raise DataError(f"bad_images must be one of {BAD_IMAGES}; got {bad_images!r}")
-
-    def load(d: Path) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys, bad = [], [], []
-        for ci, c in enumerate(classes):
-            for p in sorted((d / c).glob("*")):
-                if p.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}:
-                    continue
-                try:
-                    with Image.open(p) as im:
-                        img = np.asarray(im.convert("RGB"), dtype=np.uint8)
-                except (OSError, SyntaxError, ValueError) as e:  # PIL's errors on bad files
-                    if bad_images == "refuse":
-                        raise DataError(
-                            f"imagefolder: cannot decode image {p}: {e}; fix or remove the "
-                            'file, or skip such files (bad_images = "skip")'
-                        ) from None
-                    bad.append(f"{p}: {e}")
-                    continue
-                xs.append(_fit(img.transpose(2, 0, 1), image_size, resize))
-                ys.append(ci)
-        if bad:  # one line, however many
-            print(
-                f"note: imagefolder: skipped {len(bad)} unreadable images under {d} "
-                f"(first: {bad[0]})",
-                file=sys.stderr,
-            )
-        if not xs:
-            raise DataError(f"imagefolder: no images under {d}; expected .png/.jpg files")
-        shapes = {x.shape for x in xs}
-        if len(shapes) > 1:
-            raise DataError(
-                f"imagefolder: images under {d} have {len(shapes)} different sizes; "
-                "give image_size (study file) or --image-size N to resize and crop them"
-            )
-        return np.stack(xs), np.asarray(ys, dtype=np.int64)
-
-    x, y = load(train_dir)
+    p, y, sizes = _scan(train_dir, classes, bad_images)
     if (root / "test").is_dir():
-        xte, yte = load(root / "test")
-        return x, y, xte, yte
-    perm = np.random.default_rng(seed + 1).permutation(len(y))
-    n_test = max(1, len(y) // 5)
-    te, tr = perm[:n_test], perm[n_test:]
-    return x[tr], y[tr], x[te], y[te]
+        pte, yte, more = _scan(root / "test", classes, bad_images)
+        sizes |= more
+        tr_p, tr_y, te_p, te_y = np.array(p), np.array(y), np.array(pte), np.array(yte)
+    else:
+        perm = np.random.default_rng(seed + 1).permutation(len(y))
+        n_test = max(1, len(y) // 5)
+        te, tr = perm[:n_test], perm[n_test:]
+        tr_p, tr_y, te_p, te_y = np.array(p)[tr], np.array(y)[tr], np.array(p)[te], np.array(y)[te]
+    if image_size is None and len(sizes) > 1:
+        raise DataError(
+            f"imagefolder: images under {root} have {len(sizes)} different sizes; "
+            "give image_size (study file) or --image-size N to resize and crop them"
+        )
+    w, h = next(iter(sizes))
+    shape = (3, image_size, image_size) if image_size else (3, h, w)
+    return tr_p, tr_y.astype(np.int64), te_p, te_y.astype(np.int64), shape
+
+
+def _decode_all(paths: np.ndarray, image_size: int | None, resize: int | None) -> np.ndarray:
+    """Every file's evaluation view, uint8 (N, C, H, W): the in-memory fast path."""
+    out = []
+    for p in paths:
+        try:
+            img = decode(p, min_side=short_side(image_size, resize))
+            out.append(fit(img, image_size, resize).numpy())
+        except (RuntimeError, OSError, ValueError, SyntaxError) as e:
+            raise DataError(
+                f"imagefolder: cannot decode image {p}: {one_line(str(e))}; fix or remove the file"
+            ) from None
+    return np.stack(out)
 
 
 def load_dataset(
@@ -250,6 +526,7 @@ def load_dataset(
     image_size: int | None = None,
     resize: int | None = None,
     bad_images: str = "refuse",
+    stream: bool | None = None,
 ) -> DataSplits:
     """Load a dataset by name and split its training set into train and validation.
 
@@ -259,30 +536,39 @@ def load_dataset(
     and std, which are recorded with the split. ``limit_train`` keeps only the first N training
     images after the split, ``limit_test`` the first N test images (quick runs and tests).
     ``image_size``, ``resize`` and ``bad_images`` apply to ``imagefolder:`` (module docstring).
+    ``stream`` (imagefolder only): decode images from their files when served instead of
+    holding them in memory; default: when their uint8 bytes exceed ``STREAM_ABOVE_BYTES``.
     """
     if image_size is not None and not name.startswith("imagefolder:"):
         raise DataError(
             f"image_size applies to imagefolder: datasets; {name} has a fixed size (drop it)"
         )
+    if stream and not name.startswith("imagefolder:"):
+        raise DataError(f"stream applies to imagefolder: datasets; {name} is held in memory")
     if image_size is not None and image_size < 8:
         raise DataError(f"image_size must be >= 8 pixels; got {image_size}")
     if resize is not None and (image_size is None or resize < image_size):
         raise DataError(
             f"resize (shorter side, {resize}) needs image_size and must be >= it ({image_size})"
         )
+    if limit_test is not None and limit_test < 1:
+        raise DataError(f"limit_test must be >= 1 test images; got {limit_test}")
     dd = Path(data_dir) if data_dir else None
+    files = None
     if name == "fashion-mnist":
         xtr, ytr, xte, yte = _fashion_mnist(dd)
     elif name == "cifar10":
         xtr, ytr, xte, yte = _cifar10(dd)
     elif name.startswith("imagefolder:"):
-        xtr, ytr, xte, yte = _imagefolder(
-            name.split(":", 1)[1],
-            seed,
-            image_size=image_size,
-            resize=resize,
-            bad_images=bad_images,
+        ptr, ytr, pte, yte, shape = _imagefolder_files(
+            name.split(":", 1)[1], seed, bad_images, image_size
         )
+        if stream is None:
+            stream = (len(ptr) + len(pte)) * int(np.prod(shape)) > STREAM_ABOVE_BYTES
+        if stream:
+            files = (ptr, pte, shape)
+        else:
+            xtr, xte = _decode_all(ptr, image_size, resize), _decode_all(pte, image_size, resize)
     else:
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(list_datasets())}")
     n = len(ytr)
@@ -295,37 +581,83 @@ def load_dataset(
     if limit_train is not None:
         train_idx = train_idx[:limit_train]
     if limit_test is not None:
-        if limit_test < 1:
-            raise DataError(f"limit_test must be >= 1 test images; got {limit_test}")
-        xte, yte = xte[:limit_test], yte[:limit_test]
+        yte = yte[:limit_test]
     num_classes = int(max(ytr.max(), yte.max())) + 1
-
-    xtr_f = torch.from_numpy(xtr[train_idx]).float().div_(255.0)
-    mean = tuple(float(v) for v in xtr_f.mean(dim=(0, 2, 3)))
-    std = tuple(float(v) for v in xtr_f.std(dim=(0, 2, 3)))
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-
-    def norm(a: np.ndarray) -> torch.Tensor:
-        return (torch.from_numpy(np.array(a, copy=True)).float().div_(255.0) - m) / s
-
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(ytr).tobytes())
     h.update(np.ascontiguousarray(yte).tobytes())
+    meta = {
+        "source_hash": h.hexdigest()[:16],
+        "val_indices_hash": hashlib.sha256(val_idx.tobytes()).hexdigest()[:16],
+        "limit_train": limit_train,
+        "image_size": image_size,
+        "resize": resize,
+        "stream": bool(files),
+    }
+
+    def labels(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, dtype=np.int64))
+
+    if files is not None:
+        ptr, pte, shape = files
+        pte = pte[: len(yte)]
+
+        def folder(paths: np.ndarray, y: np.ndarray, mean=(0.0,) * 3, std=(1.0,) * 3) -> Split:
+            return FolderSplit(
+                [str(p) for p in paths],
+                labels(y),
+                shape=shape,
+                image_size=image_size,
+                resize=resize,
+                mean=mean,
+                std=std,
+            )
+
+        # mean and std of the evaluation view of a seeded sample (decoded once, in batches)
+        sample = folder(ptr[train_idx[:STATS_SAMPLE]], ytr[train_idx[:STATS_SAMPLE]])
+        total, sq, count = (
+            torch.zeros(3, dtype=torch.float64),
+            torch.zeros(3, dtype=torch.float64),
+            0,
+        )
+        for xb in sample.batches(128):  # mean 0, std 1: the pixels in [0, 1]
+            xb = xb.double()
+            total += xb.sum(dim=(0, 2, 3))
+            sq += (xb * xb).sum(dim=(0, 2, 3))
+            count += xb.numel() // 3
+        mean_t = total / count
+        std_t = ((sq - count * mean_t * mean_t) / max(1, count - 1)).clamp_min(1e-12).sqrt()
+        mean = tuple(float(v) for v in mean_t)
+        std = tuple(float(v) for v in std_t)
+        return DataSplits(
+            name=name,
+            train=folder(ptr[train_idx], ytr[train_idx], mean, std),
+            val=folder(ptr[val_idx], ytr[val_idx], mean, std),
+            test=folder(pte, yte, mean, std),
+            num_classes=num_classes,
+            mean=mean,
+            std=std,
+            seed=seed,
+            meta=meta,
+        )
+
+    xte = xte[: len(yte)]
+    xtr_f = torch.from_numpy(xtr[train_idx]).float().div_(255.0)
+    mean = tuple(float(v) for v in xtr_f.mean(dim=(0, 2, 3)))
+    std = tuple(float(v) for v in xtr_f.std(dim=(0, 2, 3)))
+    del xtr_f
+
+    def held(a: np.ndarray, y: np.ndarray) -> Split:
+        return TensorSplit(torch.from_numpy(np.array(a, copy=True)), labels(y), mean, std)
+
     return DataSplits(
         name=name,
-        train=Split((xtr_f - m) / s, torch.from_numpy(ytr[train_idx]).long()),
-        val=Split(norm(xtr[val_idx]), torch.from_numpy(ytr[val_idx]).long()),
-        test=Split(norm(xte), torch.from_numpy(np.array(yte)).long()),
+        train=held(xtr[train_idx], ytr[train_idx]),
+        val=held(xtr[val_idx], ytr[val_idx]),
+        test=held(xte, yte),
         num_classes=num_classes,
         mean=mean,
         std=std,
         seed=seed,
-        meta={
-            "source_hash": h.hexdigest()[:16],
-            "val_indices_hash": hashlib.sha256(val_idx.tobytes()).hexdigest()[:16],
-            "limit_train": limit_train,
-            "image_size": image_size,
-            "resize": resize,
-        },
+        meta=meta,
     )

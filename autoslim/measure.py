@@ -143,7 +143,7 @@ def artifact_accuracy(
     artifact: Path, split: Split, *, threads: int = 2
 ) -> tuple[float, torch.Tensor]:
     """Top-1 accuracy of the ONNX file (run by ONNX Runtime) on ``split``, and its predictions."""
-    pred = onnx_predict(ort_session(artifact, threads=threads), split.x).argmax(1)
+    pred = onnx_predict(ort_session(artifact, threads=threads), split).argmax(1)
     return float((pred == split.y).float().mean()), pred
 
 

@@ -140,18 +140,16 @@ def compress(
         model, config, example=example, classifier=classifier, stem=stem
     )
     train = data.train.subset(recovery.subset)
-    calib = data.train.x[:calib_size]
+    calib = data.train.head(calib_size)
     changed = any(r.touched for r in reports)
     if changed:
-        recalibrate_bn(
-            student, train.x, batches=recovery.bn_batches, batch_size=recovery.batch_size
-        )
+        recalibrate_bn(student, train, batches=recovery.bn_batches, batch_size=recovery.batch_size)
     quantized = is_quantized(config)
     steps = recovery.steps if (changed or quantized) else 0  # identity: nothing to recover
     q_steps = int(round(steps * recovery.qat_fraction)) if quantized else 0
     f_steps = steps - q_steps
     logits = None
-    if steps > 0:
+    if steps > 0 and not recovery.augment:
         logits = cached_teacher_logits(teacher, train, data, teacher_key)
     bar = tqdm(total=steps, desc="recover", disable=not progress, file=sys.stderr, leave=False)
 
@@ -170,14 +168,13 @@ def compress(
             recovery=recovery,
             total_steps=steps,
             on_step=tick,
+            teacher=teacher,
         )
         # Running BN statistics lag behind weights that training moves fast: on a 72-80% pruned
         # MobileNetV3 after 42 KD steps the eval-mode model scored 0.17 on its own training
         # batch (logits ~1600), 0.63 once re-estimated. Evaluation and the BN folded into the
         # int8 convs both use them, so they are re-estimated on the final float weights.
-        recalibrate_bn(
-            student, train.x, batches=recovery.bn_batches, batch_size=recovery.batch_size
-        )
+        recalibrate_bn(student, train, batches=recovery.bn_batches, batch_size=recovery.batch_size)
     act_ranges: dict[str, list[float]] = {}
     if quantized:
         student = to_fake_quant(student, config, factorized, reports)
@@ -193,6 +190,7 @@ def compress(
                 start_step=f_steps,
                 total_steps=steps,
                 on_step=tick,
+                teacher=teacher,
             )
     bar.close()
     student.eval()
@@ -213,7 +211,7 @@ def export(
     The gate runs the file in ONNX Runtime on ``check`` and compares top-1 predictions with the
     PyTorch model's; below ``min_agreement`` the file is removed and :class:`ExportError` says why.
     """
-    ref = predict(compressed.model, check.x).argmax(1) if check is not None else None
+    ref = predict(compressed.model, check).argmax(1) if check is not None else None
     float_model = strip_fake_quant(copy.deepcopy(compressed.model), snap=True)
     result = export_onnx(
         float_model,
@@ -231,7 +229,7 @@ def export(
         if agree < min_agreement:
             try:
                 why = diagnose_divergence(
-                    compressed.model, result.path, check.x[:64], result.tensors
+                    compressed.model, result.path, check.head(64), result.tensors
                 )
             except Exception as e:  # noqa: BLE001 - the diagnosis must not hide the gate
                 why = f"no diagnosis ({type(e).__name__}: {e})"

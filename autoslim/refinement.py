@@ -122,7 +122,7 @@ def train_and_export(
         )
     total = spe * recipe.epochs
     q_start = total - int(round(total * recipe.qat_fraction)) if quantized else total
-    calib = train.x[:CALIB_SIZE]
+    calib = train.head(CALIB_SIZE)
     ckpt_path = workdir / "checkpoint.pt"
     start, history, in_qat, before = 0, [], False, 0.0
     workdir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def train_and_export(
         start, history, before = int(ck["epoch"]), list(ck["history"]), float(ck["seconds"])
         print(f"{label}: resuming after epoch {start}", file=sys.stderr)
     elif any(r.touched for r in reports):
-        recalibrate_bn(student, train.x, batches=20, batch_size=recipe.batch_size)
+        recalibrate_bn(student, train, batches=20, batch_size=recipe.batch_size)
     logits = cached_teacher_logits(teacher, train, data, task.teacher.content_hash)
     rec = Recovery(
         steps=total, batch_size=recipe.batch_size, lr=recipe.lr, subset=len(train), seed=recipe.seed
@@ -164,7 +164,7 @@ def train_and_export(
                 if hi <= lo:
                     continue
                 if qat and not in_qat:  # BN re-estimated on the final float weights, then folded
-                    recalibrate_bn(student, train.x, batches=20, batch_size=recipe.batch_size)
+                    recalibrate_bn(student, train, batches=20, batch_size=recipe.batch_size)
                     student, in_qat = to_fake_quant(student, config, factorized, reports), True
                     calibrate(student, calib)
                 try:
@@ -204,7 +204,7 @@ def train_and_export(
     finally:
         bar.close()
     if not in_qat:  # running BN statistics lag behind the weights (see pipeline.compress)
-        recalibrate_bn(student, train.x, batches=20, batch_size=recipe.batch_size)
+        recalibrate_bn(student, train, batches=20, batch_size=recipe.batch_size)
     if quantized and not in_qat:  # qat_fraction=0: quantise after training, calibrated
         student, in_qat = to_fake_quant(student, config, factorized, reports), True
         calibrate(student, calib)

@@ -87,6 +87,7 @@ class StudySpec:
     image_size: int | None = None  # imagefolder: resize + center-crop every image to this
     resize: int | None = None  # imagefolder: shorter side before the crop (image_size * 8 / 7)
     bad_images: str = "refuse"  # imagefolder: unreadable files refused, or "skip"ped
+    stream: bool | None = None  # imagefolder: decode from files per batch (None: when large)
     teacher_checkpoint: str | None = None
     teacher_epochs: int = 6
     teacher_max_steps: int | None = None
@@ -105,6 +106,7 @@ class StudySpec:
     recovery_batch_size: int = 128
     recovery_lr: float = 0.01
     recovery_subset: int = 5000
+    recovery_augment: bool = False  # KD on augmented batches, teacher run on each (no cache)
     latency_runs: int = 200
     gate_images: int = 1000
     gate_agreement: float = 0.99  # artifact vs PyTorch top-1 agreement required
@@ -153,6 +155,8 @@ class StudySpec:
                         f"{f.name} must be {'an integer' if t.startswith('int') else 'a number'}"
                         f"; got {v!r}"
                     )
+            elif t.startswith("bool") and not isinstance(v, bool):
+                raise ConfigError(f"{f.name} must be true or false; got {v!r}")
             elif t.startswith("str") and not isinstance(v, str):
                 raise ConfigError(f"{f.name} must be a string; got {v!r}")
             elif t.startswith("list") and not (
@@ -180,6 +184,7 @@ class StudySpec:
             image_size=self.image_size,
             resize=self.resize,
             bad_images=self.bad_images,
+            stream=self.stream,
         )
 
     def recovery(self) -> Recovery:
@@ -189,6 +194,7 @@ class StudySpec:
             lr=self.recovery_lr,
             subset=self.recovery_subset,
             seed=self.seed,
+            augment=self.recovery_augment,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -297,6 +303,9 @@ class Task:
 
     def fingerprint(self) -> dict[str, str]:
         s = self.spec
+        recovery = dataclasses.asdict(s.recovery())
+        if not recovery["augment"]:  # studies stored before the option resume unchanged
+            del recovery["augment"]
         fp = {
             "model": s.model,
             "teacher_hash": self.teacher.content_hash,
@@ -305,7 +314,7 @@ class Task:
             "objectives": ",".join(s.objectives),
             "backend": s.backend,
             "budget": str(s.budget),
-            "recovery": json.dumps(dataclasses.asdict(s.recovery()), sort_keys=True),
+            "recovery": json.dumps(recovery, sort_keys=True),
         }
         # the other constraints only when set, so studies run without them still resume
         for k in ("max_latency_ms", "max_accuracy_drop"):

@@ -35,7 +35,6 @@ __all__ = [
     "load_checkpoint",
     "evaluate_accuracy",
     "cache_dir",
-    "augment",
 ]
 
 
@@ -79,36 +78,22 @@ class Teacher:
         return str(self.meta.get("content_hash", ""))
 
 
-def augment(x: torch.Tensor, *, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop (zero padding of ``padding`` px) and horizontal flip."""
-    b, _, h, w = x.shape
-    if padding > 0:
-        xp = F.pad(x, (padding, padding, padding, padding))
-        oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-        ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-        rows = (oy[:, None] + torch.arange(h))[:, :, None]  # (b, h, 1)
-        cols = (ox[:, None] + torch.arange(w))[:, None, :]  # (b, 1, w)
-        bi = torch.arange(b)[:, None, None]
-        x = xp.permute(0, 2, 3, 1)[bi, rows, cols].permute(0, 3, 1, 2)
-    if flip:
-        m = torch.rand(b, generator=gen) < 0.5
-        x = torch.where(m[:, None, None, None], x.flip(3), x)
-    return x.contiguous()
-
-
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Logits of ``model`` (in eval mode) on ``x``, batched."""
+def predict(model: nn.Module, x: torch.Tensor | Split, batch_size: int = 512) -> torch.Tensor:
+    """Logits of ``model`` (in eval mode) on the images ``x`` or a split's, batched."""
     was_training = model.training
     model.eval()
-    out = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    if isinstance(x, Split):
+        out = [model(xb) for xb in x.batches(batch_size)]
+    else:
+        out = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
 
 def evaluate_accuracy(model: nn.Module, split: Split, batch_size: int = 512) -> float:
     """Top-1 accuracy of a PyTorch model on a split."""
-    logits = predict(model, split.x, batch_size)
+    logits = predict(model, split, batch_size)
     return float((logits.argmax(1) == split.y).float().mean())
 
 
@@ -166,9 +151,11 @@ def train_teacher(
             leave=True,
             dynamic_ncols=True,
         )
-        for i in bar:
-            idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
-            x = augment(data.train.x[idx], padding=recipe.crop_padding, flip=recipe.flip, gen=gen)
+        order = [perm[i * recipe.batch_size : (i + 1) * recipe.batch_size] for i in range(n_steps)]
+        batches = data.train.train_batches(
+            order, gen=gen, padding=recipe.crop_padding, flip=recipe.flip
+        )
+        for i, idx, x in zip(bar, order, batches, strict=False):
             loss = F.cross_entropy(model(x), data.train.y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -177,8 +164,13 @@ def train_teacher(
             step += 1
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{val_acc:.4f}")
-        sample = data.train.x[perm[: recipe.bn_batches * recipe.batch_size]]
-        recalibrate_bn(model, sample, batches=recipe.bn_batches, batch_size=recipe.batch_size)
+        sample = [perm[j : j + recipe.batch_size] for j in range(0, n, recipe.batch_size)]
+        recalibrate_bn(
+            model,
+            data.train.batches_at(sample[: recipe.bn_batches]),
+            batches=recipe.bn_batches,
+            batch_size=recipe.batch_size,
+        )
         val_acc = evaluate_accuracy(model, data.val)
         bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{val_acc:.4f}")
         bar.close()

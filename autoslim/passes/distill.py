@@ -9,9 +9,10 @@ forward+backward. Batch-norm statistics are re-estimated after pruning.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class Recovery:
     bn_batches: int = 20
     qat_fraction: float = 0.3  # last share of the steps runs with fake quantization
     seed: int = 0
+    augment: bool = False  # teacher run on augmented batches instead of cached logits
 
 
 def kd_loss(
@@ -68,9 +70,7 @@ def teacher_logits(
         out = torch.load(path, weights_only=True)
     else:
         teacher.eval()
-        out = torch.cat(
-            [teacher(split.x[i : i + batch_size]) for i in range(0, len(split), batch_size)]
-        )
+        out = torch.cat([teacher(xb) for xb in split.batches(batch_size)])
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -81,18 +81,30 @@ def teacher_logits(
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batches: int, batch_size: int) -> int:
-    """Re-estimate BatchNorm running statistics on ``x`` (cumulative average); return #BNs."""
+def recalibrate_bn(
+    model: nn.Module,
+    x: torch.Tensor | Split | Iterable[torch.Tensor],
+    *,
+    batches: int,
+    batch_size: int,
+) -> int:
+    """Re-estimate BatchNorm running statistics (cumulative average) on the first ``batches``
+    batches of ``x``: images, a split (evaluation view), or an iterable of batches. Returns
+    the number of BN layers."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or batches <= 0:
         return len(bns)
+    if isinstance(x, torch.Tensor):
+        x = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+    elif isinstance(x, Split):
+        x = x.batches(batch_size, limit=batches * batch_size)
     saved = [(m, m.momentum) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for i in range(min(batches, math.ceil(len(x) / batch_size))):
-        model(x[i * batch_size : (i + 1) * batch_size])
+    for xb in itertools.islice(x, batches):
+        model(xb)
     for m, mom in saved:
         m.momentum = mom
     model.eval()
@@ -102,7 +114,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batches: int, batch_siz
 def distill(
     student: nn.Module,
     split: Split,
-    logits: torch.Tensor,
+    logits: torch.Tensor | None,
     cfg: DistillConfig,
     *,
     steps: int,
@@ -110,33 +122,50 @@ def distill(
     start_step: int = 0,
     total_steps: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> float:
-    """Run ``steps`` KD steps on ``split`` (with cached teacher ``logits``); return last loss.
+    """Run ``steps`` KD steps on ``split``; return the last loss.
 
-    The cosine schedule spans ``total_steps`` (default ``steps``) starting at ``start_step``,
-    so recovery can be split into phases (float, then fake-quantised) on one schedule.
+    With cached teacher ``logits`` (one row per image of ``split``) the batches are the split's
+    evaluation view; with ``logits=None`` the ``teacher`` runs on each batch, which is then
+    the split's augmented training view (:meth:`Split.train_batches`). The cosine schedule spans
+    ``total_steps`` (default ``steps``) starting at ``start_step``, so recovery can be split
+    into phases (float, then fake-quantised) on one schedule.
     """
     if steps <= 0:
         return float("nan")
+    if logits is None and teacher is None:
+        raise ValueError("distill needs the teacher's cached logits or the teacher")
     total = total_steps or steps
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.SGD(
         params, lr=recovery.lr, momentum=0.9, nesterov=True, weight_decay=recovery.weight_decay
     )
     gen = torch.Generator().manual_seed(recovery.seed + start_step)
-    student.train()
     n, loss_v = len(split), float("nan")
     perm = torch.randperm(n, generator=gen)
-    pos = 0
-    for s in range(start_step, start_step + steps):
+    pos, order = 0, []
+    for _ in range(steps):  # the batches' indices, drawn up front so a loader can prefetch
+        if pos + recovery.batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        order.append(perm[pos : pos + recovery.batch_size])
+        pos += recovery.batch_size
+    if logits is None:
+        batches = split.train_batches(order, gen=gen, padding=4, flip=True)
+        teacher.eval()
+    else:
+        batches = split.batches_at(order)
+    student.train()
+    for s, idx, x in zip(range(start_step, start_step + steps), order, batches, strict=True):
         lr = 0.5 * recovery.lr * (1 + math.cos(math.pi * s / total))
         for g in opt.param_groups:
             g["lr"] = lr
-        if pos + recovery.batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + recovery.batch_size]
-        pos += recovery.batch_size
-        loss = kd_loss(student(split.x[idx]), logits[idx], split.y[idx], cfg)
+        if logits is None:
+            with torch.no_grad():
+                target = teacher(x)
+        else:
+            target = logits[idx]
+        loss = kd_loss(student(x), target, split.y[idx], cfg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"recovery loss became {loss.item()} at step {s}")
         opt.zero_grad(set_to_none=True)
