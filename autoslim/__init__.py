@@ -18,18 +18,75 @@ file. Public API::
     autoslim.refine(view, int(row.trial), "final.onnx")         # longer KD + QAT, stored beside
 """
 
-from .config import CompressionConfig, DistillConfig, LayerConfig
-from .data import DataSplits, Split, list_datasets, load_dataset
-from .errors import AutoslimError, ConfigError, DataError, ExportError, ModelError, UsageError
-from .models import build_model, list_models
-from .passes.distill import Recovery
-from .passes.prune import list_groups
-from .pipeline import Compressed, compress, export
-from .refinement import RefineRecipe, refine
-from .results import NothingQualifies, StudyView, export_trial, pick
-from .runner import SearchResult, load_study, search
-from .study import StudySpec, load_study_spec
-from .teacher import Teacher, TeacherRecipe, get_teacher, train_teacher
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public names load their module on first use (PEP 562): ``import autoslim.measure`` or
+# ``autoslim agent`` on a device pulls in neither torch nor optuna.
+_LAZY = {
+    "AutoslimError": ".errors",
+    "Compressed": ".pipeline",
+    "CompressionConfig": ".config",
+    "ConfigError": ".errors",
+    "DataError": ".errors",
+    "DataSplits": ".data",
+    "DistillConfig": ".config",
+    "ExportError": ".errors",
+    "LayerConfig": ".config",
+    "ModelError": ".errors",
+    "NothingQualifies": ".results",
+    "Recovery": ".passes.distill",
+    "RefineRecipe": ".refinement",
+    "SearchResult": ".runner",
+    "Split": ".data",
+    "StudySpec": ".study",
+    "StudyView": ".results",
+    "Teacher": ".teacher",
+    "TeacherRecipe": ".teacher",
+    "UsageError": ".errors",
+    "build_model": ".models",
+    "compress": ".pipeline",
+    "export": ".pipeline",
+    "export_trial": ".results",
+    "get_teacher": ".teacher",
+    "list_datasets": ".data",
+    "list_groups": ".passes.prune",
+    "list_models": ".models",
+    "load_dataset": ".data",
+    "load_study": ".runner",
+    "load_study_spec": ".study",
+    "pick": ".results",
+    "refine": ".refinement",
+    "search": ".runner",
+    "train_teacher": ".teacher",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'autoslim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from .config import CompressionConfig, DistillConfig, LayerConfig
+    from .data import DataSplits, Split, list_datasets, load_dataset
+    from .errors import AutoslimError, ConfigError, DataError, ExportError, ModelError, UsageError
+    from .models import build_model, list_models
+    from .passes.distill import Recovery
+    from .passes.prune import list_groups
+    from .pipeline import Compressed, compress, export
+    from .refinement import RefineRecipe, refine
+    from .results import NothingQualifies, StudyView, export_trial, pick
+    from .runner import SearchResult, load_study, search
+    from .study import StudySpec, load_study_spec
+    from .teacher import Teacher, TeacherRecipe, get_teacher, train_teacher
 
 __version__ = "0.1.0"
 

@@ -29,6 +29,7 @@ from torch import nn
 from .config import CompressionConfig, LayerConfig
 from .data import Split
 from .errors import ExportError
+from .measure.latency import ort_session
 from .passes.quantize import QRANGE, act_qparams, layer_config, split_add_key
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "SizeCalibration",
     "ort_session",
     "onnx_predict",
+    "artifact_accuracy",
+    "agreement",
     "diagnose_divergence",
     "OPSET",
     "EXPORTERS",
@@ -445,17 +448,6 @@ def export_onnx(
     return result
 
 
-def ort_session(path: str | Path, *, threads: int = 1, providers: list[str] | None = None):
-    """An ONNX Runtime session on the artifact (1 thread by default: deployable latency)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
-
-
 def onnx_predict(session, x: torch.Tensor | Split, batch_size: int = 256) -> torch.Tensor:
     """Logits of the artifact on the images ``x`` or a split's (batched; in the file's own
     batch size if it is fixed)."""
@@ -647,3 +639,16 @@ def calibrate_size(
         int8_layers=n8,
         layer_node=round(node / max(1, len(nodes))),
     )
+
+
+def artifact_accuracy(
+    artifact: str | Path, split: Split, *, threads: int = 2
+) -> tuple[float, torch.Tensor]:
+    """Top-1 accuracy of the ONNX file (run by ONNX Runtime) on ``split``, and its predictions."""
+    pred = onnx_predict(ort_session(artifact, threads=threads), split).argmax(1)
+    return float((pred == split.y).float().mean()), pred
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of equal top-1 predictions."""
+    return float((a == b).float().mean())

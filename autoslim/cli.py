@@ -437,6 +437,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
 
     sub.add_parser("models", help="list built-in models")
+    # handled in main() before this parser (it must not import torch): listed for --help
+    sub.add_parser("agent", help="run the device agent (measures ONNX files sent by a search)")
 
     s = sub.add_parser("search", help="run or resume a compression search (Optuna study)")
     s.add_argument(
@@ -563,7 +565,16 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
 
 
+# what each part of the package needs (pyproject extras): a device has only the agent's
+_SEARCH_MODULES = {"torch", "torchvision", "optuna", "pandas", "plotly", "onnx", "torch_pruning"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["agent"]:  # the device agent: numpy + onnxruntime + starlette, no torch
+        from .agent.server import main as agent_main
+
+        return agent_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
@@ -586,6 +597,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autoslim: interrupted; finished work is kept", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        if e.name not in _SEARCH_MODULES or verbose:
+            raise
+        print(
+            f"autoslim: error: `autoslim {args.command}` needs the search part ({e.name} is not "
+            "installed here); install it with pip install 'autoslim[search]' (a device that only "
+            "measures needs 'autoslim[agent]' and `autoslim agent`)",
+            file=sys.stderr,
+        )
+        return 2
     except BrokenPipeError:  # `autoslim ... | head`: the reader left; say nothing more
         import os
 

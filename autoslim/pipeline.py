@@ -16,11 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifact import ExportResult, diagnose_divergence, export_onnx
+from .artifact import ExportResult, agreement, artifact_accuracy, diagnose_divergence, export_onnx
 from .config import CompressionConfig
 from .data import DataSplits, Split
 from .errors import ExportError
-from .measure import agreement, artifact_accuracy
 from .models import stem_and_classifier
 from .passes import PassReport
 from .passes.distill import Recovery, distill, recalibrate_bn, teacher_logits

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .artifact import artifact_accuracy
 from .errors import ExportError, RecoveryError, UsageError
-from .measure import artifact_accuracy, get_backend
+from .measure import get_backend
 from .passes.distill import Recovery, distill, recalibrate_bn
 from .passes.quantize import act_ranges_of, calibrate, snap_biases
 from .pipeline import (

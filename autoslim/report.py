@@ -60,6 +60,7 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
     base = study.user_attrs.get("baseline", {})
     spec = study.user_attrs.get("spec", {})
     objectives = spec.get("objectives", ["accuracy", "latency"])
+    drift = study.user_attrs.get("latency_drift", {})  # canary flags (runner._flag_drift)
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
@@ -74,6 +75,10 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
             "latency_ms": a.get("latency_ms", np.nan),
             "teacher_latency_ms": a.get("teacher_latency_ms") or np.nan,
             "host": a.get("host", ""),
+            # why this latency may be off: the protocol's noise reasons, the canary's drift
+            "latency_noise": "; ".join(
+                x for x in (a.get("latency_noise", ""), drift.get(str(t.number), "")) if x
+            ),
             "agreement": a.get("agreement", np.nan),
             "feasible": bool(a.get("feasible", False)),
             "summary": a.get("summary", ""),

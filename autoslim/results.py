@@ -267,7 +267,7 @@ def export_trial(
     refined record instead. ``data``: the study's dataset splits, if already loaded. Returns
     recorded vs measured values.
     """
-    from .measure import artifact_accuracy
+    from .artifact import artifact_accuracy
     from .study import StudySpec
 
     row = view.measured_row(trial)

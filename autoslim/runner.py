@@ -52,6 +52,7 @@ __all__ = [
 
 BASELINES = [(0.0, 8, 8), (0.3, 8, 8), (0.5, 8, 8)]  # (prune, weight bits, act bits)
 FITTING_LADDER = 3  # fitting uniform baselines enqueued when the budget is set
+CANARY_DRIFT = 0.03  # canary moved more than this: the trials since the last check are flagged
 RETIME_EVERY = 5  # trials between two timings of the teacher (speed-ups use the latest one)
 
 
@@ -359,13 +360,33 @@ def _suggest(trial: optuna.Trial, task: Task) -> dict[str, Any]:
     return params
 
 
+def _flag_drift(study: optuna.Study, before: float | None, after: float) -> None:
+    """The teacher's file is the canary: re-timed every ``RETIME_EVERY`` trials. If it moved
+    by more than ``CANARY_DRIFT`` since the last timing, the trials this process measured in
+    between are flagged (study attribute ``latency_drift``: trial number -> note; the trial
+    table's ``latency_drift`` column): their latencies came from a machine that changed."""
+    if not before or abs(after - before) / before <= CANARY_DRIFT:
+        return
+    note = f"teacher timing moved {after / before - 1:+.1%} ({before:.4g} -> {after:.4g} ms)"
+    pid, flagged = os.getpid(), dict(study.user_attrs.get("latency_drift", {}))
+    for t in reversed(study.get_trials(deepcopy=False)):
+        if t.user_attrs.get("owner", {}).get("pid") != pid or "latency_ms" not in t.user_attrs:
+            continue
+        if t.user_attrs.get("teacher_latency_ms") != before:
+            break  # measured against an earlier timing: before the last check
+        flagged[str(t.number)] = note
+    study.set_user_attr("latency_drift", flagged)
+
+
 def _objective(task: Task):
     spec = task.spec
     since = {"n": 0}  # trials since the teacher was last timed
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
         if since["n"] >= RETIME_EVERY:  # interleaved, so a drifting machine drifts both
-            time_teacher(task, spec.run_dir)
+            before = task.teacher_timing.get("latency_ms")
+            after = time_teacher(task, spec.run_dir)
+            _flag_drift(trial.study, before, after)
             since["n"] = 0
         since["n"] += 1
         trial.set_user_attr("owner", _owner())  # a dead owner's RUNNING trial is healed later

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from .artifact import SizeCalibration, calibrate_size, estimate_size, export_onnx
+from .artifact import SizeCalibration, artifact_accuracy, calibrate_size, estimate_size, export_onnx
 from .config import CompressionConfig
 from .data import DataSplits, load_dataset
 from .errors import AutoslimError, ConfigError, UsageError
-from .measure import artifact_accuracy, get_backend, host_identity
+from .measure import LatencyBackend, get_backend, host_identity
 from .models import stem_and_classifier
 from .pareto import OBJECTIVES
 from .passes.distill import Recovery
@@ -296,6 +296,14 @@ class Task:
     # the teacher's latency measured by this process, with its host (see time_teacher)
     teacher_timing: dict[str, Any] = field(default_factory=dict)
     size_calibration: SizeCalibration | None = None  # see size_calibration(task)
+    backend: LatencyBackend | None = None  # the study's latency backend (local or an agent)
+
+    @property
+    def latency(self) -> LatencyBackend:
+        """The backend every latency of this task is measured on (made once)."""
+        if self.backend is None:
+            self.backend = get_backend(self.spec.backend)
+        return self.backend
 
     @property
     def example(self) -> torch.Tensor:
@@ -316,6 +324,9 @@ class Task:
             "budget": str(s.budget),
             "recovery": json.dumps(recovery, sort_keys=True),
         }
+        device = getattr(self.latency, "device_identity", None)
+        if device is not None:  # a device agent: resuming on another device is another study
+            fp["device"] = json.dumps(device(), sort_keys=True)
         # the other constraints only when set, so studies run without them still resume
         for k in ("max_latency_ms", "max_accuracy_drop"):
             if getattr(s, k) is not None:
@@ -325,8 +336,8 @@ class Task:
 
 def build_task(spec: StudySpec, *, progress: bool = True) -> Task:
     """Load data, get (or train once) the teacher and bind the space to it."""
-    get_backend(spec.backend)  # fail fast on an unavailable backend or a bad space file,
-    space = load_space(spec.space)  # before minutes of teacher training
+    backend = get_backend(spec.backend)  # fail fast on an unavailable backend or agent, or a
+    space = load_space(spec.space)  # bad space file, before minutes of teacher training
     data = spec.load_data()
     recipe = TeacherRecipe(
         epochs=spec.teacher_epochs,
@@ -341,7 +352,7 @@ def build_task(spec: StudySpec, *, progress: bool = True) -> Task:
     bound = space.bind(
         teacher.model, torch.zeros(1, *data.input_shape), classifier=classifier, stem=stem
     )
-    return Task(spec, data, teacher, bound, classifier, stem)
+    return Task(spec, data, teacher, bound, classifier, stem, backend=backend)
 
 
 def measure_baseline(task: Task, out_dir: Path) -> dict[str, float]:
@@ -370,12 +381,13 @@ def time_teacher(task: Task, out_dir: Path) -> float:
     path = out_dir / "teacher_fp32.onnx"
     if not path.is_file():
         export_onnx(copy.deepcopy(task.teacher.model), path, example=task.example)
-    lat = get_backend(task.spec.backend).measure(
+    lat = task.latency.measure(
         path,
         input_shape=task.data.input_shape,
         runs=task.spec.latency_runs,
     )
-    task.teacher_timing = {"latency_ms": lat.median_ms, **host_identity()}
+    # the device that timed it: this host, or the agent's (a remote backend fills lat.device)
+    task.teacher_timing = {"latency_ms": lat.median_ms, **(lat.device or host_identity())}
     return lat.median_ms
 
 
@@ -461,9 +473,7 @@ def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str
     test_acc, _ = artifact_accuracy(path, task.data.test)
     if not math.isfinite(val_acc):
         raise CandidateFailed("validation accuracy is NaN")
-    lat = get_backend(spec.backend).measure(
-        path, input_shape=task.data.input_shape, runs=spec.latency_runs
-    )
+    lat = task.latency.measure(path, input_shape=task.data.input_shape, runs=spec.latency_runs)
     (trial_dir / "config.json").write_text(config.to_json())
     (trial_dir / "reports.json").write_text(json.dumps(c.report_dict(), indent=1, default=str))
     out.update(
@@ -473,7 +483,11 @@ def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str
         size_bytes=res.size_bytes,
         latency_ms=lat.median_ms,
         latency_p90_ms=lat.p90_ms,
-        # what this trial's speed-up is against: the teacher timed in this process, and where
+        latency_ci_ms=[lat.ci_low_ms, lat.ci_high_ms],
+        latency_runs=lat.runs,
+        latency_cold_ms=lat.cold_ms,
+        latency_noise="; ".join(lat.noise),  # empty: not noisy
+        # what this trial's speed-up is against: the teacher timed by the same backend, and where
         teacher_latency_ms=task.teacher_timing.get("latency_ms"),
         host=task.teacher_timing.get("host"),
         cpu=task.teacher_timing.get("cpu"),

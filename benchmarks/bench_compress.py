@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import autoslim
-from autoslim.artifact import export_onnx
-from autoslim.measure import artifact_accuracy, get_backend
+from autoslim.artifact import artifact_accuracy, export_onnx
+from autoslim.measure import get_backend
 
 
 def main() -> int:

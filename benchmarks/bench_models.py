@@ -34,7 +34,8 @@ import onnx
 import torch
 
 from autoslim import artifact
-from autoslim.measure import artifact_accuracy, get_backend
+from autoslim.artifact import artifact_accuracy
+from autoslim.measure import get_backend
 from autoslim.passes.distill import Recovery
 from autoslim.pipeline import compress, export
 from autoslim.runner import search

@@ -25,7 +25,8 @@ import time
 from dataclasses import replace
 
 import autoslim
-from autoslim.measure import artifact_accuracy, get_backend
+from autoslim.artifact import artifact_accuracy
+from autoslim.measure import get_backend
 from autoslim.refinement import RefineRecipe, train_and_export
 from autoslim.runner import load_study, search
 from autoslim.study import StudySpec, build_task, estimate, load_study_spec

@@ -37,6 +37,11 @@ from autoslim.study import StudySpec, load_study_spec
 # One intra-op thread: on a small shared machine more threads spin against each other and make
 # every forward pass up to 100x slower. Latency is measured single-threaded anyway.
 torch.set_num_threads(1)
+# `make test` runs the suite in pytest-xdist workers, one per core: the CLI processes the tests
+# start get one thread each too (torch and ONNX Runtime read OMP_NUM_THREADS at start-up).
+XDIST = "PYTEST_XDIST_WORKER" in os.environ
+if XDIST:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 TESTS_DIR = Path(__file__).resolve().parent
 TINY = f"{TESTS_DIR / 'tiny_models.py'}:build"  # user factory spec of tests/tiny_models.py

@@ -91,3 +91,105 @@ def test_the_shipped_default_study_is_read(installed: Path, tmp_path: Path) -> N
         [str(installed / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True
     )  # fmt: skip
     assert out.stdout.strip() == "0.05", out.stderr
+
+
+def _agent_site(dest: Path) -> Path:
+    """Links to the distributions ``autoslim[agent]`` needs and theirs, from this venv: a
+    site folder with numpy, onnxruntime, starlette, uvicorn... and no torch, optuna or onnx."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    todo, seen = ["numpy", "onnxruntime", "starlette", "uvicorn"], set()
+    dest.mkdir(parents=True)
+    while todo:
+        name = todo.pop()
+        if canonicalize_name(name) in seen:
+            continue
+        seen.add(canonicalize_name(name))
+        dist = metadata.distribution(name)
+        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}:
+            if (purelib / top).exists() and not (dest / top).exists() and top != "__pycache__":
+                (dest / top).symlink_to(purelib / top)
+        for r in dist.requires or []:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    assert not {"torch", "optuna", "onnx"} & seen, seen
+    return dest
+
+
+@pytest.fixture(scope="module")
+def agent_only(tmp_path_factory: pytest.TempPathFactory, installed: Path) -> Path:
+    """A venv with the wheel and only the agent's dependencies (no torch): its bin folder."""
+    tmp = tmp_path_factory.mktemp("agent-install")
+    (wheel,) = (installed.parent.parent / "wheels").glob("autoslim-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "agent-deps.pth").write_text(str(_agent_site(tmp / "deps")) + "\n")
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+        check=True, cwd=tmp, timeout=300,
+    )  # fmt: skip
+    return venv / "bin"
+
+
+def test_the_agent_runs_where_torch_is_not_installed(agent_only: Path, tmp_path: Path) -> None:
+    """`autoslim agent` on a device with only 'autoslim[agent]': it starts, a search host
+    measures a file on it; torch really is absent there, and the search verbs say what to
+    install in one line."""
+    import socket
+    import time
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from autoslim.measure.remote import RemoteBackend
+
+    py = str(agent_only / "python")
+    gone = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True)
+    assert gone.returncode != 0 and "No module named 'torch'" in gone.stderr
+    secret = tmp_path / "agent.secret"
+    r = _run(agent_only, tmp_path, "agent", "--init-secret", str(secret))
+    assert r.returncode == 0, r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    agent = subprocess.Popen(
+        [str(agent_only / "autoslim"), "agent", "--port", str(port), "--secret", str(secret),
+         "--store", str(tmp_path / "store")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        model = helper.make_model(
+            helper.make_graph(
+                [helper.make_node("Relu", ["x"], ["y"])],
+                "relu",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+            ),
+            opset_imports=[helper.make_opsetid("", 17)],
+        )
+        model.ir_version = 8
+        onnx.save(model, tmp_path / "relu.onnx")
+        from autoslim.measure.auth import load_secret
+
+        backend = RemoteBackend("127.0.0.1", port, secret=load_secret(secret))
+        deadline = time.monotonic() + 60
+        while not backend.available():
+            assert agent.poll() is None, agent.communicate()[1]
+            assert time.monotonic() < deadline, "the agent did not come up in 60 s"
+            time.sleep(0.3)
+        lat = backend.measure(tmp_path / "relu.onnx", input_shape=(3, 8, 8), runs=30, warmup=2)
+        assert lat.runs > 0 and lat.ci_low_ms <= lat.median_ms <= lat.ci_high_ms
+        assert backend.info()["onnxruntime"]
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+    r = _run(agent_only, tmp_path, "search", "--trials", "1")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "autoslim[search]" in r.stderr

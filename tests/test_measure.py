@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from autoslim import UsageError
-from autoslim.measure import (
-    Latency,
-    agreement,
-    artifact_accuracy,
-    get_backend,
-    list_backends,
-)
+from autoslim.artifact import agreement, artifact_accuracy
+from autoslim.measure import Latency, get_backend, list_backends
 from autoslim.teacher import evaluate_accuracy
 
 
@@ -33,18 +28,36 @@ def test_latency_backend_contract(name: str, resnet_artifact, fmnist) -> None:
     )
     assert isinstance(lat, Latency)
     assert lat.backend == name
-    assert lat.runs == 7
+    assert lat.runs == 7  # the cap: fewer than one block of the protocol
     assert 0 < lat.median_ms <= lat.p90_ms < 10_000
-    assert lat.to_dict() == {
-        "median_ms": lat.median_ms,
-        "p90_ms": lat.p90_ms,
-        "runs": 7,
-        "backend": name,
-    }
+    assert lat.ci_low_ms <= lat.median_ms <= lat.ci_high_ms
+    assert lat.cold_ms > 0 and lat.blocks and lat.device["cores"] >= 1
+    assert Latency.from_dict(lat.to_dict()) == lat  # what an agent sends back
+
+
+def test_the_protocol_stops_when_the_median_is_known_and_flags_noise() -> None:
+    """Timed blocks stop once the median's 95% CI is within +-2% (a steady function: well
+    before the cap); a function that slows down run by run is flagged as drifting."""
+    import time
+
+    from autoslim.measure import time_runs
+
+    steady = time_runs(lambda: time.sleep(0.002), backend="t", runs=2000, warmup=2, warmup_s=0)
+    assert steady.runs < 2000 and len(steady.blocks) >= 3
+    assert (steady.ci_high_ms - steady.ci_low_ms) / 2 <= 0.02 * steady.median_ms
+    assert not any("drift" in r for r in steady.noise)
+    calls = {"n": 0}
+
+    def slower() -> None:
+        calls["n"] += 1
+        time.sleep(0.0005 * (1 + calls["n"] / 20))
+
+    drifting = time_runs(slower, backend="t", runs=120, warmup=0, warmup_s=0)
+    assert drifting.noisy and any("drift" in r for r in drifting.noise), drifting.noise
 
 
 def test_unknown_backend() -> None:
-    with pytest.raises(UsageError, match="unknown latency backend 'nope'") as e:
+    with pytest.raises(UsageError, match="unknown latency backend 'nope'.*remote:HOST:PORT") as e:
         get_backend("nope")
     assert e.value.exit_code == 2
     assert "onnxruntime-cpu" in str(e.value)

@@ -16,8 +16,7 @@ from autoslim import (
     compress,
     export,
 )
-from autoslim.artifact import onnx_predict, ort_session
-from autoslim.measure import agreement
+from autoslim.artifact import agreement, onnx_predict, ort_session
 from autoslim.passes.distill import kd_loss
 from autoslim.passes.quantize import FakeQuantLayer
 from autoslim.teacher import evaluate_accuracy, predict

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BUDGET, SHUFFLENET, TINY_TRIALS, run_cli, start_cli, tiny_study_file
+from conftest import BUDGET, SHUFFLENET, TINY_TRIALS, XDIST, run_cli, start_cli, tiny_study_file
 
 from autoslim.errors import UsageError
 from autoslim.models import list_models
@@ -214,7 +214,7 @@ def two_threads():
     import torch
 
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if XDIST else 2)  # in parallel workers the other core is taken
     yield
     torch.set_num_threads(old)
 

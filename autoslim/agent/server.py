@@ -1,0 +1,570 @@
+"""The device agent: an HTTP server on the target device that times ONNX files for the search.
+
+Run ``autoslim agent`` on the device (it listens on 127.0.0.1:8765; reach it from the search
+host with ``ssh -L 8765:127.0.0.1:8765 device`` or ``adb forward tcp:8765 tcp:8765``) and give
+the study ``backend = "remote:127.0.0.1:8765"``. Every request is signed with the shared
+secret (:mod:`autoslim.measure.auth`); the agent imports numpy, onnxruntime, starlette and
+uvicorn only, never torch or optuna.
+
+Endpoints (JSON; every error is ``{"error": "one line"}``):
+
+* ``GET /v1/info``: versions, providers, the device's identity, CPU governor and temperature.
+* ``PUT /v1/models/{sha256}``: the ONNX file as the raw body; 201 stored, 200 already stored,
+  400 bad or mismatched sha256, 413 over the upload cap, 422 onnxruntime cannot load it.
+* ``POST /v1/measure``: ``{"sha256", "input_shape", "runs", "warmup", "provider",
+  "threads"}`` -> :meth:`Latency.to_dict`; 400 bad field, 404 unknown model, 409 busy
+  (``"retry": true``), 422 the measurement failed.
+
+Any request not signed with the secret, stale by more than 60 s or replayed gets 401 and
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import AutoslimError, UsageError, one_line
+from ..measure.auth import DEFAULT_SECRET_FILE, AuthError, Verifier, create_secret, load_secret
+from ..measure.latency import OrtBackend, host_identity
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "DEFAULT_STORE",
+    "DEFAULT_MAX_UPLOAD",
+    "DEFAULT_THREADS",
+    "create_app",
+    "serve",
+    "main",
+]
+
+DEFAULT_HOST = "127.0.0.1"  # across machines: ssh -L / adb forward, never an open port
+DEFAULT_PORT = 8765
+DEFAULT_STORE = Path("~/.cache/autoslim/agent-models")
+DEFAULT_MAX_UPLOAD = 256 * 2**20
+DEFAULT_THREADS = 1  # intra-op threads of a measurement unless the request says otherwise
+MAX_RUNS = 100_000
+MAX_DIM = 65_536
+MAX_ELEMENTS = 2**27  # one float32 input of at most 512 MiB
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_ENDPOINTS = "GET /v1/info, PUT /v1/models/SHA256, POST /v1/measure"
+
+
+def _version() -> str:
+    """autoslim's version without importing torch (the package ``__init__`` is lazy)."""
+    try:
+        from autoslim import __version__
+
+        return str(__version__)
+    except ImportError:  # pragma: no cover - a broken install
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("autoslim")
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def cpu_governor() -> str | None:
+    """cpu0's frequency governor (``performance`` gives steadier timings), or None."""
+    return _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") or None
+
+
+def temperature_c() -> float | None:
+    """The hottest thermal zone in degrees Celsius, or None where none is readable."""
+    temps = []
+    for zone in sorted(glob.glob("/sys/class/thermal/thermal_zone*/temp")):
+        text = _read(zone)
+        try:
+            value = int(text) / 1000 if text else math.nan
+        except ValueError:
+            continue
+        if math.isfinite(value) and -50 < value < 200:  # ignore unplugged sensors' junk
+            temps.append(value)
+    return round(max(temps), 1) if temps else None
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": one_line(message), **extra}, status_code=status)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return one_line(lines[0] if lines else type(exc).__name__)
+
+
+class _SignedBody:
+    """ASGI middleware: reads the body (at most ``max_upload`` bytes, else 413) and checks its
+    signature (else 401) before any endpoint runs; the endpoint then reads the same bytes."""
+
+    def __init__(self, app: ASGIApp, *, verifier: Verifier, max_upload: int) -> None:
+        self.app, self.verifier, self.max_upload = app, verifier, max_upload
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        method = scope["method"]
+        raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
+        path = raw_path.decode("latin-1")
+        if scope.get("query_string"):
+            path += "?" + scope["query_string"].decode("latin-1")
+        if not self.verifier.has_headers(headers):  # refuse before reading any body
+            await self._refuse(scope, receive, send, method, path, headers, b"")
+            return
+        too_big = _error(
+            413,
+            f"request body over the agent's upload cap of {self.max_upload} bytes; expected a "
+            "smaller ONNX file, or restart the agent with a larger --max-upload-mb",
+        )
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_upload:
+            await too_big(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_upload:
+                await too_big(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            self.verifier.verify(method, path, headers, body)
+        except AuthError:
+            await self._refuse(scope, receive, send, method, path, headers, body)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send, method, path, headers, body) -> None:
+        try:
+            self.verifier.verify(method, path, headers, body)
+            reason = "unauthenticated request"  # pragma: no cover - not reached
+        except AuthError as e:
+            reason = str(e)
+        await _error(401, reason)(scope, receive, send)
+
+
+class _Agent:
+    """The endpoints and the one-measurement-at-a-time lock."""
+
+    def __init__(self, store: Path, max_upload: int) -> None:
+        self.store, self.max_upload = store, max_upload
+        self.lock = threading.Lock()
+        self.providers = list(ort.get_available_providers())
+        self.identity = host_identity()
+        self.version = _version()
+
+    def device(self, provider: str, threads: int) -> dict[str, Any]:
+        return {
+            **self.identity,
+            "agent": f"autoslim {self.version}",
+            "onnxruntime": ort.__version__,
+            "provider": provider,
+            "threads": threads,
+        }
+
+    async def info(self, request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "agent": "autoslim",
+                "version": self.version,
+                "onnxruntime": ort.__version__,
+                "providers": self.providers,
+                "identity": self.identity,
+                "threads": DEFAULT_THREADS,
+                "cpu_governor": cpu_governor(),
+                "temperature_c": temperature_c(),
+                "max_upload": self.max_upload,
+                "busy": self.lock.locked(),
+            }
+        )
+
+    async def put_model(self, request: Request) -> JSONResponse:
+        sha = request.path_params["sha256"]
+        if not _SHA256.fullmatch(sha):
+            return _error(400, f"bad model id {sha[:80]!r}; expected 64 hex digits (sha256)")
+        sha = sha.lower()
+        body = await request.body()
+        got = hashlib.sha256(body).hexdigest()
+        if got != sha:
+            return _error(
+                400,
+                f"upload's sha256 is {got}, not {sha} named in the path; expected the file's "
+                "own sha256 (was it cut short or changed?)",
+            )
+        target = self.store / f"{sha}.onnx"
+        if target.is_file():
+            return JSONResponse({"sha256": sha, "size": len(body), "stored": False}, 200)
+        try:
+            await run_in_threadpool(_check_onnx, body)
+        except Exception as e:
+            return _error(
+                422,
+                f"onnxruntime cannot load the uploaded model: {_first_line(e)}; expected an "
+                "ONNX file with its weights inside (no external data)",
+            )
+        await run_in_threadpool(_store, self.store, target, body)
+        return JSONResponse({"sha256": sha, "size": len(body), "stored": True}, 201)
+
+    async def measure(self, request: Request) -> JSONResponse:
+        try:
+            req = _measure_request(await request.body(), self.providers)
+        except ValueError as e:
+            return _error(400, str(e))
+        path = self.store / f"{req['sha256']}.onnx"
+        if not path.is_file():
+            return _error(
+                404,
+                f"model {req['sha256']} is not stored on this agent; expected "
+                f"PUT /v1/models/{req['sha256']} with the file first",
+            )
+        if not self.lock.acquire(blocking=False):
+            return _error(
+                409,
+                "busy: another measurement is running on this device; retry when it is done",
+                retry=True,
+            )
+        try:
+            backend = OrtBackend(req["provider"], req["threads"])
+            lat = await run_in_threadpool(
+                backend.measure,
+                path,
+                input_shape=tuple(req["input_shape"]),
+                runs=req["runs"],
+                warmup=req["warmup"],
+            )
+        except Exception as e:
+            return _error(
+                422,
+                f"measuring {req['sha256'][:12]} with input_shape {req['input_shape']} failed: "
+                f"{_first_line(e)}",
+            )
+        finally:
+            self.lock.release()
+        out = lat.to_dict()
+        out["device"] = {
+            **(lat.device or {}),
+            **self.device(req["provider"], req["threads"]),
+            "backend": lat.backend,
+        }
+        return JSONResponse(out, 200)
+
+
+def _check_onnx(body: bytes) -> None:
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.intra_op_num_threads = 1
+    ort.InferenceSession(body, so, providers=["CPUExecutionProvider"])
+
+
+def _store(store: Path, target: Path, body: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem[:16]}.", suffix=".tmp", dir=store)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _int_field(req: dict, name: str, default: int, low: int, high: int) -> int:
+    value = req.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"bad field {name!r}: {value!r}; expected an integer in {low}..{high}")
+    return value
+
+
+def _measure_request(body: bytes, providers: list[str]) -> dict[str, Any]:
+    """The fields of a measure request, checked; ValueError names the bad field."""
+    try:
+        req = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed JSON body: {e}; expected a JSON object") from None
+    if not isinstance(req, dict):
+        raise ValueError(f"JSON body is a {type(req).__name__}; expected an object")
+    known = {"sha256", "input_shape", "runs", "warmup", "provider", "threads"}
+    unknown = sorted(set(req) - known)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; expected only {sorted(known)}")
+    sha = req.get("sha256")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise ValueError(f"bad field 'sha256': {str(sha)[:80]!r}; expected 64 hex digits")
+    shape = req.get("input_shape")
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= 4
+        or any(
+            isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_DIM for d in shape
+        )
+    ):
+        raise ValueError(
+            f"bad field 'input_shape': {str(shape)[:80]}; expected a list of 1 to 4 positive "
+            f"integers (without the batch), e.g. [3, 224, 224]"
+        )
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise ValueError(
+            f"bad field 'input_shape': {shape} has {math.prod(shape)} elements; expected at "
+            f"most {MAX_ELEMENTS}"
+        )
+    provider = req.get("provider", "CPUExecutionProvider")
+    if provider not in providers:
+        raise ValueError(
+            f"bad field 'provider': {str(provider)[:80]!r}; expected one of this device's "
+            f"{providers}"
+        )
+    return {
+        "sha256": sha.lower(),
+        "input_shape": shape,
+        "runs": _int_field(req, "runs", 200, 1, MAX_RUNS),
+        "warmup": _int_field(req, "warmup", 20, 0, MAX_RUNS),
+        "provider": provider,
+        "threads": _int_field(req, "threads", DEFAULT_THREADS, 1, max(1, os.cpu_count() or 1)),
+    }
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        message = f"no endpoint {where}; expected one of {_ENDPOINTS}"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"method not allowed: {where}; expected {allowed or 'another method'}"
+    else:
+        message = f"{where}: {exc.detail}"
+    return JSONResponse(
+        {"error": one_line(message)}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    message = f"internal error in the agent on {request.method} {request.url.path}: "
+    return _error(500, message + f"{type(exc).__name__}: {_first_line(exc)}; see its log")
+
+
+def create_app(*, secret: bytes, store: Path, max_upload: int = DEFAULT_MAX_UPLOAD) -> Starlette:
+    """The agent's ASGI app: models are kept in ``store`` as ``<sha256>.onnx``."""
+    if max_upload < 1:
+        raise UsageError(f"max_upload must be >= 1 byte; got {max_upload}")
+    store = Path(store).expanduser()
+    store.mkdir(parents=True, exist_ok=True, mode=0o700)
+    verifier = Verifier(secret)
+    agent = _Agent(store, max_upload)
+    routes = [
+        Route("/v1/info", agent.info, methods=["GET"]),
+        Route("/v1/models/{sha256}", agent.put_model, methods=["PUT"]),
+        Route("/v1/measure", agent.measure, methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(_SignedBody, verifier=verifier, max_upload=max_upload)],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(
+            f"cannot resolve --host {host!r}: {e.strerror}; expected an address or host name"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {e.strerror}; expected a free port: pick another "
+            "with --port"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    secret_file: str | Path = DEFAULT_SECRET_FILE,
+    store: str | Path = DEFAULT_STORE,
+    max_upload: int = DEFAULT_MAX_UPLOAD,
+) -> None:
+    """Serve the agent until Ctrl-C / SIGTERM (uvicorn, log level ``warning``)."""
+    secret = load_secret(secret_file)
+    store = Path(store).expanduser()
+    app = create_app(secret=secret, store=store, max_upload=max_upload)
+    sock = _listen(host, port)  # bound here, so the line below is true and errors are ours
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"autoslim agent: listening on http://{shown}:{bound}, models in {store}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            "autoslim agent: warning: reachable from other machines; requests are signed but "
+            f"not encrypted: prefer --host 127.0.0.1 and `ssh -L {bound}:127.0.0.1:{bound} "
+            "device` on the search host",
+            file=sys.stderr,
+            flush=True,
+        )
+    config = uvicorn.Config(app, log_level="warning", lifespan="off")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535; got {text!r}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of MiB; got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autoslim agent",
+        description=(
+            "Measure the latency of ONNX files sent by an autoslim search, on this device. "
+            "Reach it from the search host with `ssh -L PORT:127.0.0.1:PORT device` "
+            "(or `adb forward tcp:PORT tcp:PORT`) and use backend remote:127.0.0.1:PORT."
+        ),
+    )
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    p.add_argument(
+        "--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})"
+    )
+    p.add_argument(
+        "--secret",
+        default=str(DEFAULT_SECRET_FILE),
+        metavar="FILE",
+        help=f"shared secret file, mode 0600 (default {DEFAULT_SECRET_FILE})",
+    )
+    p.add_argument(
+        "--store",
+        default=str(DEFAULT_STORE),
+        metavar="DIR",
+        help=f"where uploaded models are kept (default {DEFAULT_STORE})",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=_megabytes,
+        default=DEFAULT_MAX_UPLOAD / 2**20,
+        metavar="N",
+        help="largest model upload in MiB (default 256)",
+    )
+    p.add_argument(
+        "--init-secret",
+        metavar="FILE",
+        help="create a new secret file (mode 0600) and exit; copy it to the search host",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``autoslim agent ...``; returns the exit code (0, 1, 2, 130 after Ctrl-C)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag (argparse printed why)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        if args.init_secret:
+            path = Path(args.init_secret).expanduser()
+            create_secret(path)
+            print(path)
+            print(
+                "autoslim agent: secret created; copy it (mode 0600) to the search host and "
+                "set AUTOSLIM_AGENT_SECRET to its path there",
+                file=sys.stderr,
+            )
+            return 0
+        serve(
+            host=args.host,
+            port=args.port,
+            secret_file=args.secret,
+            store=args.store,
+            max_upload=max(1, int(args.max_upload_mb * 2**20)),
+        )
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except AutoslimError as e:
+        print(f"autoslim agent: error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"autoslim agent: error: {one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main(sys.argv[1:]))

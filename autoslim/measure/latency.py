@@ -1,0 +1,288 @@
+"""Latency of the artifact file: one measurement protocol for every backend, local or remote.
+
+Imports numpy and onnxruntime only (never torch or optuna), so a device agent installs it alone.
+
+Protocol (what ONNX Runtime's perf test, TFLite's ``benchmark_model`` and MLPerf LoadGen
+report): the first, cold run is timed apart; warm-up of ``warmup`` runs and at least
+``WARMUP_S``; then timed blocks of ``BLOCK`` runs with the garbage collector off, until the 95%
+confidence interval of the median (distribution-free, from order statistics) is within
+``+-CI_TARGET`` of it, or ``runs`` timed runs, or ``MAX_S`` seconds. Reported: n, median, p90,
+IQR, the CI, the cold run, the block medians, and ``noisy`` with its reasons (block medians
+spread > 5%, first-vs-last block drift > 5%, a loaded machine).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import UsageError
+
+__all__ = [
+    "Latency",
+    "LatencyBackend",
+    "OrtBackend",
+    "get_backend",
+    "list_backends",
+    "host_identity",
+    "time_runs",
+    "ort_session",
+]
+
+WARMUP_S = 0.5  # warm-up lasts at least this long (caches, frequency ramp, ORT's arenas)
+BLOCK = 20  # timed runs per block
+MIN_BLOCKS = 3
+CI_TARGET = 0.02  # stop once the median's 95% CI is within +-2% of it
+MAX_S = 20.0  # time cap of the timed blocks
+NOISY_SPREAD = 0.05  # block medians' coefficient of variation above this: noisy
+NOISY_DRIFT = 0.05  # last vs first block median
+
+
+def host_identity() -> dict[str, str | int]:
+    """Which machine a timing comes from: host name, CPU model and the cores this process has."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"host": platform.node(), "cpu": cpu, "cores": int(cores or 1)}
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One latency measurement of an artifact (milliseconds), by :func:`time_runs`."""
+
+    median_ms: float
+    p90_ms: float
+    runs: int
+    backend: str
+    iqr_ms: float = 0.0
+    ci_low_ms: float = 0.0
+    ci_high_ms: float = 0.0
+    cold_ms: float = 0.0
+    blocks: list[float] = field(default_factory=list)  # median of each timed block
+    noisy: bool = False
+    noise: list[str] = field(default_factory=list)  # why it is noisy, one reason each
+    device: dict = field(default_factory=dict)  # where it was measured (host_identity / agent)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Latency:
+        """The inverse of :meth:`to_dict` (unknown keys of a newer agent are ignored)."""
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def median_ci(samples: list[float], z: float = 1.96) -> tuple[float, float]:
+    """95% confidence interval of the median from order statistics (no distribution assumed)."""
+    s, n = sorted(samples), len(samples)
+    if n < 3:
+        return s[0], s[-1]
+    half = z * math.sqrt(n) / 2
+    lo = max(0, math.floor(n / 2 - half) - 1)
+    hi = min(n - 1, math.ceil(n / 2 + half))
+    return s[lo], s[hi]
+
+
+def _load_reason(cores: int) -> str | None:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    if load > cores + 0.5:  # this process accounts for one
+        return f"load average {load:.1f} on {cores} cores"
+    return None
+
+
+def time_runs(
+    fn: Callable[[], object],
+    *,
+    backend: str,
+    runs: int = 200,
+    warmup: int = 20,
+    warmup_s: float = WARMUP_S,
+    max_s: float = MAX_S,
+    block: int = BLOCK,
+) -> Latency:
+    """Time ``fn`` by the protocol of this module; ``runs`` caps the timed runs, ``warmup``
+    and ``warmup_s`` are the least warm-up runs and seconds."""
+    if runs < 1:
+        raise UsageError(f"runs must be >= 1 timed runs; got {runs}")
+    t0 = time.perf_counter()
+    fn()
+    cold = (time.perf_counter() - t0) * 1e3
+    start, done = time.perf_counter(), 0
+    while done < warmup or time.perf_counter() - start < warmup_s:
+        fn()
+        done += 1
+    block = max(1, min(block, runs))
+    samples: list[float] = []
+    medians: list[float] = []
+    began = time.perf_counter()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while len(samples) < runs:
+            chunk = []
+            for _ in range(min(block, runs - len(samples))):
+                t = time.perf_counter()
+                fn()
+                chunk.append((time.perf_counter() - t) * 1e3)
+            samples += chunk
+            medians.append(statistics.median(chunk))
+            med = statistics.median(samples)
+            lo, hi = median_ci(samples)
+            if len(medians) >= MIN_BLOCKS and (hi - lo) / 2 <= CI_TARGET * med:
+                break
+            if time.perf_counter() - began > max_s:
+                break
+    finally:
+        if enabled:
+            gc.enable()
+    med = statistics.median(samples)
+    lo, hi = median_ci(samples)
+    q1, q3 = (float(v) for v in np.percentile(samples, [25, 75]))
+    noise = []
+    if len(medians) >= 2:
+        spread = statistics.pstdev(medians) / statistics.mean(medians)
+        if spread > NOISY_SPREAD:
+            noise.append(f"block medians spread {spread:.1%} (> {NOISY_SPREAD:.0%})")
+        drift = (medians[-1] - medians[0]) / medians[0]
+        if abs(drift) > NOISY_DRIFT:
+            noise.append(f"drift {drift:+.1%} from the first to the last block")
+    device = host_identity()
+    load = _load_reason(int(device["cores"]))
+    if load:
+        noise.append(load)
+    return Latency(
+        median_ms=med,
+        p90_ms=float(np.percentile(samples, 90)),
+        runs=len(samples),
+        backend=backend,
+        iqr_ms=q3 - q1,
+        ci_low_ms=lo,
+        ci_high_ms=hi,
+        cold_ms=cold,
+        blocks=medians,
+        noisy=bool(noise),
+        noise=noise,
+        device=device,
+    )
+
+
+def ort_session(path: str | Path, *, threads: int = 1, providers: list[str] | None = None):
+    """An ONNX Runtime session on the artifact (1 thread by default: deployable latency)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+class LatencyBackend(Protocol):
+    name: str
+
+    def available(self) -> bool: ...
+
+    def measure(
+        self,
+        artifact: Path,
+        *,
+        input_shape: tuple[int, ...],
+        runs: int = 200,
+        warmup: int = 20,
+    ) -> Latency: ...
+
+
+class OrtBackend:
+    """ONNX Runtime on the artifact file, batch 1, ``threads`` intra-op threads.
+
+    On CUDA the input and output live on the device through IO binding, so the timed run is
+    the model, not host/device copies."""
+
+    def __init__(self, provider: str = "CPUExecutionProvider", threads: int = 1) -> None:
+        self.provider, self.threads = provider, threads
+        self.name = "onnxruntime-cuda" if provider.startswith("CUDA") else "onnxruntime-cpu"
+
+    def available(self) -> bool:
+        import onnxruntime as ort
+
+        return self.provider in ort.get_available_providers()
+
+    def measure(
+        self,
+        artifact: Path,
+        *,
+        input_shape: tuple[int, ...],
+        runs: int = 200,
+        warmup: int = 20,
+    ) -> Latency:
+        sess = ort_session(artifact, threads=self.threads, providers=[self.provider])
+        inp = sess.get_inputs()[0]
+        x = np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)
+        if self.provider.startswith("CUDA"):
+            import onnxruntime as ort
+
+            binding = sess.io_binding()
+            binding.bind_ortvalue_input(inp.name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+            for out in sess.get_outputs():
+                binding.bind_output(out.name, "cuda", 0)
+
+            def run() -> None:
+                sess.run_with_iobinding(binding)
+                binding.synchronize_outputs()
+
+        else:
+
+            def run() -> None:
+                sess.run(None, {inp.name: x})
+
+        return time_runs(run, backend=self.name, runs=runs, warmup=warmup)
+
+
+_BACKENDS = {
+    "onnxruntime-cpu": lambda: OrtBackend("CPUExecutionProvider"),
+    "onnxruntime-cuda": lambda: OrtBackend("CUDAExecutionProvider"),
+}
+
+
+def list_backends() -> list[str]:
+    """Local backend names (a device agent is ``remote:HOST:PORT``)."""
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str = "onnxruntime-cpu") -> LatencyBackend:
+    if name.startswith("remote:"):
+        from .remote import RemoteBackend
+
+        return RemoteBackend.from_name(name)
+    if name not in _BACKENDS:
+        raise UsageError(
+            f"unknown latency backend {name!r}; expected one of {list_backends()} or "
+            "remote:HOST:PORT (a device agent)"
+        )
+    backend = _BACKENDS[name]()
+    if not backend.available():
+        raise UsageError(
+            f"latency backend {name!r} is not available on this machine "
+            "(onnxruntime-cuda needs onnxruntime-gpu and a GPU); use onnxruntime-cpu"
+        )
+    return backend

@@ -1,0 +1,493 @@
+"""The device agent: a real ``autoslim agent`` process, signed requests and the remote backend.
+
+Every test talks HTTP to an agent subprocess started on a free port with a secret and a model
+store in a temporary directory; ONNX files are built with ``onnx.helper`` (no torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from autoslim.errors import AutoslimError, UsageError
+from autoslim.measure import Latency, get_backend
+from autoslim.measure.auth import (
+    NONCE_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    AuthError,
+    Verifier,
+    create_secret,
+    load_secret,
+    sign,
+)
+from autoslim.measure.remote import AgentError, RemoteBackend
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def onnx_model(seed: int = 0, channels: int = 16) -> bytes:
+    """Conv 3x3 + Relu + GlobalAveragePool on a float input ``x`` of [1, 3, 32, 32]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((channels, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(channels).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("GlobalAveragePool", ["r"], ["y"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 1, 1])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Agent:
+    proc: subprocess.Popen
+    port: int
+    secret: bytes
+    secret_file: Path
+    store: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def files(self) -> list[str]:
+        return sorted(p.name for p in self.store.iterdir())
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        *,
+        secret: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> httpx.Response:
+        """A request signed with ``secret`` (the agent's by default) unless ``headers`` given."""
+        if headers is None:
+            headers = sign(secret or self.secret, method, path, body)
+        return httpx.request(
+            method, self.url + path, content=body, headers=headers, timeout=timeout
+        )
+
+    def backend(self) -> RemoteBackend:
+        return RemoteBackend("127.0.0.1", self.port, secret=self.secret)
+
+
+def start_agent(base: Path, *extra: str) -> Agent:
+    base.mkdir(parents=True, exist_ok=True)
+    secret_file, store, log = base / "agent.secret", base / "models", base / "agent.log"
+    create_secret(secret_file)
+    args = ["--port", "0", "--secret", str(secret_file), "--store", str(store), *extra]
+    code = f"from autoslim.agent.server import main; raise SystemExit(main({args!r}))"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], stderr=err, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if "listening on http://" in text:
+            port = int(text.split("listening on http://127.0.0.1:")[1].split(",")[0])
+            agent = Agent(proc, port, load_secret(secret_file), secret_file, store, log)
+            assert agent.request("GET", "/v1/info").status_code == 200
+            return agent
+        if proc.poll() is not None:
+            raise AssertionError(f"agent exited with {proc.returncode}: {text}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"agent did not start within 60 s: {log.read_text()}")
+
+
+def stop(agent: Agent) -> None:
+    if agent.proc.poll() is None:
+        agent.proc.terminate()
+        try:
+            agent.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.proc.kill()
+            agent.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    a = start_agent(tmp_path_factory.mktemp("agent"))
+    yield a
+    stop(a)
+
+
+@pytest.fixture(scope="module")
+def tiny_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    """An agent that takes uploads of at most 0.01 MiB (10485 bytes)."""
+    a = start_agent(tmp_path_factory.mktemp("tiny-agent"), "--max-upload-mb", "0.01")
+    yield a
+    stop(a)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- what the device installs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["autoslim.agent.server", "autoslim.measure.remote"])
+def test_imports_neither_torch_nor_optuna(module: str) -> None:
+    code = (
+        f"import sys, {module}; "
+        "bad = [m for m in ('torch', 'optuna') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+
+
+# -- measuring through the remote backend ---------------------------------------------------
+
+
+def test_remote_backend_measures_on_the_agent(agent: Agent, tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(onnx_model(1))
+    backend = agent.backend()
+    assert backend.name == f"remote:127.0.0.1:{agent.port}"
+    assert backend.available()
+    assert "secret" not in repr(backend) and agent.secret.hex() not in repr(backend)
+    lat = backend.measure(path, input_shape=(3, 32, 32), runs=60, warmup=5)
+    assert isinstance(lat, Latency)
+    assert lat.backend == backend.name
+    assert 0 < lat.runs <= 60
+    assert 0 < lat.ci_low_ms <= lat.median_ms <= lat.ci_high_ms
+    assert lat.median_ms <= lat.p90_ms
+    for key in ("host", "cpu", "cores", "agent", "onnxruntime", "provider", "threads"):
+        assert key in lat.device, lat.device
+    assert lat.device["provider"] == "CPUExecutionProvider" and lat.device["threads"] == 1
+    assert backend.device_identity() == {k: lat.device[k] for k in ("host", "cpu", "cores")}
+    assert agent.files() == [f"{sha(path.read_bytes())}.onnx"]
+    # the same file again: already stored (200), measured again
+    again = backend.measure(path, input_shape=(3, 32, 32), runs=20, warmup=1)
+    assert again.runs > 0 and agent.files() == [f"{sha(path.read_bytes())}.onnx"]
+    assert Latency.from_dict(json.loads(json.dumps(lat.to_dict()))) == lat
+
+
+def test_get_backend_remote_reads_the_secret_file_named_by_env(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOSLIM_AGENT_SECRET", str(agent.secret_file))
+    backend = get_backend(f"remote:127.0.0.1:{agent.port}")
+    assert isinstance(backend, RemoteBackend)
+    assert backend.info()["providers"]
+    with pytest.raises(UsageError, match=r"expected remote:HOST:PORT"):
+        RemoteBackend.from_name("remote:127.0.0.1")
+    with pytest.raises(UsageError, match=r"expected remote:HOST:PORT"):
+        RemoteBackend.from_name("remote:host:99999")
+
+
+def test_info_reports_the_device(agent: Agent) -> None:
+    r = agent.request("GET", "/v1/info")
+    assert r.status_code == 200
+    info = r.json()
+    import onnxruntime
+
+    assert info["onnxruntime"] == onnxruntime.__version__
+    assert "CPUExecutionProvider" in info["providers"]
+    assert set(info["identity"]) == {"host", "cpu", "cores"}
+    assert info["threads"] == 1 and info["version"]
+    assert "cpu_governor" in info and "temperature_c" in info  # null where unreadable
+    assert info["temperature_c"] is None or -50 < info["temperature_c"] < 200
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+def test_unsigned_wrong_secret_replayed_and_stale_requests_get_401(agent: Agent) -> None:
+    data = onnx_model(2)
+    path = f"/v1/models/{sha(data)}"
+    before = agent.files()
+    cases = {
+        "no headers": agent.request("PUT", path, data, headers={}),
+        "wrong secret": agent.request("PUT", path, data, secret=os.urandom(32)),
+        "stale": agent.request(
+            "PUT",
+            path,
+            data,
+            headers=sign(agent.secret, "PUT", path, data, timestamp=time.time() - 120),
+        ),
+        "other body": agent.request(
+            "PUT", path, data, headers=sign(agent.secret, "PUT", path, data + b"x")
+        ),
+        "other path": agent.request(
+            "PUT", path, data, headers=sign(agent.secret, "PUT", "/v1/info", data)
+        ),
+    }
+    for what, r in cases.items():
+        assert r.status_code == 401, (what, r.text)
+        assert "error" in r.json() and "\n" not in r.json()["error"]
+    assert "missing" in cases["no headers"].json()["error"]
+    assert "clock" in cases["stale"].json()["error"]
+    assert agent.files() == before  # nothing stored
+
+    headers = sign(agent.secret, "PUT", path, data)
+    assert agent.request("PUT", path, data, headers=headers).status_code == 201
+    stored = agent.files()
+    replay = agent.request("PUT", path, data, headers=headers)
+    assert replay.status_code == 401 and "replayed" in replay.json()["error"]
+    assert agent.files() == stored
+    info = sign(agent.secret, "GET", "/v1/info", b"")
+    assert agent.request("GET", "/v1/info", headers=info).status_code == 200
+    assert agent.request("GET", "/v1/info", headers=info).status_code == 401
+
+
+def test_unknown_path_and_wrong_method_answer_json(agent: Agent) -> None:
+    assert agent.request("GET", "/v1/nope", headers={}).status_code == 401  # auth comes first
+    r = agent.request("GET", "/v1/nope")
+    assert r.status_code == 404 and "/v1/info" in r.json()["error"]
+    r = agent.request("DELETE", "/v1/info")
+    assert r.status_code == 405 and "GET" in r.json()["error"]
+    r = agent.request("GET", "/v1/measure")
+    assert r.status_code == 405 and "POST" in r.json()["error"]
+
+
+def test_verifier_forgets_old_nonces() -> None:
+    secret = os.urandom(32)
+    v = Verifier(secret, skew=1)
+    for _ in range(5):
+        v.verify("GET", "/v1/info", sign(secret, "GET", "/v1/info", b""), b"")
+    assert len(v._seen) == 5
+    time.sleep(2.1)
+    v.verify("GET", "/v1/info", sign(secret, "GET", "/v1/info", b""), b"")
+    assert len(v._seen) == 1
+    future = sign(secret, "GET", "/v1/info", b"", timestamp=time.time() + 5)
+    with pytest.raises(AuthError, match="clock"):
+        v.verify("GET", "/v1/info", future, b"")
+    lower = {k.lower(): val for k, val in sign(secret, "GET", "/", b"").items()}
+    v.verify("GET", "/", lower, b"")  # header names are case-insensitive
+    assert {TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER} == set(sign(secret, "GET", "/", b""))
+
+
+# -- uploads ----------------------------------------------------------------------------------
+
+
+def test_upload_over_the_cap_gets_413_and_stores_nothing(tiny_agent: Agent, tmp_path: Path) -> None:
+    big = onnx_model(3, channels=256)  # ~28 KB
+    assert len(big) > 10485
+    path = f"/v1/models/{sha(big)}"
+    r = tiny_agent.request("PUT", path, big)
+    assert r.status_code == 413 and "--max-upload-mb" in r.json()["error"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while streaming
+        for i in range(0, len(big), 4096):
+            yield big[i : i + 4096]
+
+    headers = sign(tiny_agent.secret, "PUT", path, big)
+    r = httpx.put(tiny_agent.url + path, content=chunks(), headers=headers, timeout=30)
+    assert r.status_code == 413
+    assert tiny_agent.files() == []
+    # the remote backend says so before uploading
+    file = tmp_path / "big.onnx"
+    file.write_bytes(big)
+    with pytest.raises(AgentError, match="upload cap") as e:
+        tiny_agent.backend().measure(file, input_shape=(3, 32, 32), runs=5, warmup=1)
+    assert "\n" not in str(e.value)
+    small = onnx_model(3, channels=4)
+    assert tiny_agent.request("PUT", f"/v1/models/{sha(small)}", small).status_code == 201
+
+
+def test_bad_uploads_get_400_or_422(agent: Agent) -> None:
+    data = onnx_model(4)
+    before = agent.files()
+    r = agent.request("PUT", f"/v1/models/{sha(data + b'x')}", data)
+    assert r.status_code == 400 and "sha256" in r.json()["error"]
+    r = agent.request("PUT", "/v1/models/not-a-sha", data)
+    assert r.status_code == 400 and "64 hex" in r.json()["error"]
+    garbage = b"this is not an onnx file" * 10
+    r = agent.request("PUT", f"/v1/models/{sha(garbage)}", garbage)
+    assert r.status_code == 422 and "onnxruntime" in r.json()["error"]
+    assert "Traceback" not in r.text and "\n" not in r.json()["error"]
+    assert agent.files() == before
+    path = f"/v1/models/{sha(data)}"
+    assert agent.request("PUT", path, data).status_code == 201
+    assert agent.request("PUT", path, data).status_code == 200
+    assert (agent.store / f"{sha(data)}.onnx").read_bytes() == data
+
+
+# -- measure requests -------------------------------------------------------------------------
+
+
+def test_bad_measure_requests_name_the_field(agent: Agent) -> None:
+    data = onnx_model(5)
+    assert agent.request("PUT", f"/v1/models/{sha(data)}", data).status_code == 201
+    good = {"sha256": sha(data), "input_shape": [3, 32, 32], "runs": 5, "warmup": 1}
+
+    def post(body: object) -> httpx.Response:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return agent.request("POST", "/v1/measure", raw)
+
+    r = post(b"{not json")
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    for field, value in [
+        ("input_shape", "3x32x32"),
+        ("input_shape", [3, 0, 32]),
+        ("input_shape", [1, 1, 1, 1, 1]),
+        ("runs", 0),
+        ("runs", 100_001),
+        ("runs", True),
+        ("warmup", -1),
+        ("threads", 0),
+        ("provider", "NopeExecutionProvider"),
+        ("sha256", "abc"),
+    ]:
+        r = post({**good, field: value})
+        assert r.status_code == 400, (field, value, r.text)
+        assert repr(field) in r.json()["error"], r.json()
+    r = post({**good, "sha256": "0" * 64})
+    assert r.status_code == 404 and "PUT /v1/models/" in r.json()["error"]
+    r = post({**good, "input_shape": [1, 32, 32]})  # the model wants 3 channels
+    assert r.status_code == 422 and "Traceback" not in r.text
+    r = post(good)
+    assert r.status_code == 200 and r.json()["runs"] == 5
+
+
+def test_one_measurement_at_a_time(agent: Agent) -> None:
+    data = onnx_model(6)
+    assert agent.request("PUT", f"/v1/models/{sha(data)}", data).status_code == 201
+    body = {"sha256": sha(data), "input_shape": [3, 32, 32], "runs": 20, "warmup": 1}
+    r = agent.request("POST", "/v1/measure", json.dumps(body).encode())
+    per_run = r.json()["median_ms"]
+    body["warmup"] = min(100_000, int(2500 / per_run))  # about 2.5 s of warm-up
+    first: list[httpx.Response] = []
+    thread = threading.Thread(
+        target=lambda: first.append(agent.request("POST", "/v1/measure", json.dumps(body).encode()))
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not agent.request("GET", "/v1/info").json()["busy"]:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        second = agent.request("POST", "/v1/measure", json.dumps(body).encode())
+        assert second.status_code == 409
+        assert second.json()["retry"] is True and second.json()["error"].startswith("busy:")
+    finally:
+        thread.join(60)
+    assert first[0].status_code == 200, first[0].text
+
+
+def test_remote_backend_waits_while_busy(agent: Agent, tmp_path: Path) -> None:
+    data = onnx_model(7)
+    (tmp_path / "m.onnx").write_bytes(data)
+    assert agent.request("PUT", f"/v1/models/{sha(data)}", data).status_code == 201
+    body = {"sha256": sha(data), "input_shape": [3, 32, 32], "runs": 20, "warmup": 1}
+    per_run = agent.request("POST", "/v1/measure", json.dumps(body).encode()).json()["median_ms"]
+    body["warmup"] = min(100_000, int(1500 / per_run))
+    thread = threading.Thread(
+        target=agent.request, args=("POST", "/v1/measure", json.dumps(body).encode())
+    )
+    thread.start()
+    try:
+        while not agent.request("GET", "/v1/info").json()["busy"]:
+            time.sleep(0.02)
+        lat = agent.backend().measure(tmp_path / "m.onnx", input_shape=(3, 32, 32), runs=20)
+        assert lat.runs > 0
+    finally:
+        thread.join(60)
+
+
+# -- errors a user sees -----------------------------------------------------------------------
+
+
+def test_nothing_listening_is_one_line_saying_how_to_start_the_agent(tmp_path: Path) -> None:
+    port = free_port()
+    backend = RemoteBackend("127.0.0.1", port, secret=os.urandom(32), timeout=5)
+    assert not backend.available()
+    (tmp_path / "m.onnx").write_bytes(onnx_model(8))
+    with pytest.raises(AgentError) as e:
+        backend.measure(tmp_path / "m.onnx", input_shape=(3, 32, 32))
+    msg = str(e.value)
+    assert "\n" not in msg and f"autoslim agent --port {port}" in msg
+    assert f"ssh -L {port}:127.0.0.1:{port}" in msg and f"127.0.0.1:{port}" in msg
+    assert isinstance(e.value, AutoslimError) and e.value.exit_code == 1
+
+
+def test_wrong_secret_through_the_backend_is_one_line(agent: Agent) -> None:
+    backend = RemoteBackend("127.0.0.1", agent.port, secret=os.urandom(32))
+    with pytest.raises(AgentError, match="HTTP 401") as e:
+        backend.info()
+    assert "\n" not in str(e.value) and "AUTOSLIM_AGENT_SECRET" in str(e.value)
+
+
+def test_secret_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "dir" / "agent.secret"
+    create_secret(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(load_secret(path)) == 32
+    with pytest.raises(UsageError, match="already exists"):
+        create_secret(path)
+    path.chmod(0o644)
+    with pytest.raises(UsageError, match=rf"chmod 600 {path}") as e:
+        load_secret(path)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("AUTOSLIM_AGENT_SECRET", str(path))
+    with pytest.raises(UsageError, match="chmod 600"):
+        RemoteBackend.from_name("remote:127.0.0.1:8765")
+    with pytest.raises(UsageError, match="--init-secret"):
+        load_secret(tmp_path / "missing.secret")
+    short = tmp_path / "short.secret"
+    short.write_text("ab" * 8)
+    short.chmod(0o600)
+    with pytest.raises(UsageError, match="at least 32"):
+        load_secret(short)
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from autoslim.agent.server import main
+
+    path = tmp_path / "new.secret"
+    assert main(["--init-secret", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == str(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert main(["--init-secret", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoslim agent: error: ") and err.count("\n") == 1
+    code = main(["--secret", str(tmp_path / "missing"), "--store", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and "autoslim agent --init-secret" in err and err.count("\n") == 1
+
+
+def test_ctrl_c_exits_130_quietly(tmp_path: Path) -> None:
+    a = start_agent(tmp_path)
+    a.proc.send_signal(signal.SIGINT)
+    assert a.proc.wait(15) == 130
+    log = a.log.read_text()
+    assert "Traceback" not in log and log.count("\n") == 1, log
