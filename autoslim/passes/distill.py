@@ -95,7 +95,8 @@ def recalibrate_bn(
     if not bns or batches <= 0:
         return len(bns)
     if isinstance(x, torch.Tensor):
-        x = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+        images = x
+        x = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
     elif isinstance(x, Split):
         x = x.batches(batch_size, limit=batches * batch_size)
     saved = [(m, m.momentum) for m in bns]
