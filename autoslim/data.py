@@ -51,6 +51,9 @@ _FMNIST_FILES = {
 }
 
 
+MAX_BATCH_ELEMENTS = 1 << 22  # floats per evaluation batch (16 MB: 27 images at 224 px)
+
+
 def data_workers() -> int:
     """DataLoader worker processes for streamed splits: one fewer than the cores this process
     may run on (its affinity), at most 4; none on a single core."""
@@ -99,7 +102,11 @@ class Split:
             yield self.images(idx)
 
     def batches(self, batch_size: int = 512, *, limit: int | None = None) -> Iterator[torch.Tensor]:
-        """The first ``limit`` (default: all) images in order, ``batch_size`` at a time."""
+        """The first ``limit`` (default: all) images in order, ``batch_size`` at a time (fewer
+        for large images: at most ``MAX_BATCH_ELEMENTS`` floats per batch, so evaluating at
+        224 px does not hold 512 images and their activations at once)."""
+        per_image = max(1, int(np.prod(self.shape)))
+        batch_size = max(1, min(batch_size, MAX_BATCH_ELEMENTS // per_image))
         n = len(self) if limit is None else min(limit, len(self))
         yield from self.batches_at(
             [torch.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]

@@ -491,3 +491,31 @@ def test_ctrl_c_exits_130_quietly(tmp_path: Path) -> None:
     assert a.proc.wait(15) == 130
     log = a.log.read_text()
     assert "Traceback" not in log and log.count("\n") == 1, log
+
+
+def test_a_search_measures_its_trials_on_the_agent(
+    agent: Agent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--backend remote:HOST:PORT`: the study runs unchanged, every latency (teacher and
+    trials) comes from the agent, the files it measured are the trials' own (stored by their
+    SHA-256), and the agent's identity is part of the study fingerprint."""
+    from conftest import tiny_study_file
+
+    from autoslim.runner import search
+    from autoslim.study import load_study_spec
+
+    monkeypatch.setenv("AUTOSLIM_AGENT_SECRET", str(agent.secret_file))
+    before = set(agent.files())
+    spec = load_study_spec(
+        tiny_study_file(tmp_path, "remote", trials=2), backend=f"remote:127.0.0.1:{agent.port}"
+    )
+    res = search(spec, progress=False)
+    ok = res.frame[res.frame["status"] == "ok"]
+    assert len(ok) >= 1, res.frame[["trial", "status", "fail_reason"]].to_string()
+    stored = set(agent.files()) - before
+    for sha256 in ok["artifact_sha256"]:
+        assert f"{sha256}.onnx" in stored  # the agent timed the trial's exported file
+    fp = res.study.user_attrs["fingerprint"]
+    assert fp["backend"] == f"remote:127.0.0.1:{agent.port}"
+    assert json.loads(fp["device"])["cores"] >= 1
+    assert (ok["teacher_latency_ms"] > 0).all() and (ok["latency_ms"] > 0).all()

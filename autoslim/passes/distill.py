@@ -97,8 +97,9 @@ def recalibrate_bn(
     if isinstance(x, torch.Tensor):
         images = x
         x = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
-    elif isinstance(x, Split):
-        x = x.batches(batch_size, limit=batches * batch_size)
+    elif isinstance(x, Split):  # training-sized batches (BN statistics are per batch)
+        n = min(len(x), batches * batch_size)
+        x = x.batches_at([torch.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)])
     saved = [(m, m.momentum) for m in bns]
     for m in bns:
         m.reset_running_stats()
