@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check autoslim tests benchmarks
 
 test: $(STAMP) data browser lint
-	AUTOSLIM_REQUIRE_BROWSER=1 $(BIN)/pytest -q -n auto --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	AUTOSLIM_REQUIRE_BROWSER=1 $(BIN)/pytest -q -n auto --dist worksteal --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 demo: $(STAMP) data
 	$(BIN)/autoslim search --budget 2MB
