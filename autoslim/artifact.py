@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from .config import CompressionConfig, LayerConfig
-from .data import Split
+from .data import Split, batched
 from .errors import ExportError
 from .measure.latency import ort_session
 from .passes.quantize import QRANGE, act_qparams, layer_config, split_add_key
@@ -471,11 +471,7 @@ def onnx_predict(session, x: torch.Tensor | Split, batch_size: int = 256) -> tor
     name = inp.name
     if isinstance(inp.shape[0], int) and inp.shape[0] > 0:
         batch_size = inp.shape[0]
-    if isinstance(x, Split):
-        batches = x.batches(batch_size)
-    else:
-        batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
-    outs = [session.run(None, {name: xb.numpy()})[0] for xb in batches]
+    outs = [session.run(None, {name: xb.numpy()})[0] for xb in batched(x, batch_size)]
     return torch.from_numpy(np.concatenate(outs))
 
 

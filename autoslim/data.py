@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import os
 import pickle
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ __all__ = [
     "list_datasets",
     "data_workers",
     "decode",
+    "batched",
+    "consecutive",
     "FASHION_MNIST_DIR",
 ]
 
@@ -64,7 +67,7 @@ def data_workers() -> int:
     return max(0, min(4, cores - 1))
 
 
-class Split:
+class Split(ABC):
     """One split: int64 labels ``y`` in memory, images served normalised on demand.
 
     Library code reads images through :meth:`images` (random access, evaluation view),
@@ -82,19 +85,19 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @abstractmethod
     def images(self, idx: torch.Tensor | slice) -> torch.Tensor:
         """Normalised float32 images (N, C, H, W) at ``idx``: the evaluation view."""
-        raise NotImplementedError
 
+    @abstractmethod
     def subset(self, n: int | None) -> Split:
         """The first ``n`` samples (the split is already shuffled by its seed)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def train_batches(
         self, index_batches: list[torch.Tensor], *, gen: torch.Generator, padding: int, flip: bool
     ) -> Iterator[torch.Tensor]:
         """Augmented training batches for ``index_batches``, in order; randomness from ``gen``."""
-        raise NotImplementedError
 
     def batches_at(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Evaluation-view batches for ``index_batches``, in order."""
@@ -108,9 +111,7 @@ class Split:
         per_image = max(1, int(np.prod(self.shape)))
         batch_size = max(1, min(batch_size, MAX_BATCH_ELEMENTS // per_image))
         n = len(self) if limit is None else min(limit, len(self))
-        yield from self.batches_at(
-            [torch.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-        )
+        yield from self.batches_at(consecutive(n, batch_size))
 
     def head(self, n: int) -> torch.Tensor:
         """The first ``n`` images as one tensor (calibration sets, gate diagnoses)."""
@@ -125,6 +126,21 @@ class Split:
         m = torch.tensor(self.mean).view(1, -1, 1, 1)
         s = torch.tensor(self.std).view(1, -1, 1, 1)
         return (u8.float().div_(255.0) - m) / s
+
+
+def consecutive(n: int, batch_size: int) -> list[torch.Tensor]:
+    """Indices ``0 .. n-1`` in batches of ``batch_size`` (the last one shorter)."""
+    return [torch.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def batched(x: torch.Tensor | Split, batch_size: int) -> Iterator[torch.Tensor]:
+    """Images in order, ``batch_size`` at a time: slices of a tensor, or a split's
+    :meth:`Split.batches` (its evaluation view)."""
+    if isinstance(x, Split):
+        yield from x.batches(batch_size)
+    else:
+        for i in range(0, len(x), batch_size):
+            yield x[i : i + batch_size]
 
 
 class TensorSplit(Split):
@@ -186,6 +202,16 @@ def decode(path: str | Path, *, min_side: int | None = None) -> torch.Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
+def _decode_named(path: str | Path, min_side: int | None) -> torch.Tensor:
+    """:func:`decode`, with a file that fails named in a one-line :class:`DataError`."""
+    try:
+        return decode(path, min_side=min_side)
+    except (RuntimeError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(
+            f"imagefolder: cannot decode image {path}: {one_line(str(e))}; fix or remove the file"
+        ) from None
+
+
 def short_side(image_size: int | None, resize: int | None) -> int | None:
     """The shorter side images are resized to before the center crop (``image_size * 8 / 7``
     unless ``resize`` says otherwise); None: images are served at their own size."""
@@ -201,9 +227,8 @@ def fit(img: torch.Tensor, image_size: int | None, resize: int | None) -> torch.
         return img
     from torchvision.transforms.v2 import functional as TF
 
-    img = TF.resize(
-        img, [short_side(image_size, resize)], antialias=True
-    )  # shorter side, aspect kept
+    # the shorter side to its size, aspect kept
+    img = TF.resize(img, [short_side(image_size, resize)], antialias=True)
     return TF.center_crop(img, [image_size, image_size])
 
 
@@ -220,13 +245,7 @@ class _Decoded(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         i, seed = key
         sp = self.split
-        try:
-            img = decode(sp.paths[i], min_side=short_side(sp.image_size, sp.resize))
-        except (RuntimeError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(
-                f"imagefolder: cannot decode image {sp.paths[i]}: {one_line(str(e))}; fix or "
-                "remove the file"
-            ) from None
+        img = _decode_named(sp.paths[i], short_side(sp.image_size, sp.resize))
         if seed < 0:
             out = fit(img, sp.image_size, sp.resize)
         else:
@@ -510,16 +529,8 @@ def _imagefolder_files(
 
 def _decode_all(paths: np.ndarray, image_size: int | None, resize: int | None) -> np.ndarray:
     """Every file's evaluation view, uint8 (N, C, H, W): the in-memory fast path."""
-    out = []
-    for p in paths:
-        try:
-            img = decode(p, min_side=short_side(image_size, resize))
-            out.append(fit(img, image_size, resize).numpy())
-        except (RuntimeError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(
-                f"imagefolder: cannot decode image {p}: {one_line(str(e))}; fix or remove the file"
-            ) from None
-    return np.stack(out)
+    side = short_side(image_size, resize)
+    return np.stack([fit(_decode_named(p, side), image_size, resize).numpy() for p in paths])
 
 
 def load_dataset(
@@ -636,32 +647,28 @@ def load_dataset(
         std_t = ((sq - count * mean_t * mean_t) / max(1, count - 1)).clamp_min(1e-12).sqrt()
         mean = tuple(float(v) for v in mean_t)
         std = tuple(float(v) for v in std_t)
-        return DataSplits(
-            name=name,
-            train=folder(ptr[train_idx], ytr[train_idx], mean, std),
-            val=folder(ptr[val_idx], ytr[val_idx], mean, std),
-            test=folder(pte, yte, mean, std),
-            num_classes=num_classes,
-            mean=mean,
-            std=std,
-            seed=seed,
-            meta=meta,
+        train, val, test = (
+            folder(ptr[train_idx], ytr[train_idx], mean, std),
+            folder(ptr[val_idx], ytr[val_idx], mean, std),
+            folder(pte, yte, mean, std),
         )
+    else:
+        xte = xte[: len(yte)]
+        xtr_f = torch.from_numpy(xtr[train_idx]).float().div_(255.0)
+        mean = tuple(float(v) for v in xtr_f.mean(dim=(0, 2, 3)))
+        std = tuple(float(v) for v in xtr_f.std(dim=(0, 2, 3)))
+        del xtr_f
 
-    xte = xte[: len(yte)]
-    xtr_f = torch.from_numpy(xtr[train_idx]).float().div_(255.0)
-    mean = tuple(float(v) for v in xtr_f.mean(dim=(0, 2, 3)))
-    std = tuple(float(v) for v in xtr_f.std(dim=(0, 2, 3)))
-    del xtr_f
+        def held(a: np.ndarray, y: np.ndarray) -> Split:
+            return TensorSplit(torch.from_numpy(np.array(a, copy=True)), labels(y), mean, std)
 
-    def held(a: np.ndarray, y: np.ndarray) -> Split:
-        return TensorSplit(torch.from_numpy(np.array(a, copy=True)), labels(y), mean, std)
-
+        train = held(xtr[train_idx], ytr[train_idx])
+        val, test = held(xtr[val_idx], ytr[val_idx]), held(xte, yte)
     return DataSplits(
         name=name,
-        train=held(xtr[train_idx], ytr[train_idx]),
-        val=held(xtr[val_idx], ytr[val_idx]),
-        test=held(xte, yte),
+        train=train,
+        val=val,
+        test=test,
         num_classes=num_classes,
         mean=mean,
         std=std,

@@ -8,6 +8,7 @@ fingerprint (model, teacher hash, data split, space, objectives, device) guards 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -363,8 +364,8 @@ def _suggest(trial: optuna.Trial, task: Task) -> dict[str, Any]:
 def _flag_drift(study: optuna.Study, before: float | None, after: float) -> None:
     """The teacher's file is the canary: re-timed every ``RETIME_EVERY`` trials. If it moved
     by more than ``CANARY_DRIFT`` since the last timing, the trials this process measured in
-    between are flagged (study attribute ``latency_drift``: trial number -> note; the trial
-    table's ``latency_drift`` column): their latencies came from a machine that changed."""
+    between are flagged (study attribute ``latency_drift``: trial number -> note; shown in the
+    trial table's ``latency_noise`` column): their latencies came from a machine that changed."""
     if not before or abs(after - before) / before <= CANARY_DRIFT:
         return
     note = f"teacher timing moved {after / before - 1:+.1%} ({before:.4g} -> {after:.4g} ms)"
@@ -441,6 +442,7 @@ def _baselines(task: Task) -> list[tuple[float, int, int]]:
     if budget is None:
         return list(BASELINES)
 
+    @functools.cache  # 0.5 is both a baseline and the ladder's first step
     def fits(r: float) -> bool:
         params = task.space.uniform_params(prune=r, weight_bits=8, act_bits=8)
         return estimate(task, task.space.to_config(params)) <= budget

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DataSplits, Split, load_dataset
+from .data import DataSplits, Split, batched, load_dataset
 from .errors import UsageError
 from .models import build_model
 from .passes.distill import recalibrate_bn
@@ -83,10 +83,7 @@ def predict(model: nn.Module, x: torch.Tensor | Split, batch_size: int = 512) ->
     """Logits of ``model`` (in eval mode) on the images ``x`` or a split's, batched."""
     was_training = model.training
     model.eval()
-    if isinstance(x, Split):
-        out = [model(xb) for xb in x.batches(batch_size)]
-    else:
-        out = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    out = [model(xb) for xb in batched(x, batch_size)]
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
@@ -164,10 +161,11 @@ def train_teacher(
             step += 1
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{val_acc:.4f}")
-        sample = [perm[j : j + recipe.batch_size] for j in range(0, n, recipe.batch_size)]
+        bs = recipe.batch_size
+        sample = [perm[j : j + bs] for j in range(0, min(n, recipe.bn_batches * bs), bs)]
         recalibrate_bn(
             model,
-            data.train.batches_at(sample[: recipe.bn_batches]),
+            data.train.batches_at(sample),
             batches=recipe.bn_batches,
             batch_size=recipe.batch_size,
         )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DistillConfig
-from ..data import Split
+from ..data import Split, batched, consecutive
 
 __all__ = ["Recovery", "kd_loss", "teacher_logits", "recalibrate_bn", "distill"]
 
@@ -95,11 +95,9 @@ def recalibrate_bn(
     if not bns or batches <= 0:
         return len(bns)
     if isinstance(x, torch.Tensor):
-        images = x
-        x = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+        x = batched(x, batch_size)
     elif isinstance(x, Split):  # training-sized batches (BN statistics are per batch)
-        n = min(len(x), batches * batch_size)
-        x = x.batches_at([torch.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)])
+        x = x.batches_at(consecutive(min(len(x), batches * batch_size), batch_size))
     saved = [(m, m.momentum) for m in bns]
     for m in bns:
         m.reset_running_stats()
