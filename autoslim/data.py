@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError, one_line
+from .errors import DataError, UsageError, one_line
 
 __all__ = [
     "Split",
@@ -41,6 +41,7 @@ __all__ = [
     "load_dataset",
     "list_datasets",
     "data_workers",
+    "train_device",
     "decode",
     "batched",
     "consecutive",
@@ -65,6 +66,38 @@ def data_workers() -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(0, min(4, cores - 1))
+
+
+DEVICE_ENV = "AUTOSLIM_DEVICE"  # where training runs: auto (CUDA when present), cpu, cuda[:N]
+
+
+def train_device() -> torch.device:
+    """Where teacher training, KD recovery and the teacher's logits run: ``$AUTOSLIM_DEVICE``
+    (``auto`` by default: the first CUDA GPU when torch sees one, else the CPU). Batches are
+    served on the CPU and moved per step; exports, pruning and calibration stay on the CPU."""
+    want = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(want)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(
+            f"{DEVICE_ENV}={want!r} is not a training device; expected auto, cpu or cuda[:N]"
+        )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"{DEVICE_ENV}={want} but torch sees no CUDA GPU (torch {torch.__version__}); "
+            f"unset it or use {DEVICE_ENV}=cpu"
+        )
+    return dev
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device a model's parameters live on (the CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 class Split(ABC):
@@ -320,6 +353,7 @@ class FolderSplit(Split):
             num_workers=self.workers,
             worker_init_fn=_worker_init if self.workers else None,
             prefetch_factor=2 if self.workers else None,
+            pin_memory=self.workers > 0 and torch.cuda.is_available(),
         )
         it = iter(loader)
         while True:

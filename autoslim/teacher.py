@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DataSplits, Split, batched, load_dataset
+from .data import DataSplits, Split, batched, device_of, load_dataset, train_device
 from .errors import UsageError
 from .models import build_model
 from .passes.distill import recalibrate_bn
@@ -83,7 +83,8 @@ def predict(model: nn.Module, x: torch.Tensor | Split, batch_size: int = 512) ->
     """Logits of ``model`` (in eval mode) on the images ``x`` or a split's, batched."""
     was_training = model.training
     model.eval()
-    out = [model(xb) for xb in batched(x, batch_size)]
+    dev = device_of(model)
+    out = [model(xb.to(dev)).cpu() for xb in batched(x, batch_size)]
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
@@ -114,11 +115,15 @@ def train_teacher(
     progress: bool = True,
     save_to: Path | None = None,
 ) -> Teacher:
-    """Train ``model_name`` on ``data.train`` with ``recipe``; evaluate on val and test."""
+    """Train ``model_name`` on ``data.train`` with ``recipe`` (on
+    :func:`~autoslim.data.train_device`); evaluate on val and test. The model returned is on the
+    CPU."""
     recipe = recipe or TeacherRecipe()
     torch.manual_seed(recipe.seed)
     c, h, _ = data.input_shape
     model = build_model(model_name, in_channels=c, num_classes=data.num_classes, image_size=h)
+    dev = train_device()
+    model.to(dev)
     gen = torch.Generator().manual_seed(recipe.seed)
     n = len(data.train)
     steps_per_epoch = max(1, n // recipe.batch_size)
@@ -153,7 +158,8 @@ def train_teacher(
             order, gen=gen, padding=recipe.crop_padding, flip=recipe.flip
         )
         for i, idx, x in zip(bar, order, batches, strict=False):
-            loss = F.cross_entropy(model(x), data.train.y[idx])
+            x, y = x.to(dev, non_blocking=True), data.train.y[idx].to(dev, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -173,7 +179,7 @@ def train_teacher(
         bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{val_acc:.4f}")
         bar.close()
     train_time = time.perf_counter() - t0
-    model.eval()
+    model.to("cpu").eval()
     state = model.state_dict()
     meta = {
         "model": model_name,

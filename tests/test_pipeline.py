@@ -117,3 +117,37 @@ def test_recovery_distills_from_the_teacher_as_it_is_now(fmnist) -> None:
         model[1].weight.mul_(3.0)  # e.g. the user fine-tuned the model further
     again = compress(model, cfg, data=fmnist, recovery=rec)
     assert again.recovery_loss == pytest.approx(0.0, abs=1e-5)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("augment", [False, True], ids=["cached-logits", "augmented"])
+def test_recovery_runs_on_the_training_device(
+    tiny_teacher, fmnist, device, augment, monkeypatch
+) -> None:
+    """KD recovery (float and quantisation-aware) runs on $AUTOSLIM_DEVICE and hands back a
+    CPU model that exports with the gate passed; the teacher stays on the CPU too."""
+    monkeypatch.setenv("AUTOSLIM_DEVICE", device)
+    cfg = CompressionConfig(prune={"conv2": 0.25}, default=LayerConfig(weight_bits=8, act_bits=8))
+    rec = Recovery(steps=6, batch_size=32, subset=256, augment=augment)
+    c = compress(tiny_teacher.model, cfg, data=fmnist, recovery=rec)
+    assert {p.device.type for p in c.model.parameters()} == {"cpu"}
+    assert {p.device.type for p in tiny_teacher.model.parameters()} == {"cpu"}
+    assert torch.isfinite(torch.tensor(c.recovery_loss))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("tpu", "expected auto, cpu or cuda[:N]")]
+    + ([] if torch.cuda.is_available() else [("cuda", "torch sees no CUDA GPU")]),
+)
+def test_a_bad_training_device_is_one_line(value, expected, monkeypatch) -> None:
+    from autoslim import UsageError
+    from autoslim.data import train_device
+
+    monkeypatch.setenv("AUTOSLIM_DEVICE", value)
+    with pytest.raises(UsageError, match=expected.replace("[", r"\[").replace("]", r"\]")) as e:
+        train_device()
+    assert "\n" not in str(e.value)

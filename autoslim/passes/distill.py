@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DistillConfig
-from ..data import Split, batched, consecutive
+from ..data import Split, batched, consecutive, device_of, train_device
 
 __all__ = ["Recovery", "kd_loss", "teacher_logits", "recalibrate_bn", "distill"]
 
@@ -70,7 +70,8 @@ def teacher_logits(
         out = torch.load(path, weights_only=True)
     else:
         teacher.eval()
-        out = torch.cat([teacher(xb) for xb in split.batches(batch_size)])
+        dev = device_of(teacher)
+        out = torch.cat([teacher(xb.to(dev)).cpu() for xb in split.batches(batch_size)])
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -103,8 +104,9 @@ def recalibrate_bn(
         m.reset_running_stats()
         m.momentum = None
     model.train()
+    dev = device_of(model)
     for xb in itertools.islice(x, batches):
-        model(xb)
+        model(xb.to(dev))
     for m, mom in saved:
         m.momentum = mom
     model.eval()
@@ -130,13 +132,42 @@ def distill(
     evaluation view; with ``logits=None`` the ``teacher`` runs on each batch, which is then
     the split's augmented training view (:meth:`Split.train_batches`). The cosine schedule spans
     ``total_steps`` (default ``steps``) starting at ``start_step``, so recovery can be split
-    into phases (float, then fake-quantised) on one schedule.
+    into phases (float, then fake-quantised) on one schedule. The steps run on
+    :func:`~autoslim.data.train_device` (a CUDA GPU when present); the student and teacher come
+    back on the CPU.
     """
     if steps <= 0:
         return float("nan")
     if logits is None and teacher is None:
         raise ValueError("distill needs the teacher's cached logits or the teacher")
     total = total_steps or steps
+    dev = train_device()
+    student.to(dev)
+    if logits is None:
+        teacher.to(dev)
+    try:
+        return _steps(
+            student, split, logits, cfg, steps, recovery, start_step, total, on_step, teacher, dev
+        )
+    finally:
+        student.to("cpu")
+        if teacher is not None:
+            teacher.to("cpu")
+
+
+def _steps(
+    student: nn.Module,
+    split: Split,
+    logits: torch.Tensor | None,
+    cfg: DistillConfig,
+    steps: int,
+    recovery: Recovery,
+    start_step: int,
+    total: int,
+    on_step: Callable[[int, float], None] | None,
+    teacher: nn.Module | None,
+    dev: torch.device,
+) -> float:
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.SGD(
         params, lr=recovery.lr, momentum=0.9, nesterov=True, weight_decay=recovery.weight_decay
@@ -160,12 +191,13 @@ def distill(
         lr = 0.5 * recovery.lr * (1 + math.cos(math.pi * s / total))
         for g in opt.param_groups:
             g["lr"] = lr
+        x = x.to(dev, non_blocking=True)
         if logits is None:
             with torch.no_grad():
                 target = teacher(x)
         else:
-            target = logits[idx]
-        loss = kd_loss(student(x), target, split.y[idx], cfg)
+            target = logits[idx].to(dev, non_blocking=True)
+        loss = kd_loss(student(x), target, split.y[idx].to(dev, non_blocking=True), cfg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"recovery loss became {loss.item()} at step {s}")
         opt.zero_grad(set_to_none=True)
