@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data browser test lint demo bench-compress bench-search bench-refine bench-models bench-data clean
+.PHONY: install data browser test lint demo bench-compress bench-search bench-refine bench-models bench-data bench-latency clean
 
 install: $(STAMP)
 
@@ -58,6 +58,10 @@ bench-models: $(STAMP) data
 bench-data: $(STAMP) data
 	@command -v /usr/bin/time >/dev/null 2>&1 || $(SUDO) apt-get install -y -q time >/dev/null
 	$(BIN)/python benchmarks/bench_data.py
+
+# two agent processes on loopback; ~45 min on 2 cores
+bench-latency: $(STAMP) data
+	$(BIN)/python benchmarks/bench_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache studies/runs

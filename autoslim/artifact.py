@@ -36,6 +36,7 @@ __all__ = [
     "ExportResult",
     "export_onnx",
     "estimate_size",
+    "latency_features",
     "calibrate_size",
     "SizeCalibration",
     "ort_session",
@@ -625,6 +626,72 @@ def estimate_size(
             total += 1400 if c.act_bits == 8 else 2400
         total += _NODE_OVERHEAD
     return total
+
+
+@torch.no_grad()
+def latency_features(
+    model: nn.Module,
+    config: CompressionConfig,
+    *,
+    example: torch.Tensor,
+    factorized: set[str] | None = None,
+) -> dict[str, float]:
+    """What the artifact of ``model`` (already pruned and factorised; untrained is fine) costs
+    to run, as a fixed set of numbers for a latency predictor: per-layer MACs, weight bytes,
+    output elements, bit widths, channel widths and op kinds, summed by kind.
+
+    Kinds: ``dense``/``dw`` (grouped) convolutions and ``fc`` layers, each ``int8`` (int8
+    activations, ORT's QLinear kernels), ``wq`` (weight-only integer: dequantised, fp compute)
+    or ``fp``. ``boundaries`` counts neighbouring layers (in execution order) of different
+    kinds of compute: each is a Quantize/Dequantize pair in the file. Channel widths that are
+    small or not multiples of 8 leave vector lanes idle, hence their own counts. One forward
+    at batch 1: milliseconds.
+    """
+    factorized = factorized or set()
+    rows: list[tuple[str, nn.Module, torch.Tensor]] = []
+
+    def hook(name: str):
+        def fn(m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+            rows.append((name, m, out))
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in _layers(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    f: dict[str, float] = {"layers": float(len(rows)), "factorized": float(len(factorized))}
+    for op in ("dense", "dw", "fc"):
+        for q in ("int8", "wq", "fp"):
+            f[f"mmacs_{op}_{q}"] = 0.0
+    for k in ("mparams_int", "mparams_fp", "kact_int8", "kact_fp", "boundaries"):
+        f[k] = 0.0
+    widths, prev = [], None
+    for name, m, out in rows:
+        cfg = layer_config(config, name, factorized)
+        q = "fp" if cfg.weight_bits >= 16 else ("int8" if cfg.act_bits == 8 else "wq")
+        if isinstance(m, nn.Conv2d):
+            op = "dw" if m.groups > 1 else "dense"
+            macs = out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+            widths.append(m.out_channels)
+        else:
+            op, macs = "fc", m.in_features * m.out_features
+        f[f"mmacs_{op}_{q}"] += macs / 1e6
+        f["mparams_int" if q != "fp" else "mparams_fp"] += m.weight.numel() / 1e6
+        f["kact_int8" if q == "int8" else "kact_fp"] += out.numel() / 1e3
+        f["boundaries"] += float(prev is not None and (q == "int8") != (prev == "int8"))
+        prev = q
+    w = np.array(widths or [0], dtype=float)
+    f["mmacs"] = sum(v for k, v in f.items() if k.startswith("mmacs_"))
+    f["width_min"], f["width_mean"] = float(w.min()), float(w.mean())
+    f["narrow"] = float((w < 16).sum())
+    f["unaligned"] = float((w % 8 != 0).sum())
+    return f
 
 
 def calibrate_size(

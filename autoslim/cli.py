@@ -213,6 +213,8 @@ def _search(a: argparse.Namespace) -> int:
         stream=a.stream,
         storage=a.storage,
         backend=a.backend,
+        latency_predictor=a.latency_predictor,
+        agent_secret=a.agent_secret,
         teacher_checkpoint=a.teacher,
         recovery_steps=a.recovery_steps,
         limit_train=a.limit_train,
@@ -471,7 +473,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--storage", help="any Optuna RDB URL (default: SQLite file in the study folder)"
     )
-    s.add_argument("--backend", help="latency backend (onnxruntime-cpu, onnxruntime-cuda)")
+    s.add_argument(
+        "--backend",
+        help="latency backend: onnxruntime-cpu, onnxruntime-cuda or remote:HOST:PORT (an agent)",
+    )
+    s.add_argument(
+        "--agent-secret",
+        metavar="FILE",
+        help="remote backend: the agent's secret file (default $AUTOSLIM_AGENT_SECRET)",
+    )
+    s.add_argument(
+        "--latency-predictor",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="learn latency from the measured trials: pre-check --max-latency, skip timing "
+        "candidates a measured trial beats (used once calibrated; default on)",
+    )
     s.add_argument("--teacher", help="your own trained checkpoint (state_dict)")
     s.add_argument("--recovery-steps", type=_NONNEG_INT, help="KD steps per trial (fidelity)")
     s.add_argument("--limit-train", type=_POS_INT, help="use only N training images (quick runs)")

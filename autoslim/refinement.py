@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from .artifact import artifact_accuracy
 from .errors import ExportError, RecoveryError, UsageError
-from .measure import get_backend
 from .passes.distill import Recovery, distill, recalibrate_bn
 from .passes.quantize import act_ranges_of, calibrate, snap_biases
 from .pipeline import (
@@ -240,7 +239,7 @@ def refine(
     ``restart`` discards both. The refined artifact must have the trial's exact size, else
     :class:`ExportError` and nothing is recorded.
     """
-    from .study import StudySpec, build_task, time_teacher
+    from .study import StudySpec, build_task, time_candidate, time_teacher
 
     recipe = recipe or RefineRecipe()
     out = check_onnx_output(output) if output is not None else None
@@ -288,10 +287,8 @@ def refine(
             f"the refined artifact of trial {trial} is {res.size_bytes:,} bytes but the trial's is "
             f"{want:,} (same architecture and bits must give the same file); nothing was recorded"
         )
-    lat = get_backend(spec.backend).measure(
-        art, input_shape=data.input_shape, runs=spec.latency_runs
-    )
     teacher_ms = time_teacher(task, view.run_dir)  # side by side, in this process
+    _, latency_ms = time_candidate(task, art, run_dir=view.run_dir)  # paired with the teacher
     result = {
         "trial": trial,
         "recipe": recipe.to_dict(),
@@ -299,7 +296,7 @@ def refine(
         "val_accuracy": artifact_accuracy(art, data.val)[0],
         "test_accuracy": artifact_accuracy(art, data.test)[0],
         "size_bytes": res.size_bytes,
-        "latency_ms": lat.median_ms,
+        "latency_ms": latency_ms,
         "agreement": res.agreement,
         "search_val_accuracy": float(row["val_accuracy"]),
         "search_test_accuracy": float(row["test_accuracy"]),

@@ -38,6 +38,8 @@ TABLE_COLUMNS = [
     "size_bytes",
     "size_estimate",
     "latency_ms",
+    "latency_source",
+    "latency_predicted_ms",
     "teacher_latency_ms",
     "speedup",
     "compression",
@@ -49,6 +51,20 @@ TABLE_COLUMNS = [
     "agreement",
     "host",
 ]
+
+
+# what the report names of the device that timed the study (host_identity, agent identity)
+_DEVICE_KEYS = (
+    "backend",
+    "host",
+    "cpu",
+    "cores",
+    "agent",
+    "onnxruntime",
+    "provider",
+    "threads",
+    "ort_optimization",
+)
 
 
 def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
@@ -73,6 +89,9 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
             "size_bytes": a.get("size_bytes", np.nan),
             "size_estimate": a.get("size_estimate", np.nan),
             "latency_ms": a.get("latency_ms", np.nan),
+            # "measured" on the device, or "predicted" (not timed: behind a measured trial)
+            "latency_source": a.get("latency_source", "measured" if "latency_ms" in a else ""),
+            "latency_predicted_ms": a.get("latency_predicted_ms", np.nan),
             "teacher_latency_ms": a.get("teacher_latency_ms") or np.nan,
             "host": a.get("host", ""),
             # why this latency may be off: the protocol's noise reasons, the canary's drift
@@ -100,7 +119,8 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
     teacher_ms = df["teacher_latency_ms"].astype(float).fillna(base.get("latency_ms", np.nan))
     df["speedup"] = teacher_ms / df["latency_ms"]
     df["compression"] = base.get("size_bytes", np.nan) / df["size_bytes"]
-    ok = (df["status"] == "ok") & df["feasible"]
+    # the front is made of measured latencies only (a predicted one is never the number of record)
+    ok = (df["status"] == "ok") & df["feasible"] & (df["latency_source"] != "predicted")
     df["front"] = False
     if ok.any():
         cols = [OBJECTIVE_COLUMNS[o] for o in objectives]
@@ -283,6 +303,8 @@ def report_data(view: Any) -> dict[str, Any]:
         ),
         "baseline": view.baseline,
         "teacher": view.teacher,
+        "device": view.device,
+        "latency_predictor": view.latency_predictor,
         "table": table,
         "details": details,
         "front_knobs": layer_knobs(df[df["front"]], df) if len(df) else layer_knobs(df),
@@ -650,6 +672,15 @@ def render_html(data: dict[str, Any], df: pd.DataFrame, path: Path) -> Path:
         if base
         else ""
     )
+    dev = data.get("device") or {}
+    device = (
+        "latency measured on "
+        + ", ".join(f"{k} {v}" for k, v in dev.items() if k in _DEVICE_KEYS and v not in ("", None))
+        + "."
+        if dev
+        else ""
+    )
+    predictor = (data.get("latency_predictor") or {}).get("line", "")
     budget = f"size budget {data['budget']:,} bytes" if data["budget"] else "no size budget"
     if data.get("accuracy_floor") is not None:
         budget += f"; accuracy floor {data['accuracy_floor']:.4f} (val)"
@@ -663,6 +694,7 @@ def render_html(data: dict[str, Any], df: pd.DataFrame, path: Path) -> Path:
 <h1>autoslim study <code>{html.escape(data["study"])}</code></h1>
 <p>{len(data["table"])} trials, {n_front} on the feasible front; {budget};
 objectives {", ".join(data["objectives"])}. {html.escape(teacher)}</p>
+<p id="device">{html.escape(device)} {html.escape(predictor + "." if predictor else "")}</p>
 {parts[0]}{parts[1]}
 <h2>Picked: <span id="picked">click a point or a table row</span></h2>
 <p>Export it: <code id="export-cmd">-</code>

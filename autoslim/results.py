@@ -57,6 +57,8 @@ class StudyView:
     teacher: dict[str, Any]
     trials: pd.DataFrame
     importances: dict[str, dict[str, float]] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)  # what timed the latencies
+    latency_predictor: dict[str, Any] = field(default_factory=dict)  # its held-out calibration
 
     @property
     def front(self) -> pd.DataFrame:

@@ -26,6 +26,7 @@ import optuna
 from tqdm.auto import tqdm
 
 from .errors import Terminated, UsageError, one_line
+from .measure.predictor import LatencyPredictor
 from .pareto import OBJECTIVE_COLUMNS, OBJECTIVES
 from .report import table_records, trials_frame, write_outputs
 from .results import StudyView
@@ -264,6 +265,8 @@ def _view(study: optuna.Study, run_dir: Path, url: str, *, importance: bool) -> 
         teacher=dict(study.user_attrs.get("teacher", {})),
         trials=frame,
         importances=param_importances(study, frame) if importance else {},
+        device=dict(study.user_attrs.get("device", {})),
+        latency_predictor=dict(study.user_attrs.get("latency_predictor", {})),
     )
 
 
@@ -379,11 +382,57 @@ def _flag_drift(study: optuna.Study, before: float | None, after: float) -> None
     study.set_user_attr("latency_drift", flagged)
 
 
+def _measured_points(study: optuna.Study) -> list[dict[str, Any]]:
+    """The study's timed trials as plain data: features, latency ratio to the teacher timed
+    alongside, accuracy, size, feasibility (predicted latencies are never learned from)."""
+    points = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        a = t.user_attrs
+        if a.get("status") != "ok" or a.get("latency_source", "measured") != "measured":
+            continue
+        if not a.get("latency_features") or not a.get("teacher_latency_ms"):
+            continue
+        points.append(
+            {
+                "features": a["latency_features"],
+                "latency": a["latency_ms"] / a["teacher_latency_ms"],
+                "accuracy": a["val_accuracy"],
+                "size": float(a["size_bytes"]),
+                "feasible": bool(a.get("feasible")),
+            }
+        )
+    return points
+
+
+def refresh_predictor(study: optuna.Study, task: Task, *, seen: dict[str, int]) -> None:
+    """Refit the latency predictor on the study's measured trials when there are new ones;
+    store its held-out calibration (study attribute ``latency_predictor``) and hand the task
+    the predictor only when it is calibrated well enough to decide with."""
+    if not task.spec.latency_predictor:
+        task.predictor = None
+        return
+    points = _measured_points(study)
+    task.measured = [
+        {k: p[k] for k in ("accuracy", "size", "latency")} for p in points if p["feasible"]
+    ]
+    if len(points) == seen.get("n") or len(points) < 3:
+        return
+    seen["n"] = len(points)
+    predictor = LatencyPredictor().fit(
+        [p["features"] for p in points], [p["latency"] for p in points]
+    )
+    cal = predictor.calibration
+    study.set_user_attr("latency_predictor", {**cal.to_dict(), "line": cal.line()})
+    task.predictor = predictor if cal.usable else None
+
+
 def _objective(task: Task):
     spec = task.spec
     since = {"n": 0}  # trials since the teacher was last timed
+    seen: dict[str, int] = {}  # measured trials the predictor was last fitted on
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
+        refresh_predictor(trial.study, task, seen=seen)
         if since["n"] >= RETIME_EVERY:  # interleaved, so a drifting machine drifts both
             before = task.teacher_timing.get("latency_ms")
             after = time_teacher(task, spec.run_dir)
@@ -409,6 +458,9 @@ def _objective(task: Task):
         if res["status"] == "over_budget":
             size = res["size_estimate"]
             metrics = {"accuracy": 0.0, "latency": task.baseline["latency_ms"], "size": size}
+        elif res["status"] == "over_latency":  # the predictor's figure: never on a front
+            size = res["size_estimate"]
+            metrics = {"accuracy": 0.0, "latency": res["latency_predicted_ms"], "size": size}
         else:
             size = res["size_bytes"]
             metrics = {"accuracy": res["val_accuracy"], "latency": res["latency_ms"], "size": size}
@@ -493,6 +545,8 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
     study.set_user_attr(
         "teacher", {k: v for k, v in task.teacher.meta.items() if isinstance(v, (str, int, float))}
     )
+    device = {k: v for k, v in task.teacher_timing.items() if k != "latency_ms"}
+    study.set_user_attr("device", {"backend": spec.backend, **device})
     done = _done(study)
     if not study.get_trials(deepcopy=False):
         # no more baselines than trials: enqueued ones never run would show as "waiting"
@@ -550,6 +604,9 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
             bar.close()
             for s, handler in old.items():
                 signal.signal(s, handler)
+    cal = study.user_attrs.get("latency_predictor")
+    if cal:
+        log(f"note: {cal['line']}")
     view = _view(study, spec.run_dir, spec.storage_url, importance=True)
     outputs = write_outputs(view)
     return SearchResult(study, view.trials, outputs, task)

@@ -27,11 +27,19 @@ from typing import Any
 
 import torch
 
-from .artifact import SizeCalibration, artifact_accuracy, calibrate_size, estimate_size, export_onnx
+from .artifact import (
+    SizeCalibration,
+    artifact_accuracy,
+    calibrate_size,
+    estimate_size,
+    export_onnx,
+    latency_features,
+)
 from .config import CompressionConfig
 from .data import DataSplits, load_dataset
 from .errors import AutoslimError, ConfigError, UsageError
-from .measure import LatencyBackend, get_backend, host_identity
+from .measure import Latency, LatencyBackend, get_backend, host_identity
+from .measure.predictor import LatencyPredictor
 from .models import stem_and_classifier
 from .pareto import OBJECTIVES
 from .passes.distill import Recovery
@@ -51,6 +59,8 @@ __all__ = [
     "evaluate",
     "default_storage_url",
     "time_teacher",
+    "time_candidate",
+    "shape",
     "STUDIES_DIR",
     "runs_dir",
 ]
@@ -99,6 +109,7 @@ class StudySpec:
     max_latency_ms: float | None = None
     max_accuracy_drop: float | None = None
     backend: str = "onnxruntime-cpu"
+    agent_secret: str | None = None  # remote backend: the secret file's path (never its content)
     trials: int = 25
     sampler: str = "tpe"
     seed: int = 0
@@ -108,6 +119,9 @@ class StudySpec:
     recovery_subset: int = 5000
     recovery_augment: bool = False  # KD on augmented batches, teacher run on each (no cache)
     latency_runs: int = 200
+    # learn latency from the measured trials: pre-check max_latency_ms before training, skip
+    # measuring candidates it confidently puts behind a measured one (used once calibrated)
+    latency_predictor: bool = True
     gate_images: int = 1000
     gate_agreement: float = 0.99  # artifact vs PyTorch top-1 agreement required
     storage: str | None = None
@@ -297,12 +311,17 @@ class Task:
     teacher_timing: dict[str, Any] = field(default_factory=dict)
     size_calibration: SizeCalibration | None = None  # see size_calibration(task)
     backend: LatencyBackend | None = None  # the study's latency backend (local or an agent)
+    # set by the search runner from the measured trials; only a calibrated (usable) predictor
+    predictor: LatencyPredictor | None = None
+    # measured feasible trials as (objective name -> value; latency as a ratio to the teacher)
+    measured: list[dict[str, float]] = field(default_factory=list)
+    shapes: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict, repr=False)
 
     @property
     def latency(self) -> LatencyBackend:
         """The backend every latency of this task is measured on (made once)."""
         if self.backend is None:
-            self.backend = get_backend(self.spec.backend)
+            self.backend = get_backend(self.spec.backend, secret_file=self.spec.agent_secret)
         return self.backend
 
     @property
@@ -336,7 +355,9 @@ class Task:
 
 def build_task(spec: StudySpec, *, progress: bool = True) -> Task:
     """Load data, get (or train once) the teacher and bind the space to it."""
-    backend = get_backend(spec.backend)  # fail fast on an unavailable backend or agent, or a
+    backend = get_backend(
+        spec.backend, secret_file=spec.agent_secret
+    )  # fail fast on an unavailable backend or agent, or a
     space = load_space(spec.space)  # bad space file, before minutes of teacher training
     data = spec.load_data()
     recipe = TeacherRecipe(
@@ -391,6 +412,21 @@ def time_teacher(task: Task, out_dir: Path) -> float:
     return lat.median_ms
 
 
+def time_candidate(task: Task, path: Path, *, run_dir: Path | None = None) -> tuple[Latency, float]:
+    """Time ``path`` on the study's backend paired with the teacher's fp32 file (blocks of the
+    two interleaved: see :mod:`autoslim.measure.latency`); return the measurement and the
+    latency of record: the paired ratio times the teacher's timing in this process
+    (``task.teacher_timing``), which a machine's slow spells move far less than either time."""
+    run_dir = run_dir or task.spec.run_dir
+    teacher = run_dir / "teacher_fp32.onnx"
+    if not task.teacher_timing or not teacher.is_file():
+        time_teacher(task, run_dir)
+    lat = task.latency.measure(
+        path, input_shape=task.data.input_shape, runs=task.spec.latency_runs, reference=teacher
+    )
+    return lat, (lat.ratio or lat.median_ms / lat.reference_ms) * task.teacher_timing["latency_ms"]
+
+
 def size_calibration(task: Task) -> SizeCalibration:
     """The architecture's graph bytes, measured once per task on two files of the unpruned
     teacher (fp32, and uniform int8 with no training): a few seconds, then cached. The fp32
@@ -417,16 +453,41 @@ def size_calibration(task: Task) -> SizeCalibration:
     return task.size_calibration
 
 
+def shape(task: Task, config: CompressionConfig) -> tuple[int, dict[str, float]]:
+    """The analytic artifact size of ``config`` and its latency features
+    (:func:`~autoslim.artifact.latency_features`), from a pruned and factorised copy of the
+    teacher (no training): ~0.5 s, memoised per config. The size is calibrated on the
+    architecture's own files (:func:`size_calibration`)."""
+    key = config.to_json()
+    if key not in task.shapes:
+        calibration = size_calibration(task)
+        m = copy.deepcopy(task.teacher.model)
+        prune_model(m, config, example=task.example, classifier=task.classifier)
+        rep = factorize_model(m, config, skip=(task.stem,) if task.stem else ())
+        factorized = {t["layer"] for t in rep.touched}
+        size = estimate_size(m, config, factorized=factorized, calibration=calibration)
+        feats = latency_features(m, config, example=task.example, factorized=factorized)
+        if len(task.shapes) > 256:
+            task.shapes.clear()
+        task.shapes[key] = (size, feats)
+    return task.shapes[key]
+
+
 def estimate(task: Task, config: CompressionConfig) -> int:
-    """Analytic artifact size of ``config`` (prune + factorise a copy, no training): ~0.5 s,
-    calibrated on the architecture's own files (:func:`size_calibration`)."""
-    calibration = size_calibration(task)
-    m = copy.deepcopy(task.teacher.model)
-    prune_model(m, config, example=task.example, classifier=task.classifier)
-    rep = factorize_model(m, config, skip=(task.stem,) if task.stem else ())
-    return estimate_size(
-        m, config, factorized={t["layer"] for t in rep.touched}, calibration=calibration
-    )
+    """Analytic artifact size of ``config`` in bytes (see :func:`shape`)."""
+    return shape(task, config)[0]
+
+
+def _dominated(task: Task, accuracy: float, size: int, ratio_low: float) -> bool:
+    """Whether a measured feasible trial is at least as good on every objective, and better on
+    one, with this candidate's latency (a ratio to the teacher) at its optimistic bound."""
+    objectives = task.spec.objectives
+    me = {"accuracy": -accuracy, "size": float(size), "latency": ratio_low}
+    for p in task.measured:
+        other = {"accuracy": -p["accuracy"], "size": p["size"], "latency": p["latency"]}
+        if all(other[o] <= me[o] for o in objectives) and any(other[o] < me[o] for o in objectives):
+            return True
+    return False
 
 
 class CandidateFailed(AutoslimError):
@@ -437,18 +498,31 @@ def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str
     """Run one candidate end to end and return its measurements as plain data.
 
     Over-budget candidates (by the analytic estimate) return ``status='over_budget'`` before
-    any training. Failures raise :class:`CandidateFailed` with a diagnosis.
+    any training; with a calibrated ``task.predictor``, candidates it puts over
+    ``max_latency_ms`` even at their optimistic bound return ``status='over_latency'``, and a
+    trained candidate that a measured trial beats even at that bound is not timed
+    (``latency_source='predicted'``). Failures raise :class:`CandidateFailed` with a diagnosis.
     """
     spec, t0 = task.spec, time.perf_counter()
-    est = estimate(task, config)
+    est, feats = shape(task, config)
     out: dict[str, Any] = {
         "config": config.to_dict(),
         "summary": config.summary(),
         "size_estimate": est,
+        "latency_features": feats,
     }
     if spec.budget is not None and est > spec.budget:
         out.update(status="over_budget", seconds=round(time.perf_counter() - t0, 2))
         return out
+    teacher_ms = task.teacher_timing.get("latency_ms")
+    ratio_low = None  # the predictor's optimistic latency ratio, when one is calibrated
+    if task.predictor is not None and task.predictor.calibration is not None and teacher_ms:
+        ratio = float(task.predictor.predict([feats])[0])
+        ratio_low = ratio / (1 + task.predictor.calibration.margin)
+        out["latency_predicted_ms"] = ratio * teacher_ms
+        if spec.max_latency_ms is not None and ratio_low * teacher_ms > spec.max_latency_ms:
+            out.update(status="over_latency", seconds=round(time.perf_counter() - t0, 2))
+            return out
     try:
         c = compress(
             task.teacher.model,
@@ -473,24 +547,14 @@ def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str
     test_acc, _ = artifact_accuracy(path, task.data.test)
     if not math.isfinite(val_acc):
         raise CandidateFailed("validation accuracy is NaN")
-    lat = task.latency.measure(path, input_shape=task.data.input_shape, runs=spec.latency_runs)
     (trial_dir / "config.json").write_text(config.to_json())
     (trial_dir / "reports.json").write_text(json.dumps(c.report_dict(), indent=1, default=str))
-    out.update(
+    common = dict(
         status="ok",
         val_accuracy=val_acc,
         test_accuracy=test_acc,
         size_bytes=res.size_bytes,
-        latency_ms=lat.median_ms,
-        latency_p90_ms=lat.p90_ms,
-        latency_ci_ms=[lat.ci_low_ms, lat.ci_high_ms],
-        latency_runs=lat.runs,
-        latency_cold_ms=lat.cold_ms,
-        latency_noise="; ".join(lat.noise),  # empty: not noisy
-        # what this trial's speed-up is against: the teacher timed by the same backend, and where
-        teacher_latency_ms=task.teacher_timing.get("latency_ms"),
-        host=task.teacher_timing.get("host"),
-        cpu=task.teacher_timing.get("cpu"),
+        teacher_latency_ms=teacher_ms,
         agreement=res.agreement,
         exporter=res.exporter,  # "dynamo" unless the fallback exporters were needed
         num_params=c.num_params(),
@@ -498,6 +562,33 @@ def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str
         artifact_sha256=sha256_file(path),
         recovery_loss=c.recovery_loss,
         skipped_layers=sum(len(r.skipped) for r in c.reports) + len(res.skipped),
+    )
+    if ratio_low is not None and _dominated(task, val_acc, res.size_bytes, ratio_low):
+        # behind a measured trial even at its most optimistic latency: not measured (the
+        # predicted latency is stored, marked as such, and never makes the front)
+        out.update(
+            common,
+            latency_ms=out["latency_predicted_ms"],
+            latency_source="predicted",
+            seconds=round(time.perf_counter() - t0, 2),
+        )
+        return out
+    lat, latency_ms = time_candidate(task, path)
+    out.update(
+        common,
+        latency_ms=latency_ms,  # paired ratio x teacher_latency_ms (time_candidate)
+        latency_source="measured",
+        latency_ratio=lat.ratio,
+        latency_raw_ms=lat.median_ms,  # the file's own median, unpaired
+        latency_reference_ms=lat.reference_ms,
+        latency_p90_ms=lat.p90_ms,
+        latency_ci_ms=[lat.ci_low_ms, lat.ci_high_ms],
+        latency_runs=lat.runs,
+        latency_cold_ms=lat.cold_ms,
+        latency_noise="; ".join(lat.noise),  # empty: not noisy
+        # where it was measured (the speed-up is against teacher_latency_ms, same device)
+        host=task.teacher_timing.get("host"),
+        cpu=task.teacher_timing.get("cpu"),
         seconds=round(time.perf_counter() - t0, 2),
     )
     return out

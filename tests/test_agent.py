@@ -163,7 +163,9 @@ def free_port() -> int:
 # -- what the device installs -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["autoslim.agent.server", "autoslim.measure.remote"])
+@pytest.mark.parametrize(
+    "module", ["autoslim.agent.server", "autoslim.measure.remote", "autoslim.measure.predictor"]
+)
 def test_imports_neither_torch_nor_optuna(module: str) -> None:
     code = (
         f"import sys, {module}; "
@@ -212,6 +214,27 @@ def test_get_backend_remote_reads_the_secret_file_named_by_env(
         RemoteBackend.from_name("remote:127.0.0.1")
     with pytest.raises(UsageError, match=r"expected remote:HOST:PORT"):
         RemoteBackend.from_name("remote:host:99999")
+
+
+def test_a_study_names_the_secret_file_and_never_stores_the_secret(
+    agent: Agent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``agent_secret = PATH`` in a study file (``--agent-secret``) wins over the environment;
+    the study stores the path, never the secret's bytes."""
+    from autoslim.study import load_study_spec
+
+    monkeypatch.setenv("AUTOSLIM_AGENT_SECRET", str(tmp_path / "missing"))
+    backend = get_backend(f"remote:127.0.0.1:{agent.port}", secret_file=agent.secret_file)
+    assert backend.info()["providers"]
+    with pytest.raises(UsageError, match="does not exist") as e:
+        get_backend(f"remote:127.0.0.1:{agent.port}")  # the environment's missing file
+    assert "\n" not in str(e.value) and "--init-secret" in str(e.value)
+    spec = load_study_spec(
+        None, backend=f"remote:127.0.0.1:{agent.port}", agent_secret=str(agent.secret_file)
+    )
+    stored = json.dumps(spec.to_dict())
+    assert str(agent.secret_file) in stored and agent.secret.hex() not in stored
+    assert agent.secret.hex() not in repr(spec.to_dict()) + repr(backend)
 
 
 def test_info_reports_the_device(agent: Agent) -> None:
@@ -422,6 +445,55 @@ def test_remote_backend_waits_while_busy(agent: Agent, tmp_path: Path) -> None:
         assert lat.runs > 0
     finally:
         thread.join(60)
+
+
+def test_an_agent_killed_mid_measurement_is_one_line_and_a_restart_serves_again(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of the agent while it times a model: the host gets one line naming the agent
+    (a failed trial in a search, see the runner), and an agent restarted on the same store
+    measures the stored model again."""
+    a = start_agent(tmp_path / "killed")
+    try:
+        data = onnx_model(9)
+        (tmp_path / "m.onnx").write_bytes(data)
+        backend = a.backend()
+        first = backend.measure(tmp_path / "m.onnx", input_shape=(3, 32, 32), runs=20)
+        errors: list[BaseException] = []
+
+        def measure() -> None:
+            try:  # warm-up alone lasts >= 0.5 s: the kill lands mid-measurement
+                backend.measure(tmp_path / "m.onnx", input_shape=(3, 32, 32), runs=2000)
+            except BaseException as e:  # noqa: BLE001 - handed to the test thread
+                errors.append(e)
+
+        thread = threading.Thread(target=measure)
+        thread.start()
+        while not a.request("GET", "/v1/info").json()["busy"]:
+            time.sleep(0.01)
+        a.proc.send_signal(signal.SIGKILL)
+        thread.join(60)
+        assert len(errors) == 1 and isinstance(errors[0], AgentError), errors
+        msg = str(errors[0])
+        assert "\n" not in msg and f"127.0.0.1:{a.port}" in msg and "POST /v1/measure" in msg
+    finally:
+        stop(a)
+    args = ["--port", "0", "--secret", str(a.secret_file), "--store", str(a.store)]
+    code = f"from autoslim.agent.server import main; raise SystemExit(main({args!r}))"
+    with open(a.log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], stderr=err, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while "listening on http://" not in a.log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, a.log.read_text()
+            time.sleep(0.05)
+        port = int(a.log.read_text().split("listening on http://127.0.0.1:")[1].split(",")[0])
+        again = RemoteBackend("127.0.0.1", port, secret=a.secret)
+        lat = again.measure(tmp_path / "m.onnx", input_shape=(3, 32, 32), runs=20)
+        assert lat.runs > 0 and first.runs > 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 # -- errors a user sees -----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,82 @@ def test_agreement_is_the_share_of_equal_predictions() -> None:
     a = torch.tensor([0, 1, 2, 3])
     assert agreement(a, a) == 1.0
     assert agreement(a, torch.tensor([0, 1, 0, 0])) == 0.5
+
+
+# -- the latency predictor -----------------------------------------------------------------
+
+
+def _points(n: int, seed: int, *, law: bool = True) -> tuple[list[dict], list[float]]:
+    """Feature dicts shaped like ``latency_features`` and latency ratios that follow a cost
+    law (per-MAC costs by kind, per-element and per-layer overheads, 3% noise) or not at all."""
+    from autoslim.measure.predictor import _ADDITIVE
+
+    rng = np.random.default_rng(seed)
+    feats, ratios = [], []
+    for _ in range(n):
+        f = {k: 0.0 for k in _ADDITIVE}
+        f["mmacs_dense_int8"] = rng.uniform(5, 120)
+        f["mmacs_dense_fp"] = rng.uniform(0, 20) * (rng.random() < 0.3)
+        f["kact_int8"] = rng.uniform(20, 130)
+        f["layers"] = float(rng.integers(18, 26))
+        f["boundaries"] = float(rng.integers(0, 4))
+        cost = (
+            0.002 * f["mmacs_dense_int8"]
+            + 0.01 * f["mmacs_dense_fp"]
+            + 0.0005 * f["kact_int8"]
+            + 0.001 * f["layers"]
+            + 0.004 * f["boundaries"]
+        )
+        feats.append(f)
+        ratios.append(cost * rng.normal(1, 0.03) if law else rng.uniform(0.02, 0.3))
+    return feats, ratios
+
+
+@pytest.mark.parametrize("kind", ["additive", "gbt"])
+def test_the_predictor_learns_a_cost_law_and_calibrates_on_held_out_points(kind: str) -> None:
+    from autoslim.measure.predictor import LatencyPredictor, spearman
+
+    feats, ratios = _points(90, 0)
+    p = LatencyPredictor(kind=kind).fit(feats[:40], ratios[:40])
+    cal = p.calibration
+    assert cal.n == 40 and cal.folds == 5 and cal.usable, cal.line()
+    assert cal.rho >= 0.9 and "used (margin" in cal.line()
+    pred = p.predict(feats[40:])
+    err = np.abs(pred / np.array(ratios[40:]) - 1)
+    assert spearman(pred, ratios[40:]) >= 0.9
+    # the additive model is the law's own form; trees approximate it from 40 points
+    assert np.mean(err <= 0.10) >= (0.9 if kind == "additive" else 0.4)
+    # the held-out calibration says how far off new points are: it is not over-optimistic
+    assert np.quantile(err, 0.9) <= 2 * cal.margin
+
+
+def test_an_uncalibrated_predictor_is_reported_and_not_used() -> None:
+    from autoslim.measure.predictor import MIN_POINTS, LatencyPredictor
+
+    feats, ratios = _points(40, 1, law=False)  # latency unrelated to the features
+    noise = LatencyPredictor().fit(feats, ratios).calibration
+    assert not noise.usable and noise.rho < 0.9 and "not used" in noise.line()
+    feats, ratios = _points(MIN_POINTS - 1, 2)  # a perfect law, too few points to trust
+    few = LatencyPredictor().fit(feats, ratios).calibration
+    assert not few.usable and f">= {MIN_POINTS} measured trials" in few.line()
+    with pytest.raises(ValueError, match="positive ratios"):
+        LatencyPredictor().fit(feats, [-1.0] * len(feats))
+
+
+@pytest.mark.parametrize("name", list_backends())
+def test_paired_timing_gives_the_ratio_to_the_reference(name: str, resnet_artifact, fmnist) -> None:
+    """With ``reference=``, candidate and reference blocks interleave: the ratio of a file to
+    itself is ~1, a 30% pruned int8 file to the fp32 one well below, and the reference's own
+    median is reported."""
+    try:
+        backend = get_backend(name)
+    except UsageError:
+        pytest.skip(f"{name} is not available on this machine")
+    fp32 = resnet_artifact(0.0).result.path
+    small = resnet_artifact(0.3, 8, 8).result.path
+    same = backend.measure(fp32, input_shape=fmnist.input_shape, runs=60, reference=fp32)
+    assert same.ratio == pytest.approx(1.0, abs=0.15) and same.reference_ms > 0
+    paired = backend.measure(small, input_shape=fmnist.input_shape, runs=60, reference=fp32)
+    assert 0 < paired.ratio < 0.6 and paired.reference_ms > paired.median_ms
+    unpaired = backend.measure(small, input_shape=fmnist.input_shape, runs=20)
+    assert unpaired.ratio == 0.0 and unpaired.reference_ms == 0.0

@@ -150,6 +150,67 @@ def test_speedups_use_the_teacher_timed_beside_each_trial(tiny_study):
     assert ((ok["speedup"] - ok["teacher_latency_ms"] / ok["latency_ms"]).abs() < 1e-9).all()
 
 
+def test_a_calibrated_predictor_rejects_candidates_over_the_latency_limit_untrained(
+    tmp_path: Path, monkeypatch
+):
+    """Once the latency predictor is calibrated (its thresholds lowered here so that a short
+    study reaches them: 3 measured trials, any rho), a candidate it puts over --max-latency
+    even at its optimistic bound is not trained, like an over-budget one; the calibration is
+    stored and printed in the report, and the front holds measured latencies only."""
+    from autoslim.measure import predictor
+    from autoslim.runner import search
+
+    monkeypatch.setattr(predictor, "MIN_POINTS", 3)
+    monkeypatch.setattr(predictor, "MIN_RHO", -1.0)
+    spec = load_study_spec(
+        tiny_study_file(tmp_path, "pred", trials=8), budget="none", max_latency_ms=1e-4
+    )
+    res = search(spec, progress=False)
+    df = res.frame.sort_values("trial")
+    over = df[df["status"] == "over_latency"]
+    assert len(over), df[["trial", "status", "latency_source", "fail_reason"]]
+    first = int(over["trial"].min())
+    assert (df[df["trial"] < first]["latency_source"] == "measured").sum() >= 3
+    assert (over["latency_predicted_ms"] > 1e-4).all() and (over["seconds"] < 5).all()
+    for t in over["trial"]:  # never trained: no artifact
+        assert not (spec.run_dir / "trials" / f"{int(t):05d}" / "model.onnx").exists()
+    cal = res.study.user_attrs["latency_predictor"]
+    assert cal["usable"] and cal["n"] >= 3
+    assert "latency predictor (additive" in res.outputs["html"].read_text()
+    assert (res.front["latency_source"] == "measured").all()
+
+
+def test_a_candidate_a_measured_trial_beats_is_not_timed(tiny_study, tmp_path: Path, monkeypatch):
+    """A trained candidate that a measured trial beats on every objective even at the
+    predictor's optimistic latency is not timed: its latency is the prediction, marked so;
+    otherwise it is timed on the backend."""
+    from autoslim.measure import predictor
+    from autoslim.runner import refresh_predictor
+    from autoslim.study import evaluate
+
+    monkeypatch.setattr(predictor, "MIN_POINTS", 3)
+    monkeypatch.setattr(predictor, "MIN_RHO", -1.0)
+    task = tiny_study.result.task
+    timed = []
+    real = task.latency.measure
+    monkeypatch.setattr(task.latency, "measure", lambda *a, **k: timed.append(1) or real(*a, **k))
+    try:
+        refresh_predictor(tiny_study.result.study, task, seen={})
+        assert task.predictor is not None
+        config = task.space.to_config(
+            task.space.uniform_params(prune=0.3, weight_bits=8, act_bits=8)
+        )
+        task.measured = [{"accuracy": 1.0, "size": 0.0, "latency": 0.0}]  # beats anything
+        res = evaluate(task, config, tmp_path / "beaten")
+        assert res["status"] == "ok" and res["latency_source"] == "predicted" and not timed
+        assert res["latency_ms"] == res["latency_predicted_ms"] > 0
+        task.measured = []
+        res = evaluate(task, config, tmp_path / "timed")
+        assert res["latency_source"] == "measured" and len(timed) == 1
+    finally:
+        task.predictor, task.measured = None, []
+
+
 def test_fingerprint_mismatch_refuses_to_resume(tmp_path: Path):
     spec = load_study_spec(None, name="fp", out_dir=str(tmp_path / "fp"))
     fp = {"model": "resnet18", "teacher_hash": "aaa", "space": "s1"}

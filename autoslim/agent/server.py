@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import AutoslimError, UsageError, one_line
 from ..measure.auth import DEFAULT_SECRET_FILE, AuthError, Verifier, create_secret, load_secret
-from ..measure.latency import OrtBackend, host_identity
+from ..measure.latency import OPTIMIZATIONS, OrtBackend, host_identity
 
 __all__ = [
     "DEFAULT_HOST",
@@ -195,8 +195,8 @@ class _SignedBody:
 class _Agent:
     """The endpoints and the one-measurement-at-a-time lock."""
 
-    def __init__(self, store: Path, max_upload: int) -> None:
-        self.store, self.max_upload = store, max_upload
+    def __init__(self, store: Path, max_upload: int, optimization: str = "all") -> None:
+        self.store, self.max_upload, self.optimization = store, max_upload, optimization
         self.lock = threading.Lock()
         self.providers = list(ort.get_available_providers())
         self.identity = host_identity()
@@ -209,6 +209,7 @@ class _Agent:
             "onnxruntime": ort.__version__,
             "provider": provider,
             "threads": threads,
+            **({"ort_optimization": self.optimization} if self.optimization != "all" else {}),
         }
 
     async def info(self, request: Request) -> JSONResponse:
@@ -220,6 +221,7 @@ class _Agent:
                 "providers": self.providers,
                 "identity": self.identity,
                 "threads": DEFAULT_THREADS,
+                "ort_optimization": self.optimization,
                 "cpu_governor": cpu_governor(),
                 "temperature_c": temperature_c(),
                 "max_upload": self.max_upload,
@@ -260,12 +262,14 @@ class _Agent:
         except ValueError as e:
             return _error(400, str(e))
         path = self.store / f"{req['sha256']}.onnx"
-        if not path.is_file():
-            return _error(
-                404,
-                f"model {req['sha256']} is not stored on this agent; expected "
-                f"PUT /v1/models/{req['sha256']} with the file first",
-            )
+        ref = self.store / f"{req['reference']}.onnx" if req["reference"] else None
+        for sha, p in ((req["sha256"], path), (req["reference"], ref)):
+            if p is not None and not p.is_file():
+                return _error(
+                    404,
+                    f"model {sha} is not stored on this agent; expected "
+                    f"PUT /v1/models/{sha} with the file first",
+                )
         if not self.lock.acquire(blocking=False):
             return _error(
                 409,
@@ -273,13 +277,14 @@ class _Agent:
                 retry=True,
             )
         try:
-            backend = OrtBackend(req["provider"], req["threads"])
+            backend = OrtBackend(req["provider"], req["threads"], self.optimization)
             lat = await run_in_threadpool(
                 backend.measure,
                 path,
                 input_shape=tuple(req["input_shape"]),
                 runs=req["runs"],
                 warmup=req["warmup"],
+                reference=ref,
             )
         except Exception as e:
             return _error(
@@ -333,13 +338,19 @@ def _measure_request(body: bytes, providers: list[str]) -> dict[str, Any]:
         raise ValueError(f"malformed JSON body: {e}; expected a JSON object") from None
     if not isinstance(req, dict):
         raise ValueError(f"JSON body is a {type(req).__name__}; expected an object")
-    known = {"sha256", "input_shape", "runs", "warmup", "provider", "threads"}
+    known = {"sha256", "input_shape", "runs", "warmup", "provider", "threads", "reference"}
     unknown = sorted(set(req) - known)
     if unknown:
         raise ValueError(f"unknown field(s) {unknown}; expected only {sorted(known)}")
     sha = req.get("sha256")
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         raise ValueError(f"bad field 'sha256': {str(sha)[:80]!r}; expected 64 hex digits")
+    ref = req.get("reference")
+    if ref is not None and (not isinstance(ref, str) or not _SHA256.fullmatch(ref)):
+        raise ValueError(
+            f"bad field 'reference': {str(ref)[:80]!r}; expected the 64 hex digits of a stored "
+            "model (timed in blocks paired with the model's)"
+        )
     shape = req.get("input_shape")
     if (
         not isinstance(shape, list)
@@ -365,6 +376,7 @@ def _measure_request(body: bytes, providers: list[str]) -> dict[str, Any]:
         )
     return {
         "sha256": sha.lower(),
+        "reference": ref.lower() if ref else None,
         "input_shape": shape,
         "runs": _int_field(req, "runs", 200, 1, MAX_RUNS),
         "warmup": _int_field(req, "warmup", 20, 0, MAX_RUNS),
@@ -393,14 +405,24 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, message + f"{type(exc).__name__}: {_first_line(exc)}; see its log")
 
 
-def create_app(*, secret: bytes, store: Path, max_upload: int = DEFAULT_MAX_UPLOAD) -> Starlette:
-    """The agent's ASGI app: models are kept in ``store`` as ``<sha256>.onnx``."""
+def create_app(
+    *,
+    secret: bytes,
+    store: Path,
+    max_upload: int = DEFAULT_MAX_UPLOAD,
+    optimization: str = "all",
+) -> Starlette:
+    """The agent's ASGI app: models are kept in ``store`` as ``<sha256>.onnx``; every session
+    uses ONNX Runtime graph optimisation level ``optimization`` (part of the device identity
+    when not ``all``)."""
     if max_upload < 1:
         raise UsageError(f"max_upload must be >= 1 byte; got {max_upload}")
+    if optimization not in OPTIMIZATIONS:
+        raise UsageError(f"optimization must be one of {OPTIMIZATIONS}; got {optimization!r}")
     store = Path(store).expanduser()
     store.mkdir(parents=True, exist_ok=True, mode=0o700)
     verifier = Verifier(secret)
-    agent = _Agent(store, max_upload)
+    agent = _Agent(store, max_upload, optimization)
     routes = [
         Route("/v1/info", agent.info, methods=["GET"]),
         Route("/v1/models/{sha256}", agent.put_model, methods=["PUT"]),
@@ -443,11 +465,12 @@ def serve(
     secret_file: str | Path = DEFAULT_SECRET_FILE,
     store: str | Path = DEFAULT_STORE,
     max_upload: int = DEFAULT_MAX_UPLOAD,
+    optimization: str = "all",
 ) -> None:
     """Serve the agent until Ctrl-C / SIGTERM (uvicorn, log level ``warning``)."""
     secret = load_secret(secret_file)
     store = Path(store).expanduser()
-    app = create_app(secret=secret, store=store, max_upload=max_upload)
+    app = create_app(secret=secret, store=store, max_upload=max_upload, optimization=optimization)
     sock = _listen(host, port)  # bound here, so the line below is true and errors are ours
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
@@ -524,6 +547,13 @@ def _parser() -> argparse.ArgumentParser:
         help="largest model upload in MiB (default 256)",
     )
     p.add_argument(
+        "--ort-optimization",
+        choices=OPTIMIZATIONS,
+        default="all",
+        help="ONNX Runtime graph optimisation level (default all; 'basic' runs int8 files "
+        "without fused int8 kernels, like a runtime that has none)",
+    )
+    p.add_argument(
         "--init-secret",
         metavar="FILE",
         help="create a new secret file (mode 0600) and exit; copy it to the search host",
@@ -554,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             secret_file=args.secret,
             store=args.store,
             max_upload=max(1, int(args.max_upload_mb * 2**20)),
+            optimization=args.ort_optimization,
         )
         return 0
     except KeyboardInterrupt:

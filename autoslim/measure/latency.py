@@ -9,6 +9,12 @@ confidence interval of the median (distribution-free, from order statistics) is 
 ``+-CI_TARGET`` of it, or ``runs`` timed runs, or ``MAX_S`` seconds. Reported: n, median, p90,
 IQR, the CI, the cold run, the block medians, and ``noisy`` with its reasons (block medians
 spread > 5%, first-vs-last block drift > 5%, a loaded machine).
+
+Paired with a reference (``reference=`` the teacher's file): each timed block of the candidate
+is followed by a block of the reference of about the same wall time, and ``ratio`` is the
+median of the block-pair ratios. A shared machine has spells of seconds in which everything
+runs slower (up to 40% on the 2-vCPU machine of BENCHMARKS.md, on either core); both files of a
+pair run in the same spell, so the ratio is steady where either time alone is not.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ class Latency:
     noisy: bool = False
     noise: list[str] = field(default_factory=list)  # why it is noisy, one reason each
     device: dict = field(default_factory=dict)  # where it was measured (host_identity / agent)
+    reference_ms: float = 0.0  # paired: the reference's median over its blocks (0: unpaired)
+    ratio: float = 0.0  # paired: median of (candidate block / reference block) medians
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,33 +127,38 @@ def time_runs(
     warmup_s: float = WARMUP_S,
     max_s: float = MAX_S,
     block: int = BLOCK,
+    reference: Callable[[], object] | None = None,
 ) -> Latency:
     """Time ``fn`` by the protocol of this module; ``runs`` caps the timed runs, ``warmup``
-    and ``warmup_s`` are the least warm-up runs and seconds."""
+    and ``warmup_s`` are the least warm-up runs and seconds. With ``reference``, every block
+    of ``fn`` is paired with a block of ``reference`` (see the module's docstring)."""
     if runs < 1:
         raise UsageError(f"runs must be >= 1 timed runs; got {runs}")
     t0 = time.perf_counter()
     fn()
     cold = (time.perf_counter() - t0) * 1e3
-    start, done = time.perf_counter(), 0
-    while done < warmup or time.perf_counter() - start < warmup_s:
-        fn()
-        done += 1
+    per_run = _warm(fn, warmup, warmup_s)
+    ref_block = 0
+    if reference is not None:
+        ref_ms = _warm(reference, min(warmup, 5), warmup_s / 2)
+        ref_block = max(3, min(BLOCK, round(block * per_run / max(ref_ms, 1e-6))))
     block = max(1, min(block, runs))
     samples: list[float] = []
     medians: list[float] = []
+    ref_samples: list[float] = []
+    ratios: list[float] = []
     began = time.perf_counter()
     enabled = gc.isenabled()
     gc.disable()
     try:
         while len(samples) < runs:
-            chunk = []
-            for _ in range(min(block, runs - len(samples))):
-                t = time.perf_counter()
-                fn()
-                chunk.append((time.perf_counter() - t) * 1e3)
+            chunk = _block(fn, min(block, runs - len(samples)))
             samples += chunk
             medians.append(statistics.median(chunk))
+            if reference is not None:
+                ref_chunk = _block(reference, ref_block)
+                ref_samples += ref_chunk
+                ratios.append(medians[-1] / statistics.median(ref_chunk))
             med = statistics.median(samples)
             lo, hi = median_ci(samples)
             if len(medians) >= MIN_BLOCKS and (hi - lo) / 2 <= CI_TARGET * med:
@@ -183,14 +196,56 @@ def time_runs(
         noisy=bool(noise),
         noise=noise,
         device=device,
+        reference_ms=statistics.median(ref_samples) if ref_samples else 0.0,
+        ratio=statistics.median(ratios) if ratios else 0.0,
     )
 
 
-def ort_session(path: str | Path, *, threads: int = 1, providers: list[str] | None = None):
-    """An ONNX Runtime session on the artifact (1 thread by default: deployable latency)."""
+def _block(fn: Callable[[], object], n: int) -> list[float]:
+    """``n`` timed runs of ``fn`` (milliseconds each)."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _warm(fn: Callable[[], object], runs: int, seconds: float) -> float:
+    """Run ``fn`` at least ``runs`` times and ``seconds``; return its mean time per run (ms)."""
+    start, done = time.perf_counter(), 0
+    while done < runs or time.perf_counter() - start < seconds:
+        fn()
+        done += 1
+    return (time.perf_counter() - start) * 1e3 / max(done, 1)
+
+
+OPTIMIZATIONS = ("all", "extended", "basic", "disabled")  # ONNX Runtime graph optimisation levels
+
+
+def ort_session(
+    path: str | Path,
+    *,
+    threads: int = 1,
+    providers: list[str] | None = None,
+    optimization: str = "all",
+):
+    """An ONNX Runtime session on the artifact (1 thread by default: deployable latency).
+
+    ``optimization``: the graph optimisation level; below ``extended`` ONNX Runtime does not
+    fuse QuantizeLinear/DequantizeLinear pairs into its int8 kernels, so an int8 file runs as
+    fp32 compute plus conversions: what a runtime or chip without int8 kernels does."""
     import onnxruntime as ort
 
+    if optimization not in OPTIMIZATIONS:
+        raise UsageError(f"optimization must be one of {OPTIMIZATIONS}; got {optimization!r}")
     so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
@@ -209,6 +264,7 @@ class LatencyBackend(Protocol):
         input_shape: tuple[int, ...],
         runs: int = 200,
         warmup: int = 20,
+        reference: Path | None = None,
     ) -> Latency: ...
 
 
@@ -218,8 +274,10 @@ class OrtBackend:
     On CUDA the input and output live on the device through IO binding, so the timed run is
     the model, not host/device copies."""
 
-    def __init__(self, provider: str = "CPUExecutionProvider", threads: int = 1) -> None:
-        self.provider, self.threads = provider, threads
+    def __init__(
+        self, provider: str = "CPUExecutionProvider", threads: int = 1, optimization: str = "all"
+    ) -> None:
+        self.provider, self.threads, self.optimization = provider, threads, optimization
         self.name = "onnxruntime-cuda" if provider.startswith("CUDA") else "onnxruntime-cpu"
 
     def available(self) -> bool:
@@ -234,8 +292,21 @@ class OrtBackend:
         input_shape: tuple[int, ...],
         runs: int = 200,
         warmup: int = 20,
+        reference: Path | None = None,
     ) -> Latency:
-        sess = ort_session(artifact, threads=self.threads, providers=[self.provider])
+        """Time ``artifact`` by the protocol; with ``reference``, paired with that file."""
+        run = self._runner(artifact, input_shape)
+        ref = self._runner(reference, input_shape) if reference is not None else None
+        return time_runs(run, backend=self.name, runs=runs, warmup=warmup, reference=ref)
+
+    def _runner(self, artifact: Path, input_shape: tuple[int, ...]) -> Callable[[], None]:
+        """One batch-1 inference of ``artifact`` (a session made once, the input bound)."""
+        sess = ort_session(
+            artifact,
+            threads=self.threads,
+            providers=[self.provider],
+            optimization=self.optimization,
+        )
         inp = sess.get_inputs()[0]
         x = np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)
         if self.provider.startswith("CUDA"):
@@ -250,12 +321,12 @@ class OrtBackend:
                 sess.run_with_iobinding(binding)
                 binding.synchronize_outputs()
 
-        else:
+            return run
 
-            def run() -> None:
-                sess.run(None, {inp.name: x})
+        def run() -> None:
+            sess.run(None, {inp.name: x})
 
-        return time_runs(run, backend=self.name, runs=runs, warmup=warmup)
+        return run
 
 
 _BACKENDS = {
@@ -269,11 +340,15 @@ def list_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def get_backend(name: str = "onnxruntime-cpu") -> LatencyBackend:
+def get_backend(
+    name: str = "onnxruntime-cpu", *, secret_file: str | Path | None = None
+) -> LatencyBackend:
+    """The latency backend ``name``: a local one, or ``remote:HOST:PORT`` (a device agent,
+    signed with the secret in ``secret_file``, else ``$AUTOSLIM_AGENT_SECRET``'s file)."""
     if name.startswith("remote:"):
         from .remote import RemoteBackend
 
-        return RemoteBackend.from_name(name)
+        return RemoteBackend.from_name(name, secret_file=secret_file)
     if name not in _BACKENDS:
         raise UsageError(
             f"unknown latency backend {name!r}; expected one of {list_backends()} or "

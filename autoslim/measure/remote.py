@@ -34,9 +34,12 @@ class AgentError(AutoslimError):
     """The device agent could not be reached or refused a request (one line, with the fix)."""
 
 
-def _secret_file() -> Path:
+def _secret_file(given: str | Path | None = None) -> Path:
+    """The secret file: the one given (study file ``agent_secret``, ``--agent-secret``), else
+    ``$AUTOSLIM_AGENT_SECRET``, else the agent's default path."""
     env = os.environ.get(SECRET_ENV)
-    return Path(env).expanduser() if env else DEFAULT_SECRET_FILE.expanduser()
+    chosen = given or env
+    return Path(chosen).expanduser() if chosen else DEFAULT_SECRET_FILE.expanduser()
 
 
 class RemoteBackend:
@@ -59,6 +62,7 @@ class RemoteBackend:
         self.url = f"http://{netloc}:{self.port}"
         self._client: httpx.Client | None = None
         self._info: dict[str, Any] | None = None
+        self._stored: set[str] = set()  # models this client uploaded (a 404 uploads again)
 
     def __repr__(self) -> str:
         return f"RemoteBackend({self.name!r})"  # never the secret
@@ -69,7 +73,9 @@ class RemoteBackend:
         return state
 
     @classmethod
-    def from_name(cls, name: str, *, check: bool = True) -> RemoteBackend:
+    def from_name(
+        cls, name: str, *, check: bool = True, secret_file: str | Path | None = None
+    ) -> RemoteBackend:
         """The backend of ``remote:HOST:PORT``; with ``check``, asks the agent once for its
         info, so that an unreachable agent or a wrong secret fails here, before any work."""
         form = "remote:HOST:PORT (e.g. remote:127.0.0.1:8765)"
@@ -78,7 +84,7 @@ class RemoteBackend:
         host = host.strip("[]")
         if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise UsageError(f"bad latency backend {name!r}; expected {form}")
-        secret = load_secret(_secret_file())
+        secret = load_secret(_secret_file(secret_file))
         backend = cls(host, int(port_text), secret=secret)
         if check:
             backend.info()
@@ -197,25 +203,23 @@ class RemoteBackend:
         return True
 
     def device_identity(self) -> dict[str, Any]:
-        """Which device times the trials (host, cpu, cores): part of a study's fingerprint."""
+        """Which device times the trials (host, cpu, cores, and the runtime's optimisation
+        level when the agent changes it): part of a study's fingerprint."""
         info = self._info if self._info is not None else self.info()
-        return dict(info.get("identity", {}))
+        identity = dict(info.get("identity", {}))
+        if info.get("ort_optimization", "all") != "all":
+            identity["ort_optimization"] = info["ort_optimization"]
+        return identity
 
-    def measure(
-        self,
-        artifact: Path,
-        *,
-        input_shape: tuple[int, ...],
-        runs: int = 200,
-        warmup: int = 20,
-    ) -> Latency:
-        """Upload ``artifact`` (once per content), have the agent time it and return that."""
-        path = Path(artifact)
+    def _upload(self, path: Path) -> str:
+        """PUT ``path`` to the agent unless this client already stored it; its sha256."""
         try:
             data = path.read_bytes()
         except OSError as e:
             raise UsageError(f"cannot read the artifact {path}: {e.strerror}") from None
         sha = hashlib.sha256(data).hexdigest()
+        if sha in self._stored:
+            return sha
         info = self._info if self._info is not None else self.info()
         cap = info.get("max_upload")
         if isinstance(cap, int) and len(data) > cap:
@@ -228,23 +232,35 @@ class RemoteBackend:
         response = self._send("PUT", put, content=data, content_type="application/octet-stream")
         if response.status_code not in (200, 201):
             raise self._failed("PUT", put, response)
-        body = json.dumps(
-            {
-                "sha256": sha,
+        self._stored.add(sha)
+        return sha
+
+    def measure(
+        self,
+        artifact: Path,
+        *,
+        input_shape: tuple[int, ...],
+        runs: int = 200,
+        warmup: int = 20,
+        reference: Path | None = None,
+    ) -> Latency:
+        """Upload ``artifact`` (and ``reference``: once per content), have the agent time it
+        (paired with ``reference`` when given) and return that."""
+        paths = [Path(artifact)] + ([Path(reference)] if reference is not None else [])
+        for attempt in range(2):  # a restarted agent with another store: upload again
+            shas = [self._upload(p) for p in paths]
+            request = {
+                "sha256": shas[0],
                 "input_shape": [int(d) for d in input_shape],
                 "runs": int(runs),
                 "warmup": int(warmup),
             }
-        ).encode()
-        wait = BUSY_WAIT_S
-        for attempt in range(self.retries_busy + 1):
-            response = self._send(
-                "POST", "/v1/measure", content=body, content_type="application/json"
-            )
-            if response.status_code != 409 or attempt == self.retries_busy:
+            if reference is not None:
+                request["reference"] = shas[1]
+            response = self._measure(json.dumps(request).encode())
+            if response.status_code != 404 or attempt:
                 break
-            time.sleep(wait)
-            wait = min(wait * 1.5, BUSY_MAX_S)
+            self._stored.clear()
         if response.status_code != 200:
             error = self._failed("POST", "/v1/measure", response)
             if response.status_code == 409:
@@ -255,3 +271,16 @@ class RemoteBackend:
             raise error
         lat = Latency.from_dict(self._decode("POST", "/v1/measure", response))
         return dataclasses.replace(lat, backend=self.name)
+
+    def _measure(self, body: bytes) -> httpx.Response:
+        """POST /v1/measure, waiting while the agent is busy (409) up to ``retries_busy``."""
+        wait = BUSY_WAIT_S
+        for attempt in range(self.retries_busy + 1):
+            response = self._send(
+                "POST", "/v1/measure", content=body, content_type="application/json"
+            )
+            if response.status_code != 409 or attempt == self.retries_busy:
+                break
+            time.sleep(wait)
+            wait = min(wait * 1.5, BUSY_MAX_S)
+        return response
