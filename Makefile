@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data browser test lint demo bench-compress bench-search bench-refine bench-models bench-data bench-latency clean
+.PHONY: install data browser postgres test lint demo bench-compress bench-search bench-refine bench-models bench-data bench-latency clean
 
 install: $(STAMP)
 
@@ -32,12 +32,21 @@ browser:
 	  { echo "cannot install chromium: run 'sudo apt-get install chromium'"; exit 1; }; \
 	fi
 
+# the multi-worker tests start a throwaway PostgreSQL server (Debian's package) on 127.0.0.1
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "installing Debian package postgresql (for the multi-worker tests)"; \
+	  $(SUDO) apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q postgresql >/dev/null; } || \
+	  { echo "cannot install PostgreSQL: run 'sudo apt-get install postgresql'"; exit 1; }; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check autoslim tests benchmarks
 	$(BIN)/ruff format --check autoslim tests benchmarks
 
-test: $(STAMP) data browser lint
-	AUTOSLIM_REQUIRE_BROWSER=1 $(BIN)/pytest -q -n auto --dist worksteal --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+test: $(STAMP) data browser postgres lint
+	AUTOSLIM_REQUIRE_BROWSER=1 AUTOSLIM_REQUIRE_POSTGRES=1 $(BIN)/pytest -q -n auto --dist worksteal --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 demo: $(STAMP) data
 	$(BIN)/autoslim search --budget 2MB

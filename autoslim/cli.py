@@ -215,6 +215,8 @@ def _search(a: argparse.Namespace) -> int:
         backend=a.backend,
         latency_predictor=a.latency_predictor,
         agent_secret=a.agent_secret,
+        workers=a.workers,
+        threads=a.threads,
         teacher_checkpoint=a.teacher,
         recovery_steps=a.recovery_steps,
         limit_train=a.limit_train,
@@ -476,6 +478,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--backend",
         help="latency backend: onnxruntime-cpu, onnxruntime-cuda or remote:HOST:PORT (an agent)",
+    )
+    s.add_argument(
+        "--workers",
+        type=_POS_INT,
+        help="worker processes on this machine, all on one study (global --trials budget)",
+    )
+    s.add_argument(
+        "--threads", type=_POS_INT, help="torch threads per worker (default: cores / workers)"
     )
     s.add_argument(
         "--agent-secret",

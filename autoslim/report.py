@@ -80,6 +80,8 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
+        if a.get("surplus"):  # a worker's trial past the global budget: never run
+            continue
         row = {
             "trial": t.number,
             "state": t.state.name,

@@ -9,6 +9,7 @@ fingerprint (model, teacher hash, data split, space, objectives, device) guards 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,8 @@ BASELINES = [(0.0, 8, 8), (0.3, 8, 8), (0.5, 8, 8)]  # (prune, weight bits, act 
 FITTING_LADDER = 3  # fitting uniform baselines enqueued when the budget is set
 CANARY_DRIFT = 0.03  # canary moved more than this: the trials since the last check are flagged
 RETIME_EVERY = 5  # trials between two timings of the teacher (speed-ups use the latest one)
+MAX_RETRIES = 2  # a trial whose worker died is queued again at most this often
+SETUP_WAIT_S = 1800  # a joining worker waits this long for the creator's baseline
 
 
 class SearchResult:
@@ -69,17 +73,42 @@ class SearchResult:
         return self.frame[self.frame["front"]]
 
 
-def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def _sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    seed = spec.seed if seed is None else seed
     if spec.sampler == "tpe":
-        # multivariate: per-group prune ratios and bits interact (they share one size budget)
+        # multivariate: per-group prune ratios and bits interact (they share one size budget);
+        # constant_liar (Optuna 5's default): running trials of other workers count as bad
         return optuna.samplers.TPESampler(
-            seed=spec.seed, n_startup_trials=max(4, min(10, spec.trials // 3)), multivariate=True
+            seed=seed, n_startup_trials=max(4, min(10, spec.trials // 3)), multivariate=True
         )
     if spec.sampler == "nsga2":
+        # generations are no barrier across workers: a population of >= 4 per worker
         return optuna.samplers.NSGAIISampler(
-            seed=spec.seed, population_size=max(4, min(50, spec.trials // 4))
+            seed=seed, population_size=max(4 * spec.workers, min(50, spec.trials // 4))
         )
-    return optuna.samplers.RandomSampler(seed=spec.seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def storage_of(spec: StudySpec) -> optuna.storages.RDBStorage:
+    """The study's RDB storage with heartbeats: a trial whose process stops beating for
+    ``2 * heartbeat_s`` is failed by the next worker to start a trial and queued again (up to
+    ``MAX_RETRIES`` times), on any machine."""
+    url = spec.storage_url
+    if not spec.storage:  # the default SQLite file lives in the study folder
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+    engine: dict[str, Any] = (
+        {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine,
+            heartbeat_interval=spec.heartbeat_s,
+            grace_period=2 * spec.heartbeat_s,
+            heartbeat_stale_trial_callback=retry,
+        )
 
 
 def open_study(
@@ -87,42 +116,73 @@ def open_study(
     *,
     fingerprint: dict[str, str] | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
+    storage: optuna.storages.BaseStorage | None = None,
 ) -> optuna.Study:
     """Create or resume the study; refuse to resume one with a different fingerprint."""
+    return _open_or_create(spec, fingerprint=fingerprint, sampler=sampler, storage=storage)[0]
+
+
+def _open_or_create(
+    spec: StudySpec,
+    *,
+    fingerprint: dict[str, str] | None,
+    sampler: optuna.samplers.BaseSampler | None,
+    storage: optuna.storages.BaseStorage | None,
+) -> tuple[optuna.Study, bool]:
+    """The study and whether this process created it. Creation is the storage's atomic step
+    (one process of many started at once wins); the creator records the fingerprint, the
+    others wait for it and compare."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
+    where = redact(spec.storage_url)
+    kw = {"study_name": spec.name, "storage": storage or spec.storage_url, "sampler": sampler}
     try:
-        study = optuna.create_study(
-            study_name=spec.name,
-            storage=spec.storage_url,
-            load_if_exists=True,
-            directions=[OBJECTIVES[o] for o in spec.objectives],
-            sampler=sampler,
-        )
+        try:
+            study = optuna.create_study(
+                **kw, load_if_exists=False, directions=[OBJECTIVES[o] for o in spec.objectives]
+            )
+            creator = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study, creator = optuna.load_study(**kw), False
     except Exception as e:  # a clash of names, a file that is not an Optuna database
         raise UsageError(
-            f"cannot open study {spec.name!r} in {redact(spec.storage_url)}: {type(e).__name__}: "
+            f"cannot open study {spec.name!r} in {where}: {type(e).__name__}: "
             f"{_first_line(e)}; use another --name or --storage"
         ) from None
-    if fingerprint is not None:
-        stored = study.user_attrs.get("fingerprint")
-        if stored is None:
-            study.set_user_attr("fingerprint", fingerprint)
-            study.set_user_attr("spec", spec.to_dict())
-            with warnings.catch_warnings():  # "experimental" since Optuna 3.2; stable enough
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(list(spec.objectives))
-        elif stored != fingerprint:
-            diff = sorted(
-                k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
-            )
-            raise UsageError(
-                f"study {spec.name!r} in {redact(spec.storage_url)} was run with a different "
-                f"{', '.join(diff)} (stored {', '.join(f'{k}={stored.get(k)}' for k in diff)}); "
-                "refusing to resume: pass a new --name or delete "
-                f"{spec.run_dir} to start over"
-            )
-    return study
+    if fingerprint is None:
+        return study, creator
+    if creator:
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("spec", spec.to_dict())
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2; stable enough
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.objectives))
+        return study, creator
+    stored = _wait_for(study, "fingerprint", 60)
+    if stored is None:  # made by an older autoslim, or its creator died at once: adopt it
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("spec", spec.to_dict())
+    elif stored != fingerprint:
+        diff = sorted(
+            k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
+        )
+        raise UsageError(
+            f"study {spec.name!r} in {where} was run with a different "
+            f"{', '.join(diff)} (stored {', '.join(f'{k}={stored.get(k)}' for k in diff)}); "
+            "refusing to resume: pass a new --name or delete "
+            f"{spec.run_dir} to start over"
+        )
+    return study, creator
+
+
+def _wait_for(study: optuna.Study, key: str, seconds: float) -> Any:
+    """The study attribute ``key`` once another process has set it (None after ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = study._storage.get_study_user_attrs(study._study_id).get(key)
+        if value is not None or time.monotonic() >= deadline:
+            return value
+        time.sleep(0.5)
 
 
 def _first_line(e: BaseException) -> str:
@@ -287,14 +347,33 @@ def load_study(
     return _view(study, run_dir, url, importance=importance)
 
 
+def _counts(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial uses one of the study's ``trials``: completed, or failed as a candidate
+    (a compression or export that cannot work). A trial whose worker died does not: it is
+    queued again; nor does a surplus one (see :func:`_surplus`)."""
+    if t.state == optuna.trial.TrialState.COMPLETE:
+        return True
+    return (
+        t.state == optuna.trial.TrialState.FAIL
+        and "fail_reason" in t.user_attrs
+        and not t.user_attrs.get("killed")
+    )
+
+
 def _done(study: optuna.Study) -> int:
-    n = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state == optuna.trial.TrialState.COMPLETE:
-            n += 1
-        elif t.state == optuna.trial.TrialState.FAIL and "fail_reason" in t.user_attrs:
-            n += 1
-    return n
+    return sum(1 for t in study.get_trials(deepcopy=False) if _counts(t))
+
+
+def _surplus(trial: optuna.Trial, budget: int) -> bool:
+    """Whether the trials numbered before ``trial`` (counted, running or queued) already fill
+    the global budget. Trial numbers are handed out atomically by the storage, so workers on
+    any number of machines agree on which trials are the first ``budget``."""
+    ahead = 0
+    live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    for t in trial.study.get_trials(deepcopy=False):
+        if t.number < trial.number and (_counts(t) or t.state in live):
+            ahead += 1
+    return ahead >= budget
 
 
 def _start_token(pid: int) -> str | None:
@@ -327,13 +406,15 @@ def _alive(owner: dict[str, Any]) -> bool:
 
 
 def heal_dead_trials(study: optuna.Study, run_dir: Path) -> list[int]:
-    """Fail the trials that a dead process of this machine left RUNNING; remove their temp files.
+    """Fail the trials that a dead process of this machine left RUNNING, queue each again
+    (up to ``MAX_RETRIES`` times) and remove their temp files.
 
-    A ``kill -9`` or a power cut leaves the trial RUNNING in the storage forever. Each trial
-    records its owner (host, pid, process start time); a RUNNING trial whose owner is gone
-    becomes FAIL with that reason, and its folder loses the exporter's ``.export-*`` temp
-    folders. Trials of other machines are left alone (their heartbeat is the workers' job).
-    Returns the trial numbers healed.
+    A ``kill -9`` or a power cut leaves the trial RUNNING. Each trial records its owner (host,
+    pid, process start time); a RUNNING trial whose owner is gone becomes FAIL with that reason
+    (``killed``: it does not use up a trial of the budget) and the same parameters are queued
+    for the next worker; its folder loses the exporter's ``.export-*`` temp folders. Trials of
+    other machines are left to the storage's heartbeat (:func:`storage_of`), which does the
+    same after the grace period. Returns the trial numbers healed.
     """
     host, healed = platform.node(), []
     storage = study._storage  # Optuna has no public setter of another process's trial state
@@ -346,9 +427,20 @@ def heal_dead_trials(study: optuna.Study, run_dir: Path) -> list[int]:
             "(killed or crashed); marked failed by the next run"
         )
         storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        storage.set_trial_user_attr(t._trial_id, "killed", True)
         storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         for tmp in (run_dir / "trials" / f"{t.number:05d}").glob(".export-*"):
             shutil.rmtree(tmp, ignore_errors=True)
+        retries = int(t.user_attrs.get("retries", 0))
+        if retries < MAX_RETRIES and t.params:  # the same candidate, run again by any worker
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=optuna.trial.TrialState.WAITING,
+                    params=t.params,
+                    distributions=t.distributions,
+                    user_attrs={"retry_of": t.number, "retries": retries + 1},
+                )
+            )
         healed.append(t.number)
     return healed
 
@@ -426,12 +518,17 @@ def refresh_predictor(study: optuna.Study, task: Task, *, seen: dict[str, int]) 
     task.predictor = predictor if cal.usable else None
 
 
-def _objective(task: Task):
+def _objective(task: Task, seed: int):
     spec = task.spec
     since = {"n": 0}  # trials since the teacher was last timed
     seen: dict[str, int] = {}  # measured trials the predictor was last fitted on
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
+        if _surplus(trial, spec.trials):  # other workers took the last trials of the budget
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            raise optuna.TrialPruned("the study's trial budget is used up by other workers")
+        heal_dead_trials(trial.study, spec.run_dir)  # a dead worker of this host: retry now
         refresh_predictor(trial.study, task, seen=seen)
         if since["n"] >= RETIME_EVERY:  # interleaved, so a drifting machine drifts both
             before = task.teacher_timing.get("latency_ms")
@@ -439,7 +536,7 @@ def _objective(task: Task):
             _flag_drift(trial.study, before, after)
             since["n"] = 0
         since["n"] += 1
-        trial.set_user_attr("owner", _owner())  # a dead owner's RUNNING trial is healed later
+        trial.set_user_attr("owner", {**_owner(), "seed": seed})
         config = task.space.to_config(_suggest(trial, task))
         trial.set_user_attr("config", config.to_json())
         trial.set_user_attr("summary", config.summary())
@@ -514,30 +611,42 @@ def _baselines(task: Task) -> list[tuple[float, int, int]]:
     return kept + ladder
 
 
-def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
-    """Run (or resume) the study described by ``spec`` until it holds ``spec.trials`` trials."""
-    if spec.storage:
-        check_storage(spec.storage)  # before minutes of teacher training
-    task = build_task(spec, progress=progress)
-    study = open_study(spec, fingerprint=task.fingerprint(), sampler=_sampler(spec))
+def worker_threads(spec: StudySpec) -> int:
+    """Torch threads of one worker: ``spec.threads``, else the cores this process may run on
+    divided among the workers of this machine (so K workers never oversubscribe the cores)."""
+    if spec.threads:
+        return spec.threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, spec.workers))
 
-    def log(*a: object) -> None:
-        print(*a, file=sys.stderr)
 
-    healed = heal_dead_trials(study, spec.run_dir)
-    if healed:
-        log(f"note: trials {healed} were left RUNNING by a process that died; marked failed")
-    if task.space.note:
-        log(f"note: {task.space.note}")
-    int4 = task.space.int4_layers()
-    if int4 and "latency" in spec.objectives and spec.backend == "onnxruntime-cpu":
-        log(
-            f"note: the space may store {len(int4)} layers' weights as int4; ONNX Runtime's CPU "
-            "provider has no int4 conv kernels, so such models run slower than int8 ones "
-            "(for a latency study use an int8 space such as --space default)"
-        )
+def _worker_seed(spec: StudySpec) -> int:
+    """A joining worker's sampler seed: its own (from host, pid and process start), so two
+    workers never propose the same parameters in lockstep. Recorded on the study and on each
+    trial (``owner.seed``), outside the fingerprint."""
+    key = f"{spec.seed}|{platform.node()}|{os.getpid()}|{_start_token(os.getpid())}"
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+
+
+def _setup(study: optuna.Study, task: Task, creator: bool) -> None:
+    """The study's baseline and enqueued baselines: made once, by the process that created
+    the study; every other worker waits for the baseline and times the teacher itself."""
+    spec = task.spec
     stored = study.user_attrs.get("baseline")
-    if stored:  # a resume: the stored baseline stays; only the timing is redone, in this process
+    if creator or stored:
+        pass
+    else:
+        stored = _wait_for(study, "baseline", SETUP_WAIT_S)
+        if stored is None:
+            raise UsageError(
+                f"study {spec.name!r} has no baseline after {SETUP_WAIT_S} s: the process that "
+                "created it did not finish its set-up (killed?); delete the study or run one "
+                "worker alone first"
+            )
+    if stored:  # a resume or a joining worker: the stored baseline stays; the timing is redone
         task.baseline = dict(stored)
         time_teacher(task, spec.run_dir)
     else:
@@ -547,69 +656,152 @@ def search(spec: StudySpec, *, progress: bool = True) -> SearchResult:
     )
     device = {k: v for k, v in task.teacher_timing.items() if k != "latency_ms"}
     study.set_user_attr("device", {"backend": spec.backend, **device})
-    done = _done(study)
-    if not study.get_trials(deepcopy=False):
+    if creator and not study.get_trials(deepcopy=False):
         # no more baselines than trials: enqueued ones never run would show as "waiting"
         for prune, wb, ab in _baselines(task)[: spec.trials]:
             study.enqueue_trial(
                 task.space.uniform_params(prune=prune, weight_bits=wb, act_bits=ab),
                 skip_if_exists=True,
             )
+
+
+def _spawn_workers(spec: StudySpec, threads: int) -> list:
+    """``spec.workers - 1`` more worker processes on this machine, joining this study."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no forked torch/ORT thread pools
+    child = {**spec.to_dict(), "workers": 1, "threads": threads}
+    procs = []
+    for i in range(spec.workers - 1):
+        p = ctx.Process(target=_worker_main, args=(child,), name=f"autoslim-worker-{i + 1}")
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def _worker_main(spec_dict: dict[str, Any]) -> None:
+    """Entry point of a worker process started by ``--workers K``."""
+    from .study import StudySpec as Spec
+
+    search(Spec.from_dict(spec_dict), progress=False, outputs=False)
+
+
+def search(spec: StudySpec, *, progress: bool = True, outputs: bool = True) -> SearchResult:
+    """Run (or resume, or join) the study described by ``spec`` until it holds ``spec.trials``
+    counted trials in all, whichever processes run them.
+
+    Many workers: start this on several machines with one ``storage`` (PostgreSQL), or set
+    ``spec.workers``; the first process creates the study and its baselines, the others join
+    with their own sampler seeds, and ``spec.trials`` is a global budget."""
+    import torch
+
+    if spec.storage:
+        check_storage(spec.storage)  # before minutes of teacher training
+    threads = worker_threads(spec)
+    torch.set_num_threads(threads)
+    task = build_task(spec, progress=progress)
+    study, creator = _open_or_create(
+        spec, fingerprint=task.fingerprint(), sampler=None, storage=storage_of(spec)
+    )
+    seed = spec.seed if creator else _worker_seed(spec)
+    study.sampler = _sampler(spec, seed)
+    study.set_user_attr(
+        f"worker:{platform.node()}:{os.getpid()}",
+        {"seed": seed, "threads": threads, "creator": creator, "started": time.time()},
+    )
+
+    def log(*a: object) -> None:
+        print(*a, file=sys.stderr)
+
+    healed = heal_dead_trials(study, spec.run_dir)
+    if healed:
+        log(f"note: trials {healed} were left RUNNING by a process that died; failed, queued again")
+    if task.space.note:
+        log(f"note: {task.space.note}")
+    int4 = task.space.int4_layers()
+    if int4 and "latency" in spec.objectives and spec.backend == "onnxruntime-cpu":
+        log(
+            f"note: the space may store {len(int4)} layers' weights as int4; ONNX Runtime's CPU "
+            "provider has no int4 conv kernels, so such models run slower than int8 ones "
+            "(for a latency study use an int8 space such as --space default)"
+        )
+    _setup(study, task, creator)
+    done = _done(study)
     remaining = max(0, spec.trials - done)
     log(
         f"study {spec.name}: {done} trials stored, {remaining} to run "
-        f"({len(task.space.dims)} dimensions; storage {redact(spec.storage_url)})"
+        f"({len(task.space.dims)} dimensions; storage {redact(spec.storage_url)}"
+        + (f"; {spec.workers} workers of {threads} threads" if spec.workers > 1 else "")
+        + ")"
     )
-    if remaining:
-        bar = tqdm(
-            total=remaining,
-            desc="trials",
-            disable=not progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-        best = {"acc": -math.inf}
-
-        interrupted: dict[str, type[KeyboardInterrupt] | None] = {"by": None}
-
-        def on_signal(signum: int, frame: Any) -> None:
-            # SIGTERM like Ctrl-C: Optuna fails the running trial and re-raises
-            interrupted["by"] = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-            raise interrupted["by"]
-
-        def cb(st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
-            if interrupted["by"]:  # the interrupt landed where Python swallowed it
-                raise interrupted["by"]
-            bar.update(1)
-            if t.user_attrs.get("feasible") and t.user_attrs.get("status") == "ok":
-                best["acc"] = max(best["acc"], t.user_attrs["val_accuracy"])
-            bar.set_postfix(
-                best_feasible_acc=f"{best['acc']:.4f}" if best["acc"] > 0 else "-",
-                last=t.user_attrs.get("status", t.state.name.lower()),
-            )
-
-        logging.getLogger("optuna").setLevel(logging.ERROR)
-        main_thread = threading.current_thread() is threading.main_thread()
-        signals = (signal.SIGINT, signal.SIGTERM)
-        old = {s: signal.signal(s, on_signal) for s in signals} if main_thread else {}
-        try:
-            study.optimize(
-                _objective(task),
-                n_trials=remaining,
-                catch=(CandidateFailed,),
-                callbacks=[cb],
-                gc_after_trial=True,
-            )
-        finally:
-            bar.close()
-            for s, handler in old.items():
-                signal.signal(s, handler)
+    children = _spawn_workers(spec, threads) if remaining and spec.workers > 1 else []
+    try:
+        if remaining:
+            _optimize(study, task, seed, remaining, progress=progress)
+    finally:
+        for p in children:
+            p.join()
     cal = study.user_attrs.get("latency_predictor")
     if cal:
         log(f"note: {cal['line']}")
-    view = _view(study, spec.run_dir, spec.storage_url, importance=True)
-    outputs = write_outputs(view)
-    return SearchResult(study, view.trials, outputs, task)
+    view = _view(study, spec.run_dir, spec.storage_url, importance=outputs)
+    written = write_outputs(view) if outputs else {}
+    return SearchResult(study, view.trials, written, task)
+
+
+def _optimize(study: optuna.Study, task: Task, seed: int, remaining: int, *, progress: bool):
+    """Run trials in this process until the study's global budget is reached."""
+    spec = task.spec
+    bar = tqdm(
+        total=remaining,
+        desc="trials",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    best = {"acc": -math.inf}
+
+    interrupted: dict[str, type[KeyboardInterrupt] | None] = {"by": None}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        # SIGTERM like Ctrl-C: Optuna fails the running trial and re-raises
+        interrupted["by"] = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        raise interrupted["by"]
+
+    def cb(st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        if interrupted["by"]:  # the interrupt landed where Python swallowed it
+            raise interrupted["by"]
+        if t.user_attrs.get("surplus"):
+            return
+        bar.update(1)
+        if t.user_attrs.get("feasible") and t.user_attrs.get("status") == "ok":
+            best["acc"] = max(best["acc"], t.user_attrs["val_accuracy"])
+        bar.set_postfix(
+            best_feasible_acc=f"{best['acc']:.4f}" if best["acc"] > 0 else "-",
+            last=t.user_attrs.get("status", t.state.name.lower()),
+        )
+        if _done(st) >= spec.trials:  # the global budget, whichever workers ran it
+            st.stop()
+
+    logging.getLogger("optuna").setLevel(logging.ERROR)
+    main_thread = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, on_signal) for s in signals} if main_thread else {}
+    objective = _objective(task, seed)
+    try:
+        while _done(study) < spec.trials:
+            study.optimize(objective, catch=(CandidateFailed,), callbacks=[cb], gc_after_trial=True)
+            # a worker that died on this host while this one ran: its trial is queued again
+            if not heal_dead_trials(study, spec.run_dir) and not _waiting(study):
+                break
+    finally:
+        bar.close()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _waiting(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
 def summary_json(result: SearchResult) -> str:

@@ -126,6 +126,11 @@ class StudySpec:
     gate_agreement: float = 0.99  # artifact vs PyTorch top-1 agreement required
     storage: str | None = None
     out_dir: str | None = None
+    # many workers on one study: K processes on this machine (each joins the same storage);
+    # torch threads of each (None: this process's cores / workers); the RDB heartbeat
+    workers: int = 1
+    threads: int | None = None
+    heartbeat_s: int = 30  # a trial whose process stops beating for 2x this is failed, retried
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -239,6 +244,9 @@ _MIN_VALUES = {
     "recovery_subset": 1,
     "latency_runs": 1,
     "gate_images": 1,
+    "workers": 1,
+    "threads": 1,
+    "heartbeat_s": 1,
 }
 
 

@@ -19,6 +19,7 @@ pair run in the same spell, so the ratio is steady where either time alone is no
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -223,6 +224,26 @@ def _warm(fn: Callable[[], object], runs: int, seconds: float) -> float:
 OPTIMIZATIONS = ("all", "extended", "basic", "disabled")  # ONNX Runtime graph optimisation levels
 
 
+@contextlib.contextmanager
+def host_lock():
+    """Hold this host's measurement lock (``flock`` on a file in the temp folder): workers,
+    agents and tests on one machine never time two files at once. A no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"autoslim-latency-{os.getuid()}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ort_session(
     path: str | Path,
     *,
@@ -294,10 +315,12 @@ class OrtBackend:
         warmup: int = 20,
         reference: Path | None = None,
     ) -> Latency:
-        """Time ``artifact`` by the protocol; with ``reference``, paired with that file."""
+        """Time ``artifact`` by the protocol; with ``reference``, paired with that file. One
+        measurement at a time per host (:func:`host_lock`), whichever process asks."""
         run = self._runner(artifact, input_shape)
         ref = self._runner(reference, input_shape) if reference is not None else None
-        return time_runs(run, backend=self.name, runs=runs, warmup=warmup, reference=ref)
+        with host_lock():
+            return time_runs(run, backend=self.name, runs=runs, warmup=warmup, reference=ref)
 
     def _runner(self, artifact: Path, input_shape: tuple[int, ...]) -> Callable[[], None]:
         """One batch-1 inference of ``artifact`` (a session made once, the input bound)."""
