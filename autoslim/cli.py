@@ -263,6 +263,31 @@ def _space(a: argparse.Namespace) -> int:
     return 0
 
 
+@_command("status")
+def _status(a: argparse.Namespace) -> int:
+    from .runner import study_status
+
+    st = study_status(a.study, storage=a.storage)
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    states = ", ".join(f"{n} {k}" for k, n in sorted(st["states"].items()))
+    rate = f"{st['trials_per_hour']:.1f} trials/hour" if st["trials_per_hour"] else "-"
+    eta = f"{st['eta_minutes']:.0f} min" if st["eta_minutes"] is not None else "-"
+    print(
+        f"study {st['study']} ({st['storage']}): {st['counted']} of {st['budget']} trials "
+        f"counted; {states}; {st['killed']} killed and queued again"
+    )
+    print(f"throughput {rate} (last 10 counted trials); time left at that rate {eta}")
+    for name, w in sorted(st["workers"].items()):
+        role = "creator, " if w.get("creator") else ""
+        print(
+            f"  worker {name}: {role}seed {w.get('seed')}, {w.get('threads')} threads, "
+            f"{w['trials']} trials ({w['running']} running), last seen {w['last_seen'] or '-'}"
+        )
+    return 0
+
+
 @_command("report")
 def _report(a: argparse.Namespace) -> int:
     from .report import front_table, render_html, report_data, table_records
@@ -526,6 +551,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", help="HTML file (default STUDY_FOLDER/report.html)")
     r.add_argument("--all", action="store_true", help="with --format table: every trial too")
     r.add_argument("--images", help="also write PNG/SVG plots to this folder (needs kaleido)")
+
+    st = sub.add_parser("status", help="where a study stands: trials, workers, throughput, ETA")
+    study_arg(st)
+    st.add_argument("--json", action="store_true")
 
     pk = sub.add_parser("pick", help="choose one trial by constraints and a preference")
     study_arg(pk)

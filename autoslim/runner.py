@@ -51,6 +51,7 @@ __all__ = [
     "open_existing",
     "load_study",
     "heal_dead_trials",
+    "study_status",
     "SearchResult",
 ]
 
@@ -99,16 +100,27 @@ def storage_of(spec: StudySpec) -> optuna.storages.RDBStorage:
     engine: dict[str, Any] = (
         {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     )
+    import sqlalchemy
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine,
-            heartbeat_interval=spec.heartbeat_s,
-            grace_period=2 * spec.heartbeat_s,
-            heartbeat_stale_trial_callback=retry,
-        )
+        for attempt in range(6):
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=spec.heartbeat_s,
+                    grace_period=2 * spec.heartbeat_s,
+                    heartbeat_stale_trial_callback=retry,
+                )
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # workers started at once on an empty database race to create Optuna's tables
+                # (PostgreSQL: "duplicate key ... pg_type"); the loser finds them made
+                if attempt == 5:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def open_study(
@@ -355,7 +367,7 @@ def _counts(t: optuna.trial.FrozenTrial) -> bool:
         return True
     return (
         t.state == optuna.trial.TrialState.FAIL
-        and "fail_reason" in t.user_attrs
+        and bool(t.user_attrs.get("fail_reason"))
         and not t.user_attrs.get("killed")
     )
 
@@ -426,9 +438,13 @@ def heal_dead_trials(study: optuna.Study, run_dir: Path) -> list[int]:
             f"its process (pid {owner.get('pid')} on {host}) died before the trial finished "
             "(killed or crashed); marked failed by the next run"
         )
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-        storage.set_trial_user_attr(t._trial_id, "killed", True)
-        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+            storage.set_trial_user_attr(t._trial_id, "killed", True)
+            # atomic in the storage: of two workers healing one trial, one wins, one retries
+            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker healed it first (and queued it again)
         for tmp in (run_dir / "trials" / f"{t.number:05d}").glob(".export-*"):
             shutil.rmtree(tmp, ignore_errors=True)
         retries = int(t.user_attrs.get("retries", 0))
@@ -528,6 +544,9 @@ def _objective(task: Task, seed: int):
             trial.set_user_attr("surplus", True)
             trial.study.stop()
             raise optuna.TrialPruned("the study's trial budget is used up by other workers")
+        if trial.user_attrs.get("killed"):  # a retry inherits the dead trial's attributes
+            trial.set_user_attr("killed", False)
+            trial.set_user_attr("fail_reason", "")
         heal_dead_trials(trial.study, spec.run_dir)  # a dead worker of this host: retry now
         refresh_predictor(trial.study, task, seen=seen)
         if since["n"] >= RETIME_EVERY:  # interleaved, so a drifting machine drifts both
@@ -613,14 +632,17 @@ def _baselines(task: Task) -> list[tuple[float, int, int]]:
 
 def worker_threads(spec: StudySpec) -> int:
     """Torch threads of one worker: ``spec.threads``, else the cores this process may run on
-    divided among the workers of this machine (so K workers never oversubscribe the cores)."""
+    divided among the workers of this machine (so K workers never oversubscribe the cores),
+    and never more than torch was already told (``OMP_NUM_THREADS``, ``set_num_threads``)."""
+    import torch
+
     if spec.threads:
         return spec.threads
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores // max(1, spec.workers))
+    return max(1, min(torch.get_num_threads(), cores // max(1, spec.workers)))
 
 
 def _worker_seed(spec: StudySpec) -> int:
@@ -802,6 +824,50 @@ def _optimize(study: optuna.Study, task: Task, seed: int, remaining: int, *, pro
 
 def _waiting(study: optuna.Study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
+def study_status(name_or_dir: str | Path, *, storage: str | None = None) -> dict[str, Any]:
+    """Where a (possibly running, many-worker) study stands, as plain data: trials by state,
+    the global budget and how much of it is used, each worker seen (its seed, threads, trials
+    and when it was last seen starting or finishing one), throughput over the last ten counted
+    trials and the time left at that rate."""
+    _, url, name = _locate(name_or_dir, storage)
+    study = _open(url, name)
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    budget = int(study.user_attrs.get("spec", {}).get("trials", 0))
+    counted = [t for t in trials if _counts(t)]
+    workers = {}
+    for key, info in study.user_attrs.items():
+        if key.startswith("worker:"):
+            host, pid = key.split(":")[1:3]
+            mine = [t for t in trials if str(t.user_attrs.get("owner", {}).get("pid")) == pid]
+            mine = [t for t in mine if t.user_attrs["owner"].get("host") == host]
+            seen = [d for t in mine for d in (t.datetime_start, t.datetime_complete) if d]
+            workers[f"{host}:{pid}"] = {
+                **info,
+                "trials": len(mine),
+                "running": sum(t.state == optuna.trial.TrialState.RUNNING for t in mine),
+                "last_seen": max(seen).isoformat(timespec="seconds") if seen else None,
+            }
+    finished = sorted(t.datetime_complete for t in counted if t.datetime_complete)[-10:]
+    per_hour = None
+    if len(finished) >= 2 and finished[-1] > finished[0]:
+        per_hour = (len(finished) - 1) / ((finished[-1] - finished[0]).total_seconds() / 3600)
+    left = max(0, budget - len(counted))
+    return {
+        "study": study.study_name,
+        "storage": redact(url),
+        "budget": budget,
+        "counted": len(counted),
+        "states": states,
+        "killed": sum(1 for t in trials if t.user_attrs.get("killed")),
+        "workers": workers,
+        "trials_per_hour": per_hour,
+        "eta_minutes": (60 * left / per_hour) if per_hour and left else (0.0 if not left else None),
+    }
 
 
 def summary_json(result: SearchResult) -> str:
