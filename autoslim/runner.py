@@ -658,9 +658,7 @@ def _setup(study: optuna.Study, task: Task, creator: bool) -> None:
     the study; every other worker waits for the baseline and times the teacher itself."""
     spec = task.spec
     stored = study.user_attrs.get("baseline")
-    if creator or stored:
-        pass
-    else:
+    if not creator and not stored:
         stored = _wait_for(study, "baseline", SETUP_WAIT_S)
         if stored is None:
             raise UsageError(

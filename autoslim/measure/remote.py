@@ -63,6 +63,7 @@ class RemoteBackend:
         self._client: httpx.Client | None = None
         self._info: dict[str, Any] | None = None
         self._stored: set[str] = set()  # models this client uploaded (a 404 uploads again)
+        self._hashed: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256
 
     def __repr__(self) -> str:
         return f"RemoteBackend({self.name!r})"  # never the secret
@@ -212,12 +213,19 @@ class RemoteBackend:
         return identity
 
     def _upload(self, path: Path) -> str:
-        """PUT ``path`` to the agent unless this client already stored it; its sha256."""
+        """PUT ``path`` to the agent unless this client already stored it; its sha256. A file
+        already uploaded and unchanged since (size, mtime) is not read again: the teacher's,
+        which every timing is paired with, is read and hashed once per search, not per trial."""
         try:
+            st = path.stat()
+            key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+            if self._hashed.get(key) in self._stored:
+                return self._hashed[key]
             data = path.read_bytes()
         except OSError as e:
             raise UsageError(f"cannot read the artifact {path}: {e.strerror}") from None
         sha = hashlib.sha256(data).hexdigest()
+        self._hashed[key] = sha
         if sha in self._stored:
             return sha
         info = self._info if self._info is not None else self.info()

@@ -146,65 +146,47 @@ def distill(
     if logits is None:
         teacher.to(dev)
     try:
-        return _steps(
-            student, split, logits, cfg, steps, recovery, start_step, total, on_step, teacher, dev
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(
+            params, lr=recovery.lr, momentum=0.9, nesterov=True, weight_decay=recovery.weight_decay
         )
+        gen = torch.Generator().manual_seed(recovery.seed + start_step)
+        n, loss_v = len(split), float("nan")
+        perm = torch.randperm(n, generator=gen)
+        pos, order = 0, []
+        for _ in range(steps):  # the batches' indices, drawn up front so a loader can prefetch
+            if pos + recovery.batch_size > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            order.append(perm[pos : pos + recovery.batch_size])
+            pos += recovery.batch_size
+        if logits is None:
+            batches = split.train_batches(order, gen=gen, padding=4, flip=True)
+            teacher.eval()
+        else:
+            batches = split.batches_at(order)
+        student.train()
+        for s, idx, x in zip(range(start_step, start_step + steps), order, batches, strict=True):
+            lr = 0.5 * recovery.lr * (1 + math.cos(math.pi * s / total))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = x.to(dev, non_blocking=True)
+            if logits is None:
+                with torch.no_grad():
+                    target = teacher(x)
+            else:
+                target = logits[idx].to(dev, non_blocking=True)
+            loss = kd_loss(student(x), target, split.y[idx].to(dev, non_blocking=True), cfg)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"recovery loss became {loss.item()} at step {s}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_v = loss.item()
+            if on_step is not None:
+                on_step(s, loss_v)
+        student.eval()
+        return loss_v
     finally:
         student.to("cpu")
         if teacher is not None:
             teacher.to("cpu")
-
-
-def _steps(
-    student: nn.Module,
-    split: Split,
-    logits: torch.Tensor | None,
-    cfg: DistillConfig,
-    steps: int,
-    recovery: Recovery,
-    start_step: int,
-    total: int,
-    on_step: Callable[[int, float], None] | None,
-    teacher: nn.Module | None,
-    dev: torch.device,
-) -> float:
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(
-        params, lr=recovery.lr, momentum=0.9, nesterov=True, weight_decay=recovery.weight_decay
-    )
-    gen = torch.Generator().manual_seed(recovery.seed + start_step)
-    n, loss_v = len(split), float("nan")
-    perm = torch.randperm(n, generator=gen)
-    pos, order = 0, []
-    for _ in range(steps):  # the batches' indices, drawn up front so a loader can prefetch
-        if pos + recovery.batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        order.append(perm[pos : pos + recovery.batch_size])
-        pos += recovery.batch_size
-    if logits is None:
-        batches = split.train_batches(order, gen=gen, padding=4, flip=True)
-        teacher.eval()
-    else:
-        batches = split.batches_at(order)
-    student.train()
-    for s, idx, x in zip(range(start_step, start_step + steps), order, batches, strict=True):
-        lr = 0.5 * recovery.lr * (1 + math.cos(math.pi * s / total))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = x.to(dev, non_blocking=True)
-        if logits is None:
-            with torch.no_grad():
-                target = teacher(x)
-        else:
-            target = logits[idx].to(dev, non_blocking=True)
-        loss = kd_loss(student(x), target, split.y[idx].to(dev, non_blocking=True), cfg)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"recovery loss became {loss.item()} at step {s}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_v = loss.item()
-        if on_step is not None:
-            on_step(s, loss_v)
-    student.eval()
-    return loss_v
