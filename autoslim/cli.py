@@ -212,6 +212,7 @@ def _search(a: argparse.Namespace) -> int:
         bad_images=a.bad_images,
         stream=a.stream,
         storage=a.storage,
+        artifacts=a.artifacts,
         backend=a.backend,
         latency_predictor=a.latency_predictor,
         agent_secret=a.agent_secret,
@@ -293,7 +294,9 @@ def _report(a: argparse.Namespace) -> int:
     from .report import front_table, render_html, report_data, table_records
     from .runner import load_study
 
-    view = load_study(a.study, storage=a.storage, importance=a.format == "html")
+    view = load_study(
+        a.study, storage=a.storage, importance=a.format == "html", artifacts=a.artifacts
+    )
     df = view.trials
     if a.format == "table":
         print(front_table(df, view.baseline))
@@ -353,7 +356,7 @@ def _pick(a: argparse.Namespace) -> int:
     from .runner import load_study
     from .units import parse_latency_ms, parse_size
 
-    view = load_study(a.study, storage=a.storage)
+    view = load_study(a.study, storage=a.storage, artifacts=a.artifacts)
     r = pick(
         view,
         max_size=parse_size(a.max_size) if a.max_size else None,
@@ -378,7 +381,7 @@ def _export(a: argparse.Namespace) -> int:
     from .results import export_trial
     from .runner import load_study
 
-    view = load_study(a.study, storage=a.storage)
+    view = load_study(a.study, storage=a.storage, artifacts=a.artifacts)
     res = export_trial(view, a.trial, a.output, replay=a.replay, refined=a.refined)
     if a.json:
         print(json.dumps(res, indent=1))
@@ -408,7 +411,7 @@ def _refine(a: argparse.Namespace) -> int:
         qat_fraction=a.qat_fraction,
         max_steps_per_epoch=a.max_steps_per_epoch,
     )
-    view = load_study(a.study, storage=a.storage)
+    view = load_study(a.study, storage=a.storage, artifacts=a.artifacts)
     if a.front:
         from .results import qualifying
 
@@ -501,6 +504,12 @@ def _parser() -> argparse.ArgumentParser:
         "--storage", help="any Optuna RDB URL (default: SQLite file in the study folder)"
     )
     s.add_argument(
+        "--artifacts",
+        metavar="PATH",
+        help="the study's artifact store: a folder every worker can read (default "
+        "OUT_DIR/artifacts) or s3://BUCKET",
+    )
+    s.add_argument(
         "--backend",
         help="latency backend: onnxruntime-cpu, onnxruntime-cuda or remote:HOST:PORT (an agent)",
     )
@@ -544,6 +553,11 @@ def _parser() -> argparse.ArgumentParser:
     def study_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("study", help="study name (studies/runs/NAME) or study folder")
         p.add_argument("--storage", help="Optuna RDB URL if the study was run with --storage")
+        p.add_argument(
+            "--artifacts",
+            metavar="PATH",
+            help="where this machine sees the study's artifact store (default: as recorded)",
+        )
 
     r = sub.add_parser("report", help="write the HTML report or print the trial table")
     study_arg(r)

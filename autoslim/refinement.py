@@ -4,9 +4,10 @@ A search affords only a short recovery per trial. :func:`refine` rebuilds the tr
 model from its recorded config (same teacher, same pruning and factorisation), distils it from the
 teacher for whole epochs over the training split (the last 30% of the steps quantization-aware
 for the layers the config quantizes), exports the artifact and measures it exactly as search trials are
-measured. The result is stored beside the trial in ``STUDY/refined/NNNNN/`` (``result.json`` +
-``model.onnx``); the search-time record is never changed. A checkpoint after every epoch makes an
-interrupted refine continue where it stopped.
+measured. The result is recorded on the study (``refined:NNNNN``) and its artifact goes to the
+study's store (:mod:`autoslim.store`), so any machine can export it; the search-time record is
+never changed. A checkpoint after every epoch (in ``STUDY/refined/NNNNN/``, on this machine) makes
+an interrupted refine continue where it stopped.
 """
 
 from __future__ import annotations
@@ -249,22 +250,16 @@ def refine(
             f"trial {trial} of study {view.name!r} is infeasible (outside the study's budgets: "
             f"{row.get('summary', '')}); refine a feasible trial, e.g. from `autoslim pick`"
         )
-    rdir = view.refined_dir(trial)
-    result_path, ckpt_path = rdir / "result.json", rdir / "checkpoint.pt"
+    rdir = view.refined_dir(trial)  # this machine's work folder: checkpoint, then the file
+    ckpt_path = rdir / "checkpoint.pt"
+    done = view.refined.get(trial)
     if restart:
-        for p in (result_path, ckpt_path):
-            p.unlink(missing_ok=True)
-    if result_path.is_file():
-        done = json.loads(result_path.read_text())
-        art = rdir / "model.onnx"
-        if done.get("recipe") == recipe.to_dict() and art.is_file():
-            if sha256_file(art) != done["sha256"]:
-                raise ExportError(
-                    f"the refined artifact {art} changed since it was recorded; pass --restart"
-                )
-            if out is not None:
-                _atomic_copy(art, out)
-            return {**done, "reused": True, "output": str(out) if out else None}
+        ckpt_path.unlink(missing_ok=True)
+        done = None
+    if done is not None and done.get("recipe") == recipe.to_dict():
+        if out is not None:
+            view.fetch(trial, out, refined=True)
+        return {**done, "reused": True, "output": str(out) if out else None}
     spec = StudySpec.from_dict(view.spec)
     task = build_task(spec, progress=progress)
     want = view.teacher.get("content_hash")
@@ -308,8 +303,16 @@ def refine(
         "sha256": sha256_file(art),
         "seconds": round(seconds, 1),
     }
-    _atomic_json(result, result_path)
+    store = view.store()
+    if store is not None:  # into the study's store: any machine can export it
+        result.pop("artifact")
+        result = store.put_refined(trial, result, art)
+    else:  # a study from before the store: beside the trial, as then
+        _atomic_json(result, rdir / "result.json")
+    view.refined[trial] = result
     ckpt_path.unlink(missing_ok=True)
     if out is not None:
         _atomic_copy(art, out)
+    if store is not None:
+        art.unlink()
     return {**result, "reused": False, "output": str(out) if out else None}

@@ -70,8 +70,9 @@ _DEVICE_KEYS = (
 def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
     """One row per trial: state, metrics on the artifact, ratios vs the teacher, front flag.
 
-    ``study`` is anything with Optuna's ``user_attrs`` / ``get_trials`` shape. With ``run_dir``,
-    refined results stored beside the trials are joined as ``refined_*`` columns.
+    ``study`` is anything with Optuna's ``user_attrs`` / ``get_trials`` shape. Refined results
+    (the study's records; with ``run_dir`` also older ones stored beside the trials) are joined
+    as ``refined_*`` columns.
     """
     base = study.user_attrs.get("baseline", {})
     spec = study.user_attrs.get("spec", {})
@@ -108,6 +109,7 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
             "config": a.get("config", ""),
             "params": json.dumps(t.params, sort_keys=True),
             "artifact_sha256": a.get("artifact_sha256", ""),
+            "artifact_id": a.get("artifact_id", ""),  # in the study's store (autoslim.store)
         }
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -128,15 +130,13 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
         cols = [OBJECTIVE_COLUMNS[o] for o in objectives]
         mask = pareto_mask(df.loc[ok, cols].to_numpy(), [OBJECTIVES[o] for o in objectives])
         df.loc[df.index[ok][mask], "front"] = True
-    if run_dir is not None:
-        df = _join_refined(df, run_dir)
-    return df
+    return _join_refined(df, study.user_attrs, run_dir)
 
 
-def _join_refined(df: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+def _join_refined(df: pd.DataFrame, attrs: dict[str, Any], run_dir: Path | None) -> pd.DataFrame:
     from .results import load_refined
 
-    ref = load_refined(run_dir)
+    ref = load_refined(attrs, run_dir)
     if ref.empty:
         return df
     cols = {

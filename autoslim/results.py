@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 PREFERENCES = ("latency", "size", "accuracy")
+REFINED_PREFIX = "refined:"  # study attribute per refined trial: its record and artifact id
 ACCURACY_TOLERANCE = 0.001  # 0.1 pt: a replayed artifact may differ by float noise in training
 
 
@@ -59,6 +61,13 @@ class StudyView:
     importances: dict[str, dict[str, float]] = field(default_factory=dict)
     device: dict[str, Any] = field(default_factory=dict)  # what timed the latencies
     latency_predictor: dict[str, Any] = field(default_factory=dict)  # its held-out calibration
+    # opens the study's artifact store (autoslim.store.TrialStore) when a file is read
+    store_opener: Callable[[], Any] | None = field(default=None, repr=False)
+    refined: dict[int, dict[str, Any]] = field(default_factory=dict)  # refine records by trial
+
+    def store(self) -> Any:
+        """The study's artifact store (None: a study stored before autoslim kept one)."""
+        return self.store_opener() if self.store_opener is not None else None
 
     @property
     def front(self) -> pd.DataFrame:
@@ -117,6 +126,51 @@ class StudyView:
             size -= before - model.ByteSize()
         return size
 
+    def fetch(self, trial: int, dest: str | Path, *, refined: bool = False) -> Path:
+        """Write trial ``trial``'s recorded artifact (``refined``: its refined one) to ``dest``,
+        verified against the SHA-256 the study recorded; from the study's store, or for a study
+        from before the store, from the file beside the trial. No accuracy is measured (that is
+        :func:`export_trial`); :class:`ExportError` if it is missing or changed."""
+        dest = Path(dest)
+        if refined:
+            rec = self.refined.get(trial)
+            if rec is None:
+                raise UsageError(
+                    f"trial {trial} has no refined result; run "
+                    f"`autoslim refine {self.cli_ref} --trial {trial}` first"
+                )
+            aid, sha, local = rec.get("artifact_id"), rec["sha256"], self.refined_dir(trial)
+        else:
+            row = self.measured_row(trial)
+            aid, sha, local = row.get("artifact_id"), row["artifact_sha256"], self.trial_dir(trial)
+        if aid:
+            store = self.store()
+            if store is None:
+                raise ExportError(
+                    f"trial {trial} names artifact {aid} but study {self.name!r} records no "
+                    "artifact store; pass --replay to rebuild it"
+                )
+            return store.get(str(aid), str(sha), dest)
+        local = local / "model.onnx"
+        if not local.is_file():
+            raise ExportError(f"the artifact of trial {trial} ({local}) is missing")
+        tmp = dest.with_name(f".{dest.name}.part")
+        shutil.copyfile(local, tmp)
+        digest = sha256_file(tmp)
+        if sha and digest != sha:
+            tmp.unlink()
+            raise ExportError(
+                f"the stored artifact {local} changed since the study recorded it (SHA-256 "
+                f"{digest[:12]} vs {str(sha)[:12]}); pass --replay to rebuild it"
+            )
+        os.replace(tmp, dest)
+        return dest
+
+    def has_artifact(self, trial: int) -> bool:
+        """Whether the study holds a file for the trial (in its store, or beside it)."""
+        row = self.measured_row(trial)
+        return bool(row.get("artifact_id")) or (self.trial_dir(trial) / "model.onnx").is_file()
+
     def refined_dir(self, trial: int) -> Path:
         """Where ``autoslim refine`` stores the trial's refined result and artifact."""
         return self.run_dir / "refined" / f"{trial:05d}"
@@ -129,7 +183,9 @@ class StudyView:
         default = (runs_dir() / self.name).resolve()
         ref = self.name if self.run_dir.resolve() == default else str(self.run_dir)
         if self.storage_url != default_storage_url(self.run_dir):
-            ref += f" --storage {self.storage_url}"
+            from .runner import redact
+
+            ref += f" --storage {redact(self.storage_url)}"
         return ref
 
     def export_command(self, trial: int, output: str | None = None) -> str:
@@ -261,8 +317,10 @@ def export_trial(
 ) -> dict[str, Any]:
     """Write trial ``trial``'s artifact to ``output`` and verify it against the study's record.
 
-    Uses the artifact stored with the trial (its SHA-256 must match the record) or, when it is
-    missing or ``replay`` is set, rebuilds it from the recorded config and recipe. The written
+    Downloads the trial's artifact from the study's store (:mod:`autoslim.store`, from any
+    machine that reaches it; its SHA-256 must match the record, a changed or missing file is
+    refused) or, in a study from before the store, copies the file beside the trial; ``replay``
+    (or an old study's missing file) rebuilds it from the recorded config and recipe. The written
     file's size must equal the recorded size exactly and its validation accuracy must be within
     0.1 pt of the recorded value, else :class:`ExportError` and nothing is written.
     ``refined``: the artifact ``autoslim refine`` stored for the trial, checked against the
@@ -273,45 +331,30 @@ def export_trial(
     from .study import StudySpec
 
     row = view.measured_row(trial)
-    stored = view.trial_dir(trial) / "model.onnx"
     if refined:
-        rec_path = view.refined_dir(trial) / "result.json"
-        if replay or not rec_path.is_file():
+        rec = view.refined.get(trial)
+        if replay or rec is None:
             raise UsageError(
                 f"trial {trial} has no refined result{' to replay' if replay else ''}; run "
                 f"`autoslim refine {view.cli_ref} --trial {trial}` first"
             )
-        rec = json.loads(rec_path.read_text())
         row = pd.Series(
             {
                 "size_bytes": rec["size_bytes"],
                 "val_accuracy": rec["val_accuracy"],
                 "test_accuracy": rec["test_accuracy"],
-                "artifact_sha256": rec["sha256"],
             }
         )
-        stored = rec_path.parent / "model.onnx"
-        if not stored.is_file():  # never fall back to replaying the *search* config
-            raise UsageError(
-                f"the refined artifact of trial {trial} ({stored}) is missing; run "
-                f"`autoslim refine {view.cli_ref} --trial {trial} --restart` to rebuild it"
-            )
     output = check_onnx_output(output)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".autoslim-export-") as tmp:
-        if stored.is_file() and not replay:
+        path = Path(tmp) / "model.onnx"
+        if refined or (not replay and view.has_artifact(trial)):  # never replay a refine
             source = "refined" if refined else "stored"
-            path = Path(tmp) / "model.onnx"
-            shutil.copyfile(stored, path)
-            digest = sha256_file(path)
-            if row.get("artifact_sha256") and digest != row["artifact_sha256"]:
-                raise ExportError(
-                    f"the stored artifact {stored} changed since the study recorded it (SHA-256 "
-                    f"{digest[:12]} vs {row['artifact_sha256'][:12]}); pass --replay to rebuild it"
-                )
+            view.fetch(trial, path, refined=refined)
         else:
             source = "replayed"
             path = _replay(view, trial, Path(tmp) / "replay")
-            digest = sha256_file(path)
+        digest = sha256_file(path)
         if data is None:
             data = StudySpec.from_dict(view.spec).load_data()
         size = path.stat().st_size
@@ -347,12 +390,22 @@ def export_trial(
     return result
 
 
-def load_refined(run_dir: Path) -> pd.DataFrame:
-    """Refined results stored beside their trials (``refined/NNNNN/result.json``)."""
-    rows = []
-    for f in sorted((run_dir / "refined").glob("*/result.json")):
+def refined_records(attrs: dict[str, Any], run_dir: Path | None = None) -> dict[int, dict]:
+    """Refined results by trial: the study's ``refined:NNNNN`` attributes, and for studies
+    refined before those, the records stored beside the trials (``refined/NNNNN/result.json``)."""
+    out: dict[int, dict] = {}
+    for f in sorted((run_dir / "refined").glob("*/result.json")) if run_dir else []:
         try:
-            rows.append(json.loads(f.read_text()))
+            rec = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # a half-written record cannot exist (atomic write); skip foreign files
-    return pd.DataFrame(rows)
+        out[int(rec["trial"])] = rec
+    for k in sorted(attrs):
+        if k.startswith(REFINED_PREFIX):
+            out[int(attrs[k]["trial"])] = attrs[k]
+    return out
+
+
+def load_refined(attrs: dict[str, Any], run_dir: Path | None = None) -> pd.DataFrame:
+    """:func:`refined_records` as a table, one row per refined trial."""
+    return pd.DataFrame(list(refined_records(attrs, run_dir).values()))

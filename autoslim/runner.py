@@ -31,7 +31,8 @@ from .errors import Terminated, UsageError, one_line
 from .measure.predictor import LatencyPredictor
 from .pareto import OBJECTIVE_COLUMNS, OBJECTIVES
 from .report import table_records, trials_frame, write_outputs
-from .results import StudyView
+from .results import StudyView, refined_records
+from .store import TrialStore, open_store
 from .study import (
     CandidateFailed,
     StudySpec,
@@ -165,7 +166,7 @@ def _open_or_create(
         return study, creator
     if creator:
         study.set_user_attr("fingerprint", fingerprint)
-        study.set_user_attr("spec", spec.to_dict())
+        study.set_user_attr("spec", _stored_spec(spec))
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2; stable enough
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(spec.objectives))
@@ -173,7 +174,7 @@ def _open_or_create(
     stored = _wait_for(study, "fingerprint", 60)
     if stored is None:  # made by an older autoslim, or its creator died at once: adopt it
         study.set_user_attr("fingerprint", fingerprint)
-        study.set_user_attr("spec", spec.to_dict())
+        study.set_user_attr("spec", _stored_spec(spec))
     elif stored != fingerprint:
         diff = sorted(
             k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
@@ -185,6 +186,14 @@ def _open_or_create(
             f"{spec.run_dir} to start over"
         )
     return study, creator
+
+
+def _stored_spec(spec: StudySpec) -> dict[str, Any]:
+    """The spec as the study records it: a storage URL's password never stored."""
+    d = spec.to_dict()
+    if d.get("storage"):
+        d["storage"] = redact(d["storage"])
+    return d
 
 
 def _wait_for(study: optuna.Study, key: str, seconds: float) -> Any:
@@ -286,10 +295,10 @@ def _open(url: str, name: str) -> optuna.Study:
             "run with)"
         ) from None
     if not names:
-        raise UsageError(f"storage {url} holds no study; run `autoslim search` first")
+        raise UsageError(f"storage {redact(url)} holds no study; run `autoslim search` first")
     if name not in names and len(names) > 1:
         raise UsageError(
-            f"storage {url} holds several studies ({', '.join(names)}) and none is named "
+            f"storage {redact(url)} holds several studies ({', '.join(names)}) and none is named "
             f"{name!r}; pass one of those names"
         )
     return optuna.load_study(study_name=name if name in names else names[0], storage=url)
@@ -326,8 +335,19 @@ def param_importances(study: optuna.Study, frame) -> dict[str, dict[str, float]]
     return out
 
 
-def _view(study: optuna.Study, run_dir: Path, url: str, *, importance: bool) -> StudyView:
+def _view(
+    study: optuna.Study,
+    run_dir: Path,
+    url: str,
+    *,
+    importance: bool,
+    artifacts: str | None = None,
+) -> StudyView:
     frame = trials_frame(study, run_dir)
+
+    def store() -> TrialStore | None:  # opened when a file is read or written, not before
+        return open_store(study, location=artifacts, run_dir=run_dir, create=False)
+
     return StudyView(
         name=study.study_name,
         storage_url=url,
@@ -339,24 +359,31 @@ def _view(study: optuna.Study, run_dir: Path, url: str, *, importance: bool) -> 
         importances=param_importances(study, frame) if importance else {},
         device=dict(study.user_attrs.get("device", {})),
         latency_predictor=dict(study.user_attrs.get("latency_predictor", {})),
+        store_opener=store,
+        refined=refined_records(study.user_attrs, run_dir),
     )
 
 
 def load_study(
-    name_or_dir: str | Path, *, storage: str | None = None, importance: bool = False
+    name_or_dir: str | Path,
+    *,
+    storage: str | None = None,
+    importance: bool = False,
+    artifacts: str | None = None,
 ) -> StudyView:
     """A stored study as plain data: ``load_study("default").trials`` is a pandas DataFrame.
 
     ``name_or_dir``: a study name (``studies/runs/NAME``) or its folder; ``storage``: the Optuna
     RDB URL if the study was run with ``--storage``. ``importance`` also computes PED-ANOVA
-    parameter importances per objective (a few seconds).
+    parameter importances per objective (a few seconds). ``artifacts``: where this machine sees
+    the study's artifact store, if not at the path recorded by the study's creator.
     """
     run_dir, url, name = _locate(name_or_dir, storage)
     study = _open(url, name)
     spec = study.user_attrs.get("spec", {})
     if not Path(name_or_dir).is_dir() and spec.get("out_dir"):
         run_dir = Path(spec["out_dir"])
-    return _view(study, run_dir, url, importance=importance)
+    return _view(study, run_dir, url, importance=importance, artifacts=artifacts)
 
 
 def _counts(t: optuna.trial.FrozenTrial) -> bool:
@@ -568,6 +595,12 @@ def _objective(task: Task, seed: int):
             reason = one_line(f"{type(e).__name__}: {e}")
             trial.set_user_attr("fail_reason", reason)
             raise CandidateFailed(reason) from e
+        if (
+            "artifact" in res and task.store is not None
+        ):  # into the study's store; the store's copy is the only one
+            local = Path(res.pop("artifact"))
+            res.update(task.store.put_trial(trial, local))
+            local.unlink()
         for k, v in res.items():
             if k != "config":
                 trial.set_user_attr(k, v)
@@ -658,6 +691,8 @@ def _setup(study: optuna.Study, task: Task, creator: bool) -> None:
     the study; every other worker waits for the baseline and times the teacher itself."""
     spec = task.spec
     stored = study.user_attrs.get("baseline")
+    if creator:  # before the baseline: a joiner that sees the baseline sees the store
+        task.store = open_store(study, location=spec.artifacts, run_dir=spec.run_dir, create=True)
     if not creator and not stored:
         stored = _wait_for(study, "baseline", SETUP_WAIT_S)
         if stored is None:
@@ -666,6 +701,10 @@ def _setup(study: optuna.Study, task: Task, creator: bool) -> None:
                 "created it did not finish its set-up (killed?); delete the study or run one "
                 "worker alone first"
             )
+    if not creator:  # a study stored before autoslim kept a store gets one now
+        task.store = open_store(
+            study, location=spec.artifacts, run_dir=spec.run_dir, create=False
+        ) or open_store(study, location=spec.artifacts, run_dir=spec.run_dir, create=True)
     if stored:  # a resume or a joining worker: the stored baseline stays; the timing is redone
         task.baseline = dict(stored)
         time_teacher(task, spec.run_dir)
@@ -764,7 +803,9 @@ def search(spec: StudySpec, *, progress: bool = True, outputs: bool = True) -> S
     cal = study.user_attrs.get("latency_predictor")
     if cal:
         log(f"note: {cal['line']}")
-    view = _view(study, spec.run_dir, spec.storage_url, importance=outputs)
+    view = _view(
+        study, spec.run_dir, spec.storage_url, importance=outputs, artifacts=spec.artifacts
+    )
     written = write_outputs(view) if outputs else {}
     return SearchResult(study, view.trials, written, task)
 

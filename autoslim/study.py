@@ -126,6 +126,9 @@ class StudySpec:
     gate_agreement: float = 0.99  # artifact vs PyTorch top-1 agreement required
     storage: str | None = None
     out_dir: str | None = None
+    # where trial and refined ONNX files go (optuna.artifacts): a folder every worker can
+    # read (default: OUT_DIR/artifacts) or s3://BUCKET; not part of the fingerprint
+    artifacts: str | None = None
     # many workers on one study: K processes on this machine (each joins the same storage);
     # torch threads of each (None: this process's cores / workers); the RDB heartbeat
     workers: int = 1
@@ -321,6 +324,7 @@ class Task:
     backend: LatencyBackend | None = None  # the study's latency backend (local or an agent)
     # set by the search runner from the measured trials; only a calibrated (usable) predictor
     predictor: LatencyPredictor | None = None
+    store: Any = None  # the study's artifact store (autoslim.store.TrialStore, set by the runner)
     # measured feasible trials as (objective name -> value; latency as a ratio to the teacher)
     measured: list[dict[str, float]] = field(default_factory=list)
     shapes: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict, repr=False)

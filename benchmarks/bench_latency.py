@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import autoslim
 from autoslim.measure import OrtBackend
 from autoslim.measure.auth import create_secret, load_secret
 from autoslim.measure.predictor import KINDS, LatencyPredictor, spearman
@@ -200,13 +201,14 @@ def part_search(args, out: Path, devices: dict) -> None:
     df = res.frame
     # every trained trial with a measured latency (a latency limit is device-specific)
     ok = df[(df["status"] == "ok") & (df["latency_source"] == "measured")]
+    view = autoslim.load_study(res.task.spec.run_dir)
     teacher = res.task.spec.run_dir / "teacher_fp32.onnx"
     shape_in = res.task.data.input_shape
     b = devices["agent_basic"]
     ref_b = b.measure(teacher, input_shape=shape_in).median_ms
     points = []
     for _, r in ok.iterrows():
-        path = res.task.spec.run_dir / "trials" / f"{int(r['trial']):05d}" / "model.onnx"
+        path = view.fetch(int(r["trial"]), view.run_dir / f"t{int(r['trial'])}.onnx")
         points.append(
             {
                 "trial": int(r["trial"]),

@@ -104,14 +104,15 @@ def main() -> int:
         row = view.measured_row(trial)
     if a.sweep:
         return sweep(task, view, trial, [int(e) for e in a.sweep.split(",")], a)
-    ref = autoslim.refine(view, trial, recipe=recipe)
+    final = view.run_dir / f"refined-t{trial}.onnx"
+    ref = autoslim.refine(view, trial, final, recipe=recipe)
     search_s = float(view.trials["seconds"].sum())
 
     # side-by-side measurement
     paths = {
         "teacher": view.run_dir / "teacher_fp32.onnx",
         "by hand": hand.path,
-        "autoslim": ref["artifact"],
+        "autoslim": final,
     }
     lat: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(a.rounds):

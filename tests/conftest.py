@@ -171,14 +171,17 @@ def start_cli(*args: str) -> subprocess.Popen:
     )
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m autoslim.cli ARGS`` to completion, output captured."""
+def run_cli(
+    *args: str, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m autoslim.cli ARGS`` to completion (in ``cwd``), output captured."""
     return subprocess.run(
         [sys.executable, "-m", "autoslim.cli", *args],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
     )
 
 

@@ -1,4 +1,4 @@
-"""``autoslim refine``: longer recovery of a picked trial, stored beside it, resumable."""
+"""``autoslim refine``: longer recovery of a picked trial, recorded on the study, resumable."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def _front_trial(view: StudyView) -> int:
     return int(view.front.sort_values("val_accuracy").iloc[-1].trial)
 
 
-def test_refined_artifact_is_stored_beside_the_trial(study_copy: Path, fmnist, tmp_path) -> None:
+def test_refined_artifact_is_recorded_on_the_study_and_stored(
+    study_copy: Path, fmnist, tmp_path
+) -> None:
     view = autoslim.load_study(study_copy)
     t = _front_trial(view)
     before = view.trials.set_index("trial")
@@ -54,6 +56,10 @@ def test_refined_artifact_is_stored_beside_the_trial(study_copy: Path, fmnist, t
     assert after.loc[t, "refined_size_bytes"] == before.loc[t, "size_bytes"]
     assert r["search_val_accuracy"] == pytest.approx(before.loc[t, "val_accuracy"])
     assert not (view.refined_dir(t) / "checkpoint.pt").exists()
+    # the file is in the study's store (readable wherever the store is), not left beside it
+    rec = autoslim.load_study(study_copy).refined[t]
+    assert (study_copy / "artifacts" / rec["artifact_id"]).read_bytes() == out.read_bytes()
+    assert not (view.refined_dir(t) / "model.onnx").exists()
     # a second call with the same recipe reuses the result; export --refined verifies it
     again = refine(view, t, None, recipe=QUICK, progress=False)
     assert again["reused"] and again["sha256"] == r["sha256"]
@@ -77,7 +83,7 @@ def test_interrupted_refine_continues_from_its_checkpoint(study_copy: Path) -> N
     assert p.returncode == 130, err
     done = torch.load(ckpt, weights_only=True)["epoch"]
     assert 1 <= done < 40
-    assert not (view.refined_dir(t) / "result.json").exists()
+    assert t not in autoslim.load_study(study_copy).refined
     r = run_cli(*args, "--json")
     assert r.returncode == 0, r.stderr
     resumed = int(r.stderr.split("resuming after epoch ")[1].split()[0])
@@ -112,7 +118,7 @@ def test_a_size_difference_is_an_error_not_an_update(study_copy: Path) -> None:
     df.loc[df.trial == t, "size_bytes"] += 1  # as if the trial's record said another size
     with pytest.raises(ExportError, match="same architecture and bits"):
         refine(replace(view, trials=df), t, recipe=QUICK, progress=False)
-    assert not (view.refined_dir(t) / "result.json").exists()
+    assert t not in autoslim.load_study(study_copy).refined
     assert "refined_val_accuracy" not in autoslim.load_study(study_copy).trials.columns
 
 
@@ -137,4 +143,4 @@ def test_a_diverging_refine_says_to_lower_the_learning_rate(study_copy: Path, ca
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "diverged" in err[0] and "--lr" in err[0]
-    assert not (view.refined_dir(t) / "result.json").exists()
+    assert t not in autoslim.load_study(study_copy).refined

@@ -165,3 +165,46 @@ def test_static_images_with_kaleido(view, tmp_path) -> None:
     paths = write_images(report_data(view), view.trials, tmp_path / "img")
     assert [p.suffix for p in paths] == [".png", ".svg"]
     assert paths[0].read_bytes()[:4] == b"\x89PNG" and b"<svg" in paths[1].read_bytes()[:2000]
+
+
+def test_optuna_dashboard_opens_the_study_and_its_artifacts(tiny_study, tmp_path) -> None:
+    """The README's `optuna-dashboard STORAGE --artifact-dir STORE` serves the study: its
+    trials with autoslim's metric names, and a trial's ONNX file byte for byte."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    dash = Path(sys.executable).with_name("optuna-dashboard")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    storage = f"sqlite:///{tiny_study.run_dir / 'study.db'}"
+    args = [str(dash), storage, "--port", str(port), "--quiet"]
+    p = subprocess.Popen([*args, "--artifact-dir", str(tiny_study.run_dir / "artifacts")])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                studies = httpx.get(f"{base}/api/studies", timeout=5).json()["study_summaries"]
+                break
+            except httpx.TransportError:
+                assert p.poll() is None and time.monotonic() < deadline, "dashboard did not start"
+                time.sleep(0.3)
+        (st,) = [s for s in studies if s["study_name"] == "tiny"]
+        detail = httpx.get(f"{base}/api/studies/{st['study_id']}", timeout=30).json()
+        assert len(detail["trials"]) == len(tiny_study.result.frame)
+        assert detail["objective_names"] == tiny_study.spec.objectives
+        row = tiny_study.result.frame.query("status == 'ok'").iloc[0]
+        (trial,) = [t for t in detail["trials"] if t["number"] == int(row.trial)]
+        got = httpx.get(
+            f"{base}/artifacts/{st['study_id']}/{trial['trial_id']}/{row.artifact_id}", timeout=30
+        )
+        assert got.status_code == 200
+        assert got.content == (tiny_study.run_dir / "artifacts" / row.artifact_id).read_bytes()
+    finally:
+        p.terminate()
+        p.wait(timeout=30)

@@ -13,7 +13,7 @@ import pytest
 import autoslim
 from autoslim.cli import main
 from autoslim.errors import ExportError, UsageError
-from autoslim.results import NothingQualifies, StudyView, export_trial, pick
+from autoslim.results import NothingQualifies, StudyView, export_trial, pick, sha256_file
 
 
 def _view(rows: list[dict]) -> StudyView:
@@ -124,7 +124,7 @@ def test_export_copies_the_stored_artifact_and_verifies_it(tiny_study, tmp_path,
     res = export_trial(view, int(row.trial), out)
     assert res["source"] == "stored"
     assert out.stat().st_size == row.size_bytes == res["recorded_size_bytes"]
-    assert out.read_bytes() == (view.trial_dir(int(row.trial)) / "model.onnx").read_bytes()
+    assert sha256_file(out) == row.artifact_sha256 == res["sha256"]  # the recorded file
     assert abs(res["val_accuracy"] - row.val_accuracy) <= 0.001
     assert res["test_accuracy"] == pytest.approx(row.test_accuracy, abs=0.001)
     # through the CLI: prints recorded and measured values side by side
@@ -148,18 +148,21 @@ def test_export_by_replay_reproduces_size_and_accuracy(tiny_study, tmp_path) -> 
 def test_export_refuses_a_changed_artifact_and_writes_nothing(tiny_study, tmp_path) -> None:
     import shutil
 
-    view = autoslim.load_study(tiny_study.run_dir)
     row = _best(tiny_study)
-    # a copy of the study folder whose stored artifact was modified after the search
+    # a copy of the study folder (its store inside) whose stored artifact was modified
     copy = tmp_path / "copy"
     shutil.copytree(tiny_study.run_dir, copy)
-    art = copy / "trials" / f"{int(row.trial):05d}" / "model.onnx"
+    art = copy / "artifacts" / row.artifact_id
     art.write_bytes(art.read_bytes() + b"\0")
-    changed = replace(view, run_dir=copy)
+    changed = autoslim.load_study(copy)
     out = tmp_path / "x.onnx"
     with pytest.raises(ExportError, match="changed since the study recorded it"):
         export_trial(changed, int(row.trial), out)
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".*"))  # no partial file either
+    art.unlink()  # a missing one is refused too (no silent retraining)
+    with pytest.raises(ExportError, match="missing from the store"):
+        export_trial(changed, int(row.trial), out)
+    view = autoslim.load_study(tiny_study.run_dir)
     with pytest.raises(UsageError, match=r"\.onnx"):
         export_trial(view, int(row.trial), tmp_path / "model.bin")
 
@@ -177,7 +180,8 @@ def test_replay_of_a_trial_stored_with_exporter_stack_traces(tiny_study, tmp_pat
     t = int(row.trial)
     copy = tmp_path / "old"
     shutil.copytree(tiny_study.run_dir, copy)
-    art = copy / "trials" / f"{t:05d}" / "model.onnx"
+    art = copy / "trials" / f"{t:05d}" / "model.onnx"  # where old studies kept their files
+    view.fetch(t, art)
     model = onnx.load(str(art))
     for node in model.graph.node:
         node.metadata_props.add(
@@ -186,6 +190,7 @@ def test_replay_of_a_trial_stored_with_exporter_stack_traces(tiny_study, tmp_pat
     onnx.save_model(model, str(art))
     df = view.trials.copy()
     df.loc[df.trial == t, "size_bytes"] = art.stat().st_size  # what the old version recorded
+    df.loc[df.trial == t, "artifact_id"] = ""  # and no store
     old = replace(view, run_dir=copy, trials=df)
     assert art.stat().st_size > row.size_bytes
     assert old.artifact_size(t) == row.size_bytes

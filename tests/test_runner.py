@@ -16,7 +16,7 @@ from autoslim.runner import load_study, open_existing, open_study
 from autoslim.study import load_study_spec
 
 
-def test_tiny_study_front_meets_budget(tiny_study):
+def test_tiny_study_front_meets_budget(tiny_study, tmp_path: Path):
     spec, res = tiny_study.spec, tiny_study.result
     df = res.frame
     assert len(df) == TINY_TRIALS
@@ -26,8 +26,9 @@ def test_tiny_study_front_meets_budget(tiny_study):
     assert (front["size_bytes"] <= BUDGET).all()
     assert (front["status"] == "ok").all()
     # the recorded size is the artifact's bytes on disk
+    view = load_study(spec.run_dir)
     for _, row in df[df["status"] == "ok"].iterrows():
-        art = spec.run_dir / "trials" / f"{int(row.trial):05d}" / "model.onnx"
+        art = view.fetch(int(row.trial), tmp_path / f"t{int(row.trial)}.onnx")
         assert art.stat().st_size == row.size_bytes
     # over-budget candidates are rejected before training, in well under a second of work
     over = df[df["status"] == "over_budget"]
@@ -173,7 +174,7 @@ def test_a_calibrated_predictor_rejects_candidates_over_the_latency_limit_untrai
     assert (df[df["trial"] < first]["latency_source"] == "measured").sum() >= 3
     assert (over["latency_predicted_ms"] > 1e-4).all() and (over["seconds"] < 5).all()
     for t in over["trial"]:  # never trained: no artifact
-        assert not (spec.run_dir / "trials" / f"{int(t):05d}" / "model.onnx").exists()
+        assert not load_study(spec.run_dir).has_artifact(int(t))
     cal = res.study.user_attrs["latency_predictor"]
     assert cal["usable"] and cal["n"] >= 3
     assert "latency predictor (additive" in res.outputs["html"].read_text()
@@ -352,6 +353,6 @@ def test_a_streamed_224px_folder_is_searched_end_to_end(tmp_path: Path, two_thre
     assert len(ok) == 1, res.frame[["trial", "status", "fail_reason"]].to_string()
     import onnx
 
-    art = spec.run_dir / "trials" / f"{int(ok['trial'].iloc[0]):05d}" / "model.onnx"
+    art = load_study(spec.run_dir).fetch(int(ok["trial"].iloc[0]), tmp_path / "t.onnx")
     dims = onnx.load(str(art)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims[1:]] == [3, 224, 224]

@@ -71,13 +71,29 @@ def finish(procs) -> list[str]:
 
 
 def test_three_workers_run_exactly_the_global_budget_once(postgres_url, tmp_path: Path) -> None:
-    """Three `autoslim search` processes started at once on one PostgreSQL study: one creates
-    it and enqueues the baselines, all three run trials with their own seeds, and together
-    they stop at exactly ``trials``; nothing is left RUNNING."""
-    url = postgres_url()
+    """Three `autoslim search` processes started at once on one PostgreSQL study, each in its
+    own folder as on three machines, one shared artifact store: one creates the study and
+    enqueues the baselines, all three run trials with their own seeds, and together they
+    stop at exactly ``trials``; nothing is left RUNNING. The storage's password is never
+    printed or stored."""
+    url = postgres_url().replace("://autoslim@", "://autoslim:s3cr3t@")  # trust auth: unused
     f = study_file(tmp_path, "three", trials=7)
-    procs = [start_cli("search", str(f), "--storage", url, "--quiet") for _ in range(3)]
-    finish(procs)
+    shared = tmp_path / "shared-store"
+    procs = [
+        start_cli(
+            "search",
+            str(f),
+            "--storage",
+            url,
+            "--quiet",
+            "--artifacts",
+            str(shared),
+            "--out-dir",
+            str(tmp_path / f"machine{i}"),
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    errs = finish(procs)
     study = optuna.load_study(study_name="three", storage=url)
     done = counted(study)
     assert len(done) == 7, [
@@ -106,6 +122,37 @@ def test_three_workers_run_exactly_the_global_budget_once(postgres_url, tmp_path
     assert len(st["workers"]) == 3 and sum(w["trials"] for w in st["workers"].values()) >= 7
     text = run_cli("status", "three", "--storage", url).stdout
     assert "7 of 7 trials counted" in text and text.count("  worker ") == 3
+    # the password is in no message, study record or written file
+    stored = json.dumps(study.user_attrs) + "".join(json.dumps(t.user_attrs) for t in study.trials)
+    written = "".join(
+        p.read_text(errors="replace")
+        for p in tmp_path.rglob("*")
+        if p.is_file() and p.suffix in (".html", ".csv", ".json", ".txt")
+    )
+    assert "s3cr3t" not in "".join(errs) + r.stderr + text + stored + written
+    # every trial's file was written by some worker into the shared store; another process
+    # in another folder exports one (verified), and refuses it once it was changed
+    ok = [t for t in done if t.user_attrs.get("status") == "ok"]
+    assert ok and all((shared / t.user_attrs["artifact_id"]).is_file() for t in ok)
+    elsewhere = tmp_path / "laptop"
+    elsewhere.mkdir()
+    t = ok[-1]
+    r = run_cli("export", "three", "--storage", url, "--trial", str(t.number), "-o", "m.onnx",
+                cwd=elsewhere)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "stored artifact" in r.stdout and "s3cr3t" not in r.stdout + r.stderr
+    assert (elsewhere / "m.onnx").stat().st_size == t.user_attrs["size_bytes"]
+    art = shared / t.user_attrs["artifact_id"]
+    art.write_bytes(art.read_bytes()[:-1] + b"\1")
+    r = run_cli("export", "three", "--storage", url, "--trial", str(t.number), "-o", "x.onnx",
+                cwd=elsewhere)  # fmt: skip
+    assert r.returncode != 0 and "changed since the study recorded it" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (elsewhere / "x.onnx").exists()
+    # a fourth machine where the shared store is not mounted stops before any trial
+    r = run_cli("search", str(f), "--storage", url, "--quiet", "--trials", "9",
+                "--out-dir", str(tmp_path / "machine3"), "--artifacts", str(tmp_path / "nfs"))  # fmt: skip
+    assert r.returncode == 2 and "not reachable from this machine" in r.stderr, r.stderr
+    assert len(counted(optuna.load_study(study_name="three", storage=url))) == 7
 
 
 def test_a_worker_killed_mid_trial_has_its_trial_retried(postgres_url, tmp_path: Path) -> None:
