@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data browser postgres test lint demo bench-compress bench-search bench-refine bench-models bench-data bench-latency clean
+.PHONY: install data browser postgres test lint demo bench-compress bench-search bench-refine bench-models bench-data bench-latency bench-workers bench-final clean
 
 install: $(STAMP)
 
@@ -71,6 +71,14 @@ bench-data: $(STAMP) data
 # two agent processes on loopback; ~45 min on 2 cores
 bench-latency: $(STAMP) data
 	$(BIN)/python benchmarks/bench_latency.py
+
+# 1, 2 and 4 workers on a throwaway PostgreSQL server; ~45 min on 2 cores
+bench-workers: $(STAMP) data postgres
+	$(BIN)/python benchmarks/bench_workers.py
+
+# autoslim's final front vs by hand, sensitivity-greedy and random search; hours on 2 cores
+bench-final: $(STAMP) data
+	$(BIN)/python benchmarks/bench_final.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache studies/runs

@@ -15,6 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import AutoslimError, Terminated, UsageError, one_line
 
@@ -184,7 +185,7 @@ def _models(a: argparse.Namespace) -> int:
 
 @_command("search")
 def _search(a: argparse.Namespace) -> int:
-    from .report import front_table
+    from .report import final_table, front_table
     from .runner import search, summary_json
     from .study import load_study_spec
     from .units import format_size
@@ -220,6 +221,10 @@ def _search(a: argparse.Namespace) -> int:
         threads=a.threads,
         teacher_checkpoint=a.teacher,
         recovery_steps=a.recovery_steps,
+        screen_images=a.screen_images,
+        promote=a.promote,
+        final_points=a.final_points,
+        final_epochs=a.final_epochs,
         limit_train=a.limit_train,
         out_dir=a.out_dir,
     )
@@ -234,6 +239,9 @@ def _search(a: argparse.Namespace) -> int:
         print(summary_json(result))
     else:
         print(front_table(result.frame, result.study.user_attrs.get("baseline")))
+        final = final_table(result.frame)
+        if final:
+            print(f"\n{final}")
         n_ok = int((result.frame["status"] == "ok").sum()) if len(result.frame) else 0
         print(
             f"\n{len(result.frame)} trials ({n_ok} measured); outputs: "
@@ -341,7 +349,13 @@ def _print_trial(view, r, prefix: str = "") -> None:
     if base:
         line += f"  (vs the teacher: {r.speedup:.1f}x speed-up, {r.compression:.1f}x compression)"
     print(line)
-    if "refined_val_accuracy" in r.index and r.refined_val_accuracy == r.refined_val_accuracy:
+    if r.get("numbers") == "final":
+        print(
+            f"{' ' * len(prefix)}  final numbers ({int(r.refined_epochs)}-epoch recovery by the "
+            f"search); search-time val {r.search_val_accuracy:.4f}, "
+            f"{r.search_latency_ms:.3f} ms"
+        )
+    elif "refined_val_accuracy" in r.index and r.refined_val_accuracy == r.refined_val_accuracy:
         print(
             f"{' ' * len(prefix)}  refined: val {r.refined_val_accuracy:.4f}  test "
             f"{r.refined_test_accuracy:.4f}  {r.refined_latency_ms:.3f} ms "
@@ -364,6 +378,7 @@ def _pick(a: argparse.Namespace) -> int:
         max_latency_ms=parse_latency_ms(a.max_latency) if a.max_latency else None,
         prefer=a.prefer,
         feasible_only=not a.include_infeasible,
+        final=False if a.search_time else None,
     )
     if a.json:
         from .report import table_records
@@ -382,7 +397,9 @@ def _export(a: argparse.Namespace) -> int:
     from .runner import load_study
 
     view = load_study(a.study, storage=a.storage, artifacts=a.artifacts)
-    res = export_trial(view, a.trial, a.output, replay=a.replay, refined=a.refined)
+    # a trial the search finally recovered: its final file, unless asked for the search-time one
+    refined = a.refined or (view.is_final(a.trial) and not a.search_time and not a.replay)
+    res = export_trial(view, a.trial, a.output, replay=a.replay, refined=refined)
     if a.json:
         print(json.dumps(res, indent=1))
         return 0
@@ -445,11 +462,21 @@ def _refine(a: argparse.Namespace) -> int:
                 f"val {r['val_accuracy']:.4f} (search {r['search_val_accuracy']:.4f})  test "
                 f"{r['test_accuracy']:.4f} (search {r['search_test_accuracy']:.4f})  "
                 f"{r['size_bytes']:,} bytes  {r['latency_ms']:.3f} ms{ratio}\n"
-                f"  artifact: {r['output'] or r['artifact']}"
+                f"  artifact: {r['output'] or _refined_where(view, t, r)}"
             )
     if a.json:
         print(json.dumps(results if a.front else results[0], indent=1, default=str))
     return 0
+
+
+def _refined_where(view: Any, trial: int, r: dict[str, Any]) -> str:
+    """Where a refined file is when no -o was given: the study's store, or beside the trial."""
+    if r.get("artifact_id"):
+        return (
+            f"in the study's store (id {r['artifact_id']}); "
+            f"`autoslim export {view.cli_ref} --trial {trial} --refined -o model.onnx`"
+        )
+    return str(r.get("artifact", ""))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -534,7 +561,21 @@ def _parser() -> argparse.ArgumentParser:
         "candidates a measured trial beats (used once calibrated; default on)",
     )
     s.add_argument("--teacher", help="your own trained checkpoint (state_dict)")
-    s.add_argument("--recovery-steps", type=_NONNEG_INT, help="KD steps per trial (fidelity)")
+    s.add_argument("--recovery-steps", type=_NONNEG_INT, help="KD steps per trial (level 1)")
+    s.add_argument(
+        "--screen-images",
+        type=_NONNEG_INT,
+        help="level 0: screen every candidate by the BN proxy on N val images (0: off)",
+    )
+    s.add_argument(
+        "--promote", type=_POS_FLOAT, help="level 0: share of screened candidates trained"
+    )
+    s.add_argument(
+        "--final-points",
+        type=_NONNEG_INT,
+        help="level 2: final recovery of up to N level-1 front points after the trials (0: off)",
+    )
+    s.add_argument("--final-epochs", type=_POS_INT, help="level 2: epochs of the final recovery")
     s.add_argument("--limit-train", type=_POS_INT, help="use only N training images (quick runs)")
     _add_image_args(s, default=None)
     s.add_argument("--out-dir", help="output folder (default studies/runs/NAME)")
@@ -579,6 +620,11 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument(
         "--include-infeasible", action="store_true", help="also trials outside the study budgets"
     )
+    pk.add_argument(
+        "--search-time",
+        action="store_true",
+        help="use the search-time numbers, not the final level's (when the study has one)",
+    )
     pk.add_argument("--json", action="store_true")
 
     ex = sub.add_parser("export", help="write a trial's verified artifact")
@@ -592,6 +638,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument(
         "--refined", action="store_true", help="the artifact `autoslim refine` stored for it"
+    )
+    ex.add_argument(
+        "--search-time",
+        action="store_true",
+        help="the search-time file of a trial the search finally recovered (default: the final)",
     )
     ex.add_argument("--json", action="store_true")
     rf = sub.add_parser("refine", help="longer distillation + QAT of a picked trial")

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["pareto_mask", "hypervolume", "OBJECTIVES", "OBJECTIVE_COLUMNS"]
+__all__ = [
+    "pareto_mask",
+    "nondominated_ranks",
+    "promoted",
+    "hypervolume",
+    "OBJECTIVES",
+    "OBJECTIVE_COLUMNS",
+]
 
 # what a study can optimise: its direction, and the trial-table column that holds it
 OBJECTIVES = {"accuracy": "maximize", "latency": "minimize", "size": "minimize"}
@@ -31,6 +38,34 @@ def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
         if dominated.any():
             mask[i] = False
     return mask
+
+
+def nondominated_ranks(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Non-dominated sorting: 0 for the front, 1 for the front of the rest, and so on."""
+    v = np.asarray(values, dtype=float).reshape(len(values), -1)
+    ranks = np.full(len(v), -1)
+    left = np.arange(len(v))
+    r = 0
+    while len(left):
+        m = pareto_mask(v[left], directions)
+        if not m.any():  # rows with non-finite values: last
+            ranks[left] = r
+            break
+        ranks[left[m]] = r
+        left = left[~m]
+        r += 1
+    return ranks
+
+
+def promoted(values: np.ndarray, directions: Sequence[str], share: float) -> bool:
+    """Successive-halving promotion by non-dominated rank: whether the last row of ``values``
+    (a candidate, after every earlier one) lies in the best fronts that together hold at least
+    ``share`` of the rows (ties in rank all promoted)."""
+    ranks = nondominated_ranks(values, directions)
+    want = max(1, int(np.ceil(share * len(ranks))))
+    counts = np.bincount(ranks)
+    cutoff = int(np.searchsorted(np.cumsum(counts), want))  # the rank that reaches the share
+    return bool(ranks[-1] <= cutoff)
 
 
 def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> float:

@@ -232,6 +232,7 @@ def refine(
     recipe: RefineRecipe | None = None,
     progress: bool = True,
     restart: bool = False,
+    task: Any = None,
 ) -> dict[str, Any]:
     """Refine trial ``trial`` of a stored study; return its refined measurements (plain data).
 
@@ -260,8 +261,8 @@ def refine(
         if out is not None:
             view.fetch(trial, out, refined=True)
         return {**done, "reused": True, "output": str(out) if out else None}
-    spec = StudySpec.from_dict(view.spec)
-    task = build_task(spec, progress=progress)
+    if task is None:  # ``task``: the study's, when the caller has it built (the search)
+        task = build_task(StudySpec.from_dict(view.spec), progress=progress)
     want = view.teacher.get("content_hash")
     if want and task.teacher.content_hash != want:
         raise UsageError(

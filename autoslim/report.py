@@ -102,6 +102,7 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
                 x for x in (a.get("latency_noise", ""), drift.get(str(t.number), "")) if x
             ),
             "agreement": a.get("agreement", np.nan),
+            "screen_accuracy": a.get("screen_accuracy", np.nan),  # level 0: the BN proxy
             "feasible": bool(a.get("feasible", False)),
             "summary": a.get("summary", ""),
             "fail_reason": a.get("fail_reason", ""),
@@ -137,15 +138,55 @@ def _join_refined(df: pd.DataFrame, attrs: dict[str, Any], run_dir: Path | None)
     from .results import load_refined
 
     ref = load_refined(attrs, run_dir)
+    df = df.assign(final=False, final_front=False)
     if ref.empty:
         return df
     cols = {
         c: f"refined_{c}"
-        for c in ("val_accuracy", "test_accuracy", "size_bytes", "latency_ms", "epochs")
+        for c in (
+            "val_accuracy", "test_accuracy", "size_bytes", "latency_ms", "epochs",
+            "teacher_latency_ms",
+        )
         if c in ref.columns
-    }
-    ref = ref[["trial", *cols]].rename(columns=cols)
-    return df.merge(ref, on="trial", how="left")
+    }  # fmt: skip
+    recipe = ref["recipe"].map(lambda r: json.dumps(r, sort_keys=True))
+    ref = ref[["trial", *cols]].rename(columns=cols).assign(refined_recipe=recipe)
+    df = df.drop(columns=["final", "final_front"]).merge(ref, on="trial", how="left")
+    # the final level: the trials the search refined with its final recipe (study "final")
+    final = attrs.get("final") or {}
+    want = json.dumps(final.get("recipe"), sort_keys=True)
+    df["final"] = df["trial"].isin(final.get("trials", [])) & (df["refined_recipe"] == want)
+    df["final_front"] = False
+    objectives = attrs.get("spec", {}).get("objectives", ["accuracy", "latency"])
+    if df["final"].any():
+        cols = [f"refined_{OBJECTIVE_COLUMNS[o]}" for o in objectives]
+        fin = df.index[df["final"]]
+        mask = pareto_mask(df.loc[fin, cols].to_numpy(), [OBJECTIVES[o] for o in objectives])
+        df.loc[fin[mask], "final_front"] = True
+    return df
+
+
+def final_table(df: pd.DataFrame, baseline: dict | None = None) -> str:
+    """The final front (level 2: the finally-recovered models, measured on their files) as a
+    fixed-width text table, best accuracy first, with each point's search-time accuracy."""
+    if "final" not in df.columns or not df["final"].any():
+        return ""
+    fin = df[df["final_front"]].sort_values("refined_val_accuracy", ascending=False)
+    epochs = int(fin["refined_epochs"].iloc[0])
+    lines = [f"final front ({epochs}-epoch recovery of {int(df['final'].sum())} level-1 points):"]
+    hdr = (
+        f"{'trial':>5} {'val_acc':>8} {'test_acc':>8} {'size_MB':>8} {'lat_ms':>7} "
+        f"{'speedup':>7} {'search_val':>10}  config"
+    )
+    lines += [hdr, "-" * len(hdr)]
+    for _, r in fin.iterrows():
+        teacher = r.refined_teacher_latency_ms if "refined_teacher_latency_ms" in r else np.nan
+        lines.append(
+            f"{int(r.trial):>5} {r.refined_val_accuracy:>8.4f} {r.refined_test_accuracy:>8.4f} "
+            f"{r.refined_size_bytes / 1e6:>8.3f} {r.refined_latency_ms:>7.3f} "
+            f"{teacher / r.refined_latency_ms:>6.1f}x {r.val_accuracy:>10.4f}  {r.summary}"
+        )
+    return "\n".join(lines)
 
 
 def front_table(df: pd.DataFrame, baseline: dict | None = None) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .config import CompressionConfig
@@ -64,6 +65,17 @@ class StudyView:
     # opens the study's artifact store (autoslim.store.TrialStore) when a file is read
     store_opener: Callable[[], Any] | None = field(default=None, repr=False)
     refined: dict[int, dict[str, Any]] = field(default_factory=dict)  # refine records by trial
+
+    @property
+    def has_final(self) -> bool:
+        """Whether the search's final level recorded finally-recovered trials."""
+        df = self.trials
+        return bool(len(df) and "final" in df.columns and df["final"].any())
+
+    def is_final(self, trial: int) -> bool:
+        """Whether trial ``trial`` was finally recovered by the search (level 2)."""
+        df = self.trials
+        return bool(self.has_final and df.loc[df["trial"] == trial, "final"].any())
 
     def store(self) -> Any:
         """The study's artifact store (None: a study stored before autoslim kept one)."""
@@ -202,22 +214,38 @@ def qualifying(
     max_latency_ms: float | None = None,
     feasible_only: bool = True,
     front_only: bool = False,
+    final: bool | None = None,
 ) -> pd.DataFrame:
     """The measured trials (feasible ones, or the front's) that meet every given constraint.
 
-    Constraints apply to the search-time measurements of the artifact (val accuracy, bytes on
-    disk, latency on the study's backend). Raises :class:`NothingQualifies` (exit code 3),
-    saying how many trials failed each constraint, when none does.
+    Constraints apply to the measurements of the artifact (val accuracy, bytes on disk,
+    latency on the study's backend): the final ones (level 2, the finally-recovered models)
+    when the study has a final level and ``final`` is not False, else the search-time ones.
+    With final numbers, the rows carry them in the usual columns and the search-time values
+    in ``search_*`` columns. Raises :class:`NothingQualifies` (exit code 3), saying how many
+    trials failed each constraint, when none does.
     """
     if min_accuracy is not None and not 0 <= min_accuracy <= 1:
         raise UsageError(f"--min-accuracy is a fraction in [0, 1] (0.91 = 91%); got {min_accuracy}")
     df = view.trials
+    if final is None:
+        final = view.has_final
+    elif final and not view.has_final:
+        raise UsageError(
+            f"study {view.name!r} has no final level (final_points = 0, or its search has not "
+            "reached it); use the search-time numbers"
+        )
     cand = df[df["status"] == "ok"] if len(df) else df
-    if front_only and len(cand):
+    if final:
+        cand = final_numbers(cand[cand["final"]])
+        if front_only:
+            cand = cand[cand["final_front"]]
+    elif front_only and len(cand):
         cand = cand[cand["front"]]
     elif feasible_only and len(cand):
         cand = cand[cand["feasible"]]
     kind = "front" if front_only else "measured feasible" if feasible_only else "measured"
+    kind = f"final {kind}" if final else kind
     checks = []
     if max_size is not None:
         checks.append(("size", cand["size_bytes"] <= max_size))
@@ -246,10 +274,12 @@ def pick(
     max_latency_ms: float | None = None,
     prefer: str = "latency",
     feasible_only: bool = True,
+    final: bool | None = None,
 ) -> pd.Series:
     """The measured trial that meets every constraint and is best by ``prefer``.
 
-    Constraints as in :func:`qualifying`. Ties go to higher accuracy, then smaller size.
+    Constraints and ``final`` as in :func:`qualifying` (by default the final numbers when the
+    study has a final level). Ties go to higher accuracy, then smaller size.
     Raises :class:`NothingQualifies` (exit code 3) when none qualifies.
     """
     if prefer not in PREFERENCES:
@@ -260,11 +290,28 @@ def pick(
         min_accuracy=min_accuracy,
         max_latency_ms=max_latency_ms,
         feasible_only=feasible_only,
+        final=final,
     )
     key = {"latency": "latency_ms", "size": "size_bytes", "accuracy": "val_accuracy"}[prefer]
     order = [key] + [k for k in ("val_accuracy", "size_bytes", "latency_ms") if k != key]
     asc = [k != "val_accuracy" for k in order]
     return chosen.sort_values(order, ascending=asc, kind="stable").iloc[0]
+
+
+FINAL_COLUMNS = ("val_accuracy", "test_accuracy", "size_bytes", "latency_ms")
+
+
+def final_numbers(rows: pd.DataFrame) -> pd.DataFrame:
+    """Trial rows with their final (level 2) numbers in the usual columns, the search-time
+    ones kept as ``search_*``, ``speedup`` against the teacher timed with the final file."""
+    out = rows.copy()
+    for c in FINAL_COLUMNS:
+        out[f"search_{c}"] = out[c]
+        out[c] = out[f"refined_{c}"]
+    teacher = out["refined_teacher_latency_ms"] if "refined_teacher_latency_ms" in out else np.nan
+    out["speedup"] = teacher / out["latency_ms"]
+    out["numbers"] = "final"
+    return out
 
 
 def check_onnx_output(output: str | Path) -> Path:

@@ -517,6 +517,15 @@ def _flag_drift(study: optuna.Study, before: float | None, after: float) -> None
     study.set_user_attr("latency_drift", flagged)
 
 
+def _screened_points(study: optuna.Study) -> list[dict[str, float]]:
+    """Every screened candidate of the study (level 0): proxy accuracy and size estimate."""
+    return [
+        {"accuracy": t.user_attrs["screen_accuracy"], "size": t.user_attrs["size_estimate"]}
+        for t in study.get_trials(deepcopy=False)
+        if "screen_accuracy" in t.user_attrs
+    ]
+
+
 def _measured_points(study: optuna.Study) -> list[dict[str, Any]]:
     """The study's timed trials as plain data: features, latency ratio to the teacher timed
     alongside, accuracy, size, feasibility (predicted latencies are never learned from)."""
@@ -586,8 +595,14 @@ def _objective(task: Task, seed: int):
         config = task.space.to_config(_suggest(trial, task))
         trial.set_user_attr("config", config.to_json())
         trial.set_user_attr("summary", config.summary())
+        if spec.screen_images:
+            task.screened = _screened_points(trial.study)
+        # a baseline, the sensitivity seed or a retry (enqueued so marked): always trained
+        fixed = bool({"enqueued_as", "retry_of"} & set(trial.user_attrs))
         try:
-            res = evaluate(task, config, spec.run_dir / "trials" / f"{trial.number:05d}")
+            res = evaluate(
+                task, config, spec.run_dir / "trials" / f"{trial.number:05d}", promote=fixed
+            )
         except CandidateFailed as e:
             trial.set_user_attr("fail_reason", one_line(str(e)))
             raise
@@ -610,6 +625,10 @@ def _objective(task: Task, seed: int):
         elif res["status"] == "over_latency":  # the predictor's figure: never on a front
             size = res["size_estimate"]
             metrics = {"accuracy": 0.0, "latency": res["latency_predicted_ms"], "size": size}
+        elif res["status"] == "screened":  # level 0 only: the proxy, never on a front
+            size = res["size_estimate"]
+            latency = res.get("latency_predicted_ms") or task.baseline["latency_ms"]
+            metrics = {"accuracy": res["screen_accuracy"], "latency": latency, "size": size}
         else:
             size = res["size_bytes"]
             metrics = {"accuracy": res["val_accuracy"], "latency": res["latency_ms"], "size": size}
@@ -717,11 +736,18 @@ def _setup(study: optuna.Study, task: Task, creator: bool) -> None:
     study.set_user_attr("device", {"backend": spec.backend, **device})
     if creator and not study.get_trials(deepcopy=False):
         # no more baselines than trials: enqueued ones never run would show as "waiting"
-        for prune, wb, ab in _baselines(task)[: spec.trials]:
-            study.enqueue_trial(
-                task.space.uniform_params(prune=prune, weight_bits=wb, act_bits=ab),
-                skip_if_exists=True,
-            )
+        seeds = [
+            (task.space.uniform_params(prune=prune, weight_bits=wb, act_bits=ab), "uniform")
+            for prune, wb, ab in _baselines(task)
+        ]
+        if spec.screen_images and spec.budget is not None:  # per-stage widths by sensitivity
+            from .sensitivity import greedy_params
+
+            seed_params = greedy_params(task, spec.budget)
+            if seed_params is not None:
+                seeds.append((seed_params, "sensitivity"))
+        for params, kind in seeds[: spec.trials]:
+            study.enqueue_trial(params, user_attrs={"enqueued_as": kind}, skip_if_exists=True)
 
 
 def _spawn_workers(spec: StudySpec, threads: int) -> list:
@@ -800,6 +826,8 @@ def search(spec: StudySpec, *, progress: bool = True, outputs: bool = True) -> S
     finally:
         for p in children:
             p.join()
+    if spec.final_points and outputs:  # the worker processes of --workers K leave it to this one
+        finalize(study, task, progress=progress)
     cal = study.user_attrs.get("latency_predictor")
     if cal:
         log(f"note: {cal['line']}")
@@ -859,6 +887,69 @@ def _optimize(study: optuna.Study, task: Task, seed: int, remaining: int, *, pro
         bar.close()
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+FINAL_WAIT_S = 7200  # the final level waits this long at most for other workers' trials
+FINAL_CLAIM_S = 6 * 3600  # a claim of the final level by a worker of another machine holds so long
+
+
+def final_picks(front, n: int) -> list[int]:
+    """Up to ``n`` trials of a level-1 front for the final level: all of them, or ``n`` spread
+    evenly along it by latency (both ends kept: the fastest and the most accurate)."""
+    f = front.sort_values(["latency_ms", "val_accuracy"], ascending=[True, False])
+    trials = [int(t) for t in f["trial"]]
+    if len(trials) <= n:
+        return trials
+    if n == 1:
+        return [int(f.sort_values("val_accuracy").iloc[-1].trial)]
+    idx = sorted({round(i * (len(trials) - 1) / (n - 1)) for i in range(n)})
+    return [trials[i] for i in idx]
+
+
+def finalize(study: optuna.Study, task: Task, *, progress: bool) -> list[dict[str, Any]]:
+    """Level 2: the final recovery (the refine recipe of ``final_epochs``) of up to
+    ``final_points`` trials of the level-1 front, once every counted trial has finished.
+    Each result is recorded on the study and its file stored like a refine's; a resumed
+    study reuses the finished ones. Records which trials make up the final level (study
+    attribute ``final``)."""
+    from .refinement import RefineRecipe, refine
+
+    spec = task.spec
+    claim = study.user_attrs.get("final_claim")
+    me = _owner()
+    if claim and claim["owner"] != me and not study.user_attrs.get("final", {}).get("done"):
+        other = claim["owner"]
+        live = (
+            _alive(other)
+            if other.get("host") == me["host"]
+            else (time.time() - claim["since"] < FINAL_CLAIM_S)
+        )
+        if live:  # another worker of this study runs the final level
+            print(
+                f"note: the final level runs in worker {other.get('host')}:{other.get('pid')}",
+                file=sys.stderr,
+            )
+            return []
+    study.set_user_attr("final_claim", {"owner": me, "since": time.time()})
+    deadline = time.monotonic() + FINAL_WAIT_S
+    while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if time.monotonic() > deadline:
+            break
+        heal_dead_trials(study, spec.run_dir)  # a dead worker here; heartbeats elsewhere
+        time.sleep(5)
+    recipe = RefineRecipe(
+        epochs=spec.final_epochs, max_steps_per_epoch=spec.final_steps_per_epoch, seed=spec.seed
+    )
+    view = _view(study, spec.run_dir, spec.storage_url, importance=False, artifacts=spec.artifacts)
+    picks = final_picks(view.front, spec.final_points)
+    study.set_user_attr("final", {"recipe": recipe.to_dict(), "trials": picks, "done": False})
+    out = []
+    for i, t in enumerate(picks):
+        if progress:
+            print(f"final level: trial {t} ({i + 1} of {len(picks)})", file=sys.stderr)
+        out.append(refine(view, t, recipe=recipe, progress=progress, task=task))
+    study.set_user_attr("final", {"recipe": recipe.to_dict(), "trials": picks, "done": True})
+    return out
 
 
 def _waiting(study: optuna.Study) -> bool:

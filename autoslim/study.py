@@ -41,14 +41,14 @@ from .errors import AutoslimError, ConfigError, UsageError
 from .measure import Latency, LatencyBackend, get_backend, host_identity
 from .measure.predictor import LatencyPredictor
 from .models import stem_and_classifier
-from .pareto import OBJECTIVES
+from .pareto import OBJECTIVES, promoted
 from .passes.distill import Recovery
 from .passes.lowrank import factorize_model
 from .passes.prune import prune_model
 from .pipeline import compress, export
 from .results import sha256_file
 from .space import BoundSpace, load_space
-from .teacher import Teacher, TeacherRecipe, get_teacher
+from .teacher import Teacher, TeacherRecipe, evaluate_accuracy, get_teacher
 from .units import is_no_limit, parse_latency_ms, parse_size
 
 __all__ = [
@@ -134,6 +134,18 @@ class StudySpec:
     workers: int = 1
     threads: int | None = None
     heartbeat_s: int = 30  # a trial whose process stops beating for 2x this is failed, retried
+    # fidelity levels ([fidelity] in a study file). Level 0: every candidate is screened by the
+    # BN proxy (pruned + quantised, BN statistics re-estimated, no training; its accuracy on
+    # screen_images validation images; 0: off) and only the promote share of them, by
+    # non-dominated rank of (proxy accuracy, size) among all screened so far, is trained.
+    # Level 1: the recovery above. Level 2, after the trials: the final recovery (the refine
+    # recipe: final_epochs of KD over the training split, QAT at the end) of up to
+    # final_points trials of the level-1 front; the final front is made of those.
+    screen_images: int = 0
+    promote: float = 1.0
+    final_points: int = 0
+    final_epochs: int = 5
+    final_steps_per_epoch: int | None = None  # cap an epoch (quick runs)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -158,6 +170,11 @@ class StudySpec:
             raise ConfigError(f"sampler must be one of {SAMPLERS}; got {self.sampler!r}")
         if self.trials < 1:
             raise ConfigError(f"trials must be >= 1; got {self.trials}")
+        if not 0 < self.promote <= 1:
+            raise ConfigError(
+                f"promote is the share of screened candidates trained, in (0, 1]; got "
+                f"{self.promote}"
+            )
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
             raise ConfigError(
                 f"max_accuracy_drop is a fraction in [0, 1] (0.01 = 1 pt); "
@@ -250,6 +267,10 @@ _MIN_VALUES = {
     "workers": 1,
     "threads": 1,
     "heartbeat_s": 1,
+    "screen_images": 0,
+    "final_points": 0,
+    "final_epochs": 1,
+    "final_steps_per_epoch": 1,
 }
 
 
@@ -271,6 +292,8 @@ def load_study_spec(path: str | Path | None = None, **overrides: Any) -> StudySp
         for k, v in raw.items():
             if isinstance(v, dict) and k in ("teacher", "recovery"):
                 flat.update({f"{k}_{kk}": vv for kk, vv in v.items()})
+            elif isinstance(v, dict) and k == "fidelity":  # its keys are fields as they are
+                flat.update(v)
             else:
                 flat[k] = v
         unknown = sorted(set(flat) - _FIELDS)
@@ -327,6 +350,8 @@ class Task:
     store: Any = None  # the study's artifact store (autoslim.store.TrialStore, set by the runner)
     # measured feasible trials as (objective name -> value; latency as a ratio to the teacher)
     measured: list[dict[str, float]] = field(default_factory=list)
+    # every screened candidate so far (level 0: proxy accuracy, size estimate), set by the runner
+    screened: list[dict[str, float]] = field(default_factory=list)
     shapes: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict, repr=False)
 
     @property
@@ -362,6 +387,8 @@ class Task:
         for k in ("max_latency_ms", "max_accuracy_drop"):
             if getattr(s, k) is not None:
                 fp[k] = str(getattr(s, k))
+        if s.screen_images:  # which candidates are trained (level 0); the final level is not
+            fp["screen"] = f"{s.screen_images} images, promote {s.promote}"
         return fp
 
 
@@ -506,8 +533,35 @@ class CandidateFailed(AutoslimError):
     """A candidate could not be turned into a verified artifact (recorded, study continues)."""
 
 
-def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str, Any]:
+SCREEN_IMAGES = 1000
+
+
+def screen(task: Task, config: CompressionConfig) -> float:
+    """Level 0, the BN proxy: accuracy of the compressed candidate with no training (pruned,
+    factorised, BN statistics re-estimated, fake-quantised and calibrated) on the first
+    ``screen_images`` validation images (:data:`SCREEN_IMAGES` if the study screens none),
+    in PyTorch. A few seconds."""
+    c = compress(
+        task.teacher.model,
+        config,
+        data=task.data,
+        recovery=dataclasses.replace(task.spec.recovery(), steps=0),
+        classifier=task.classifier,
+        stem=task.stem,
+    )
+    n = task.spec.screen_images or SCREEN_IMAGES  # sensitivity probes on a study without level 0
+    return evaluate_accuracy(c.model, task.data.val.subset(n))
+
+
+def evaluate(
+    task: Task, config: CompressionConfig, trial_dir: Path, *, promote: bool = False
+) -> dict[str, Any]:
     """Run one candidate end to end and return its measurements as plain data.
+
+    With screening on (``screen_images``), a candidate is screened first (:func:`screen`) and
+    trained only if promoted: by non-dominated rank of (proxy accuracy, size estimate) among
+    ``task.screened``, within the ``promote`` share, or always with ``promote=True`` (the
+    baselines); otherwise ``status='screened'``.
 
     Over-budget candidates (by the analytic estimate) return ``status='over_budget'`` before
     any training; with a calibrated ``task.predictor``, candidates it puts over
@@ -534,6 +588,16 @@ def evaluate(task: Task, config: CompressionConfig, trial_dir: Path) -> dict[str
         out["latency_predicted_ms"] = ratio * teacher_ms
         if spec.max_latency_ms is not None and ratio_low * teacher_ms > spec.max_latency_ms:
             out.update(status="over_latency", seconds=round(time.perf_counter() - t0, 2))
+            return out
+    if spec.screen_images:
+        try:
+            acc = screen(task, config)
+        except (FloatingPointError, RuntimeError) as e:
+            raise CandidateFailed(f"screening failed: {type(e).__name__}: {e}") from e
+        out["screen_accuracy"] = acc
+        points = [[p["accuracy"], p["size"]] for p in task.screened] + [[acc, est]]
+        if not promote and not promoted(points, ["maximize", "minimize"], spec.promote):
+            out.update(status="screened", seconds=round(time.perf_counter() - t0, 2))
             return out
     try:
         c = compress(

@@ -177,6 +177,8 @@ def part_search(args, out: Path, devices: dict) -> None:
             max_latency_ms=args.max_latency,
             recovery_steps=args.recovery_steps,
             latency_predictor=use,
+            screen_images=0,
+            final_points=0,  # level 1 only: what this benchmark measures
             out_dir=str(out / f"search-{'with' if use else 'without'}"),
         )
         t0 = time.perf_counter()

@@ -72,6 +72,7 @@ def spec_for(model: str, out: Path, **kw):
     lifted: with short recoveries every candidate sits more than the default 5 pt below the
     teacher, and the table reports the front of all measured, in-budget candidates."""
     recipe = {"teacher_epochs": 1, "max_accuracy_drop": "none", **RECIPES.get(model, {})}
+    recipe.update(screen_images=0, final_points=0)  # level 1 only: what this benchmark measures
     name = "bench-" + label(model).split()[0]
     return load_study_spec(
         None, model=model, name=name, out_dir=str(out / name), **{**recipe, **kw}

@@ -55,7 +55,7 @@ def main() -> int:
     except autoslim.UsageError:
         print(f"no stored study {a.study!r}: running `autoslim search --budget {a.budget}`")
         t = time.perf_counter()
-        search(load_study_spec(None, name=a.study, budget=a.budget))
+        search(load_study_spec(None, name=a.study, budget=a.budget, final_points=0))
         print(f"search took {time.perf_counter() - t:.0f} s", file=sys.stderr)
         view = load_study(a.study)
     task = build_task(StudySpec.from_dict(view.spec))

@@ -95,6 +95,8 @@ def main() -> int:
                         recovery_steps=a.recovery_steps,
                         limit_train=a.limit_train,
                         model=a.model,
+                        screen_images=0,
+                        final_points=0,  # level 1 only: samplers at the default fidelity
                     )
                     df = search(spec, progress=False).frame
                 frames[(sampler, seed)] = df

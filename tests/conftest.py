@@ -223,72 +223,17 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory, autoslim_cache: Path) -
 # -- a real PostgreSQL server for the multi-worker tests ------------------------------------
 
 
-def _pg_bin() -> Path | None:
-    """The directory of Debian's PostgreSQL server binaries (initdb, pg_ctl), if installed."""
-    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (d / "initdb").is_file() and (d / "pg_ctl").is_file():
-            return d
-    return None
-
-
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A throwaway PostgreSQL cluster on 127.0.0.1 (trust auth, its own port and data
-    folder), started once per session: ``postgresql+psycopg://autoslim@127.0.0.1:PORT/``.
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (see ``pgserver``), started once per
+    session; ``postgres_url()`` makes a fresh empty database and returns its URL.
     ``make test`` installs Debian's ``postgresql`` package when missing and sets
     AUTOSLIM_REQUIRE_POSTGRES=1, so a missing server fails there instead of skipping."""
-    import pwd
-    import shutil
-    import socket
-    import tempfile
+    from pgserver import pg_bin, throwaway_postgres
 
-    bin_dir = _pg_bin()
-    if bin_dir is None:
+    if pg_bin() is None:
         if os.environ.get("AUTOSLIM_REQUIRE_POSTGRES") == "1":
             pytest.fail("PostgreSQL server binaries not found: sudo apt-get install postgresql")
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    # not under pytest's 0700 temp root: the server's own user must reach its folder
-    base = Path(tempfile.mkdtemp(prefix="autoslim-pg-"))
-    data = base / "data"
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root: run it as Debian's postgres user
-        as_user = ["runuser", "-u", "postgres", "--"]
-        uid = pwd.getpwnam("postgres")
-        os.chown(base, uid.pw_uid, uid.pw_gid)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = {"check": True, "capture_output": True, "text": True}
-    subprocess.run(
-        [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "autoslim", "-A", "trust"],
-        **run,
-    )
-    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off"
-    log = base / "server.log"
-    subprocess.run(
-        [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(log)]
-        + ["-w", "-t", "60", "start"],
-        **run,
-    )
-    n = {"db": 0}
-
-    def new_database() -> str:
-        """A fresh, empty database on the server (one per test): its URL."""
-        import psycopg
-
-        n["db"] += 1
-        name = f"t{n['db']}_{os.getpid()}"
-        with psycopg.connect(
-            f"host=127.0.0.1 port={port} user=autoslim dbname=postgres", autocommit=True
-        ) as c:
-            c.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://autoslim@127.0.0.1:{port}/{name}"
-
-    try:
+    with throwaway_postgres() as new_database:
         yield new_database
-    finally:
-        subprocess.run(
-            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-            capture_output=True,
-        )
-        shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,213 @@
+"""Final-front benchmark: autoslim's final front against the by-hand, a sensitivity-greedy and
+a random-search pipeline, all with one teacher and one final recovery recipe, side by side.
+
+On the default task (ResNet-18 teacher, Fashion-MNIST, ``--budget``, default 2MB):
+
+- (a) ``autoslim search --budget 2MB``: the default study with its fidelity levels (BN-proxy
+  screen, short recovery of the promoted, final recovery of the level-1 front);
+- (b) by hand: the smallest uniform int8 pruning ratio (0.05 grid) whose size estimate fits,
+  then the final recovery;
+- (c) sensitivity-greedy: per-stage pruning ratios chosen by the BN proxy, re-screened at every
+  step, until the estimate fits (:func:`autoslim.sensitivity.greedy_params` with
+  ``rescreen=True``), then the final recovery;
+- (d) the same search as (a) with ``--sampler random``.
+
+The final recovery is the default study's (``final_epochs`` of KD over the training split, the
+last 30% quantization-aware). Then every final file and the fp32 teacher file are timed in this
+one process, interleaved (ONNX Runtime, 1 thread, batch 1; median of ``--rounds`` medians of
+200 runs), and measured on the test split. Printed: a Markdown table of every point (test
+accuracy, bytes, latency ratio vs the teacher), each pipeline's wall time, which points each
+front dominates, and the issue's goals as met / NOT met.
+
+``--teacher-epochs`` (default: the study's 6) picks the teacher recipe: cached after the first
+run. Run: ``make bench-final`` (``--parts a,b,c,d``; runs are kept in ``--out-dir`` and a
+finished part is reused when run again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import autoslim
+from autoslim.artifact import artifact_accuracy
+from autoslim.measure import get_backend
+from autoslim.pareto import pareto_mask
+from autoslim.refinement import RefineRecipe, train_and_export
+from autoslim.sensitivity import greedy_params
+from autoslim.study import STUDIES_DIR, build_task, estimate, load_study_spec
+from autoslim.units import parse_size
+
+
+def study_file(out: Path, teacher_epochs: int | None) -> Path:
+    text = (STUDIES_DIR / "default.toml").read_text()
+    if teacher_epochs is not None:
+        text = text.replace("epochs = 6 ", f"epochs = {teacher_epochs} ")
+    f = out / "bench-final.toml"
+    f.write_text(text)
+    return f
+
+
+def run_search(f: Path, out: Path, name: str, budget: str, sampler: str) -> tuple[Path, float]:
+    run = out / name
+    done = run / "wall.json"
+    if done.is_file():
+        return run, json.loads(done.read_text())["wall_s"]
+    cmd = [
+        str(Path(sys.executable).with_name("autoslim")), "search", str(f), "--name", name,
+        "--budget", budget, "--sampler", sampler, "--out-dir", str(run), "--quiet",
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, text=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"search {name} failed:\n{r.stderr[-3000:]}")
+    print(r.stdout, flush=True)
+    done.write_text(json.dumps({"wall_s": wall}))
+    return run, wall
+
+
+def final_points(run: Path, label: str, tmp: Path) -> list[dict]:
+    view = autoslim.load_study(run)
+    out = []
+    for _, r in view.trials[view.trials["final"]].iterrows():
+        t = int(r.trial)
+        path = view.fetch(t, tmp / f"{label}-t{t}.onnx", refined=True)
+        out.append({"pipeline": label, "what": f"trial {t}: {r.summary}", "path": path})
+    return out
+
+
+def by_recipe(task, config, recipe, out: Path, label: str, what: str) -> tuple[dict, float]:
+    ident = {"bench_final": label, "config": config.to_json(), "recipe": recipe.to_dict()}
+    res, _, secs = train_and_export(task, config, recipe, out / label, ident=ident, label=label)
+    return {"pipeline": label, "what": what, "path": Path(res.path)}, secs
+
+
+def dominated_by(p: dict, front: list[dict]) -> bool:
+    """Whether a point of ``front`` has test accuracy >= and latency <= ``p``'s."""
+    return any(q["test"] >= p["test"] and q["ratio"] <= p["ratio"] for q in front)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", default="2MB")
+    ap.add_argument("--teacher-epochs", type=int, default=None)
+    ap.add_argument("--parts", default="a,b,c,d")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out-dir", default=".cache/bench-final")
+    a = ap.parse_args()
+    parts = set(a.parts.split(","))
+    out = Path(a.out_dir).resolve()
+    (out / "files").mkdir(parents=True, exist_ok=True)
+    f = study_file(out, a.teacher_epochs)
+    spec = load_study_spec(f, budget=a.budget)
+    budget = parse_size(a.budget)
+    recipe = RefineRecipe(epochs=spec.final_epochs, max_steps_per_epoch=spec.final_steps_per_epoch)
+    points, wall = [], {}
+    for part, sampler, label in (("a", "tpe", "autoslim"), ("d", "random", "random")):
+        if part in parts:
+            run, wall[label] = run_search(f, out, f"final-{sampler}", a.budget, sampler)
+            points += final_points(run, label, out / "files")
+    task = build_task(spec)
+    if "b" in parts:
+        t0 = time.perf_counter()
+        for i in range(20):
+            r = round(i * 0.05, 2)
+            params = task.space.uniform_params(prune=r, weight_bits=8, act_bits=8)
+            if estimate(task, task.space.to_config(params)) <= budget:
+                break
+        p, _ = by_recipe(
+            task, task.space.to_config(params), recipe, out, "by hand", f"uniform {r:.2f}, int8"
+        )
+        points.append(p)
+        wall["by hand"] = time.perf_counter() - t0
+    if "c" in parts:
+        t0 = time.perf_counter()
+        params = greedy_params(task, budget, rescreen=True)
+        greedy_s = time.perf_counter() - t0
+        cfg = task.space.to_config(params)
+        p, _ = by_recipe(task, cfg, recipe, out, "greedy", f"{cfg.summary()}")
+        points.append(p)
+        wall["greedy"] = time.perf_counter() - t0
+        print(f"sensitivity-greedy widths chosen in {greedy_s:.0f} s: {cfg.summary()}")
+
+    # side by side: every file and the teacher's, interleaved, in this process
+    backend = get_backend(spec.backend)
+    teacher = out / "files" / "teacher_fp32.onnx"
+    if not teacher.is_file():
+        from autoslim.artifact import export_onnx
+
+        export_onnx(task.teacher.model, teacher, example=task.example)
+    shape = task.data.input_shape
+    lat: dict[int, list[float]] = {i: [] for i in range(len(points) + 1)}
+    paths = [teacher] + [p["path"] for p in points]
+    for _ in range(a.rounds):
+        for i, path in enumerate(paths):
+            lat[i].append(backend.measure(path, input_shape=shape, runs=200).median_ms)
+    med = {i: statistics.median(v) for i, v in lat.items()}
+    t_test = artifact_accuracy(teacher, task.data.test)[0]
+    for i, p in enumerate(points, start=1):
+        p.update(
+            test=artifact_accuracy(p["path"], task.data.test)[0],
+            bytes=os.path.getsize(p["path"]),
+            ms=med[i],
+            ratio=med[i] / med[0],
+        )
+    print(f"\nbudget {budget:,} bytes; final recovery {recipe.to_dict()}")
+    print(f"teacher fp32: test {t_test:.4f}, {teacher.stat().st_size:,} bytes, {med[0]:.3f} ms\n")
+    print("| pipeline | point | bytes | test acc | latency (ms) | vs teacher |")
+    print("|---|---|---:|---:|---:|---:|")
+    for p in sorted(points, key=lambda p: (p["pipeline"], p["ratio"])):
+        print(
+            f"| {p['pipeline']} | {p['what'].replace('|', '/')} | {p['bytes']:,} | "
+            f"{p['test']:.4f} | {p['ms']:.3f} | {p['ratio']:.3f} |"
+        )
+    print("\nwall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items()))
+    fronts = {}
+    for label in ("autoslim", "random"):
+        pts = [p for p in points if p["pipeline"] == label and p["bytes"] <= budget]
+        if pts:
+            v = np.array([[p["test"], p["ratio"]] for p in pts])
+            mask = pareto_mask(v, ["maximize", "minimize"])
+            fronts[label] = [p for p, m in zip(pts, mask, strict=True) if m]
+    auto = fronts.get("autoslim", [])
+    for other in ("by hand", "greedy"):
+        for p in [p for p in points if p["pipeline"] == other]:
+            ok = dominated_by(p, auto)
+            print(
+                f"goal: autoslim's front dominates {other} ({p['what']}): {'met' if ok else 'NOT met'}"
+            )
+    if auto:
+        best = max(p["test"] for p in auto)
+        small = [p["test"] for p in auto if p["bytes"] <= 300_000]
+        print(
+            f"goal: a point >= teacher + 0.8 pt: best {best - t_test:+.2%} -> "
+            f"{'met' if best >= t_test + 0.008 else 'NOT met'}"
+        )
+        print(
+            "goal: a point <= 300,000 bytes within 0.5 pt of the teacher: "
+            + (
+                f"best {max(small) - t_test:+.2%} -> "
+                f"{'met' if max(small) >= t_test - 0.005 else 'NOT met'}"
+                if small
+                else "no such point -> NOT met"
+            )
+        )
+    if "random" in fronts and auto:
+        beaten = all(dominated_by(p, fronts["random"]) for p in auto)
+        print(
+            f"goal: random search does not dominate autoslim's front: {'NOT met' if beaten else 'met'}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Fidelity levels inside one search: the BN-proxy screen (level 0), the short recovery of the
+promoted candidates (level 1), the final recovery of the level-1 front (level 2)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli, start_cli, tiny_study_file
+
+import autoslim
+from autoslim.cli import main
+from autoslim.pareto import nondominated_ranks, promoted
+from autoslim.results import pick, sha256_file
+from autoslim.runner import open_existing
+
+FIDELITY = (
+    "[fidelity]\nscreen_images = 200\npromote = 0.34\n"
+    "final_points = 2\nfinal_epochs = 1\nfinal_steps_per_epoch = 4\n"
+)
+
+
+TIGHT = 14_500
+SPACE = """
+[distill]
+temperature = 4.0
+alpha = 0.9
+
+[[rules]]
+match = "fc"
+weight_bits = 8
+act_bits = 8
+
+[[rules]]
+match = "*"
+prune = {min = 0.0, max = 0.6}
+weight_bits = [8, 32]
+act_bits = 8
+"""
+
+
+def fidelity_study(tmp: Path, name: str, trials: int) -> Path:
+    f = tiny_study_file(tmp, name, trials)
+    # continuous pruning ratios and int8 or fp32 weights per layer: candidates of many sizes,
+    # some dominated at level 0 (the same proxy accuracy in more bytes)
+    (tmp / "space.toml").write_text(SPACE)
+    f.write_text(f.read_text() + FIDELITY)
+    return f
+
+
+def test_nondominated_ranks_and_promotion_by_share() -> None:
+    # (accuracy up, size down): a front of two, then one behind each, then the worst
+    v = np.array([[0.9, 10], [0.8, 5], [0.85, 12], [0.7, 6], [0.6, 20]])
+    assert nondominated_ranks(v, ["maximize", "minimize"]).tolist() == [0, 0, 1, 1, 2]
+    d = ["maximize", "minimize"]
+    assert promoted(v[:1], d, 0.34)  # the first candidate: nothing to compare with
+    assert promoted(v[:2], d, 0.34)  # on the front
+    assert not promoted(v[:5], d, 0.34)  # the worst of five: outside the best third
+    assert promoted(np.vstack([v[:4], [[0.95, 4]]]), d, 0.2)  # a new best dominates all
+    assert promoted(v[:4], d, 1.0)  # share 1: every candidate is trained
+
+
+def _final_started(db: Path) -> bool:
+    try:
+        with sqlite3.connect(db) as c:
+            rows = c.execute("select key from study_user_attributes where key = 'final'")
+            return bool(rows.fetchall())
+    except sqlite3.Error:
+        return False
+
+
+def test_a_search_screens_promotes_and_ends_with_final_models(tmp_path: Path, capsys) -> None:
+    """Every candidate is screened; only promoted ones (and the baselines) are trained; the
+    search then finally recovers points of the level-1 front, and its final front, pick and
+    export use those numbers. A Ctrl-C during the final level exits 130 and the same command
+    finishes it without redoing a level; run again, it redoes nothing."""
+    f = fidelity_study(tmp_path, "levels", trials=9)
+    db = tmp_path / "levels" / "study.db"
+    p = start_cli("search", str(f), "--quiet")
+    deadline = time.time() + 600
+    while not _final_started(db) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    interrupted = autoslim.load_study(db.parent)
+    trials_before = (
+        interrupted.trials[["trial", "status", "val_accuracy"]].fillna(-1).to_dict("records")
+    )
+
+    r = run_cli("search", str(f))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "0 to run" in r.stderr  # levels 0 and 1 were not redone
+    assert "final front (1-epoch recovery" in r.stdout
+    view = autoslim.load_study(db.parent)
+    df = view.trials
+    assert df[["trial", "status", "val_accuracy"]].fillna(-1).to_dict("records") == trials_before
+    # level 0: every candidate screened; the screened-out ones were never trained
+    assert df["screen_accuracy"].notna().sum() == (df["status"] != "over_budget").sum()
+    screened = df[df["status"] == "screened"]
+    assert len(screened) >= 1, df[["trial", "status", "screen_accuracy", "size_estimate"]]
+    assert (screened["artifact_id"] == "").all() and screened["val_accuracy"].isna().all()
+    assert (screened["seconds"] < df.loc[df["status"] == "ok", "seconds"].min()).all()
+    # the baselines (enqueued) are always trained
+    seeded = [t for t in open_existing(db.parent).trials if t.user_attrs.get("enqueued_as")]
+    assert seeded and all(t.user_attrs["status"] != "screened" for t in seeded)
+    # level 2: points of the level-1 front, finally recovered, recorded on the study
+    final = df[df["final"]]
+    assert 1 <= len(final) <= 2 and final["front"].all()
+    assert (final["refined_epochs"] == 1).all()
+    assert (final["refined_size_bytes"] == final["size_bytes"]).all()
+    assert df["final_front"].any() and not df.loc[~df["final"], "final_front"].any()
+    assert view.front.loc[view.front["final"], "trial"].tolist() == final["trial"].tolist()
+    # pick and export default to the final numbers; --search-time to the search's
+    row = pick(view, prefer="accuracy")
+    assert row["numbers"] == "final" and row["val_accuracy"] == row["refined_val_accuracy"]
+    t = int(row.trial)
+    assert main(["pick", str(db.parent), "--prefer", "accuracy"]) == 0
+    assert "final numbers (1-epoch recovery" in capsys.readouterr().out
+    assert main(["pick", str(db.parent), "--search-time", "--json"]) == 0
+    assert "numbers" not in json.loads(capsys.readouterr().out)
+    out = tmp_path / "final.onnx"
+    assert main(["export", str(db.parent), "--trial", str(t), "-o", str(out)]) == 0
+    assert sha256_file(out) == view.refined[t]["sha256"]
+    # a third run: nothing is redone (the final records are reused as they are)
+    shas = {k: v["sha256"] for k, v in view.refined.items()}
+    r = run_cli("search", str(f), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = autoslim.load_study(db.parent)
+    assert {k: v["sha256"] for k, v in again.refined.items()} == shas
+    assert len(again.trials) == len(df)
+
+
+def test_sensitivity_greedy_widths_fit_the_budget(tiny_study) -> None:
+    """Per-stage widths chosen by BN-proxy sensitivity (the search's seed, and the re-screening
+    greedy baseline of bench-final) fit a budget the unpruned int8 model does not."""
+    from autoslim.sensitivity import greedy_params, stage_sensitivity
+    from autoslim.study import build_task, estimate
+
+    task = build_task(tiny_study.spec, progress=False)
+    sens = stage_sensitivity(task)
+    assert any(v["saved"] > 0 for v in sens.values()) and all(v["drop"] >= 0 for v in sens.values())
+    int8 = task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8)
+    assert estimate(task, task.space.to_config(int8)) > TIGHT
+    for rescreen in (False, True):
+        params = greedy_params(task, TIGHT, rescreen=rescreen)
+        assert params is not None
+        assert estimate(task, task.space.to_config(params)) <= TIGHT
+    assert greedy_params(task, 1000) is None  # nothing that small exists: said, not guessed
+
+
+@pytest.mark.parametrize("bad", ["promote = 0", "promote = 1.5", "final_epochs = 0"])
+def test_bad_fidelity_settings_are_one_line_errors(tmp_path: Path, bad: str) -> None:
+    f = tiny_study_file(tmp_path, "bad", 2)
+    f.write_text(f.read_text() + f"[fidelity]\n{bad}\n")
+    r = run_cli("search", str(f), "--quiet")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and bad.split()[0] in lines[0], r.stderr
