@@ -180,7 +180,7 @@ class StudyView:
 
     def has_artifact(self, trial: int) -> bool:
         """Whether the study holds a file for the trial (in its store, or beside it)."""
-        row = self.measured_row(trial)
+        row = self.row(trial)
         return bool(row.get("artifact_id")) or (self.trial_dir(trial) / "model.onnx").is_file()
 
     def refined_dir(self, trial: int) -> Path:
