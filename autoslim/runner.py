@@ -1001,11 +1001,18 @@ def study_status(name_or_dir: str | Path, *, storage: str | None = None) -> dict
 
 
 def summary_json(result: SearchResult) -> str:
-    """The front (same columns as ``autoslim report --format json``), outputs and baseline."""
+    """The front (same columns as ``autoslim report --format json``), the final front (level 2:
+    the finally-recovered models, their final numbers in the usual columns), outputs and
+    baseline."""
+    from .results import final_numbers
+
     front = table_records(result.front) if len(result.front) else []
+    df = result.frame
+    final = df[df["final_front"]] if "final_front" in df.columns else df.iloc[:0]
     return json.dumps(
         {
             "front": front,
+            "final_front": table_records(final_numbers(final)) if len(final) else [],
             "outputs": {k: str(v) for k, v in result.outputs.items()},
             "baseline": result.study.user_attrs.get("baseline"),
         },

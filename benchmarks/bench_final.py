@@ -12,6 +12,11 @@ On the default task (ResNet-18 teacher, Fashion-MNIST, ``--budget``, default 2MB
   ``rescreen=True``), then the final recovery;
 - (d) the same search as (a) with ``--sampler random``.
 
+``--parts proxy`` checks the level-0 premise instead: the same search with every candidate
+trained (``--promote 1``, no final level), then the rank correlation (Spearman) between the BN
+proxy's accuracy and the level-1 (150-step KD) accuracy over the trained trials, and how many of
+the level-1 front the proxy would have promoted at ``promote = 0.34``.
+
 The final recovery is the default study's (``final_epochs`` of KD over the training split, the
 last 30% quantization-aware). Then every final file and the fp32 teacher file are timed in this
 one process, interleaved (ONNX Runtime, 1 thread, batch 1; median of ``--rounds`` medians of
@@ -96,6 +101,49 @@ def dominated_by(p: dict, front: list[dict]) -> bool:
     return any(q["test"] >= p["test"] and q["ratio"] <= p["ratio"] for q in front)
 
 
+def proxy_check(f: Path, out: Path, budget: str) -> None:
+    from scipy.stats import spearmanr
+
+    from autoslim.pareto import promoted
+
+    run = out / "proxy"
+    cmd = [
+        str(Path(sys.executable).with_name("autoslim")), "search", str(f), "--name", "proxy",
+        "--budget", budget, "--promote", "1", "--final-points", "0", "--trials", "25",
+        "--out-dir", str(run), "--quiet",
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, text=True, capture_output=True)
+    if r.returncode != 0:
+        raise SystemExit(f"proxy search failed:\n{r.stderr[-3000:]}")
+    wall = time.perf_counter() - t0
+    df = autoslim.load_study(run).trials
+    ok = df[df["status"] == "ok"].sort_values("trial")
+    rho = spearmanr(ok["screen_accuracy"], ok["val_accuracy"]).statistic
+    # which trials promotion at 0.34 would have trained, in trial order as the search sees them
+    pts, kept = [], []
+    for _, row in ok.iterrows():
+        pts.append([row.screen_accuracy, row.size_estimate])
+        kept.append(promoted(np.array(pts), ["maximize", "minimize"], 0.34))
+    ok = ok.assign(kept=kept)
+    front = ok[ok["front"]]
+    seconds = df.groupby("status")["seconds"].median().to_dict()
+    print(
+        f"proxy check ({len(ok)} trained trials, {wall / 60:.1f} min): Spearman(BN proxy, "
+        f"level-1 val accuracy) = {rho:.3f}; promote 0.34 would keep {int(ok['kept'].sum())} "
+        f"of {len(ok)}, {int(front['kept'].sum())} of the {len(front)} level-1 front points; "
+        f"median seconds by status: {seconds}"
+    )
+    print("| trial | proxy acc | level-1 val acc | size | front | promoted at 0.34 |")
+    print("|---:|---:|---:|---:|---|---|")
+    for _, row in ok.iterrows():
+        print(
+            f"| {int(row.trial)} | {row.screen_accuracy:.4f} | {row.val_accuracy:.4f} | "
+            f"{int(row.size_bytes):,} | {'yes' if row.front else ''} | "
+            f"{'yes' if row.kept else 'no'} |"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", default="2MB")
@@ -116,6 +164,10 @@ def main() -> int:
         if part in parts:
             run, wall[label] = run_search(f, out, f"final-{sampler}", a.budget, sampler)
             points += final_points(run, label, out / "files")
+    if "proxy" in parts:
+        proxy_check(f, out, a.budget)
+        if parts == {"proxy"}:
+            return 0
     task = build_task(spec)
     if "b" in parts:
         t0 = time.perf_counter()

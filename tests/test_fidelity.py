@@ -130,8 +130,11 @@ def test_a_search_screens_promotes_and_ends_with_final_models(tmp_path: Path, ca
     assert sha256_file(out) == view.refined[t]["sha256"]
     # a third run: nothing is redone (the final records are reused as they are)
     shas = {k: v["sha256"] for k, v in view.refined.items()}
-    r = run_cli("search", str(f), "--quiet")
+    r = run_cli("search", str(f), "--quiet", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
+    final_json = json.loads(r.stdout)["final_front"]
+    assert {p["trial"] for p in final_json} == set(df.loc[df["final_front"], "trial"])
+    assert all(p["val_accuracy"] == p["refined_val_accuracy"] for p in final_json)
     again = autoslim.load_study(db.parent)
     assert {k: v["sha256"] for k, v in again.refined.items()} == shas
     assert len(again.trials) == len(df)
