@@ -109,7 +109,7 @@ def proxy_check(f: Path, out: Path, budget: str) -> None:
     run = out / "proxy"
     cmd = [
         str(Path(sys.executable).with_name("autoslim")), "search", str(f), "--name", "proxy",
-        "--budget", budget, "--promote", "1", "--final-points", "0", "--trials", "25",
+        "--budget", budget, "--promote", "1", "--final-points", "0", "--trials", "20",
         "--out-dir", str(run), "--quiet",
     ]  # fmt: skip
     t0 = time.perf_counter()
