@@ -4,10 +4,11 @@ A study file names the model, dataset, teacher recipe, search space, objectives,
 latency backend, trial count and recovery fidelity. ``autoslim search`` with no file uses the
 shipped ``default`` study (package data, ``autoslim/resources/studies/default.toml``); CLI
 flags override file values. Outputs go to ``./studies/runs/NAME/`` under the current directory (or
-``out_dir``): the Optuna storage, one folder per trial with its artifact, tables, plots.
+``out_dir``): the Optuna storage, the artifact store, one folder per trial, tables, plots.
 
 :func:`evaluate` is the one runner of a candidate: size pre-check (analytic, before training)
--> compress -> recover -> export -> measure on the artifact. It returns plain data and never
+-> [BN-proxy screen and promotion, with fidelity levels] -> compress -> recover -> export ->
+measure on the artifact. It returns plain data and never
 imports Optuna, so other workers or a remote agent can run it the same way.
 """
 
