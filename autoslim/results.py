@@ -397,11 +397,12 @@ def export_trial(
         path = Path(tmp) / "model.onnx"
         if refined or (not replay and view.has_artifact(trial)):  # never replay a refine
             source = "refined" if refined else "stored"
-            view.fetch(trial, path, refined=refined)
+            view.fetch(trial, path, refined=refined)  # verified against this digest
+            digest = view.refined[trial]["sha256"] if refined else str(row["artifact_sha256"])
         else:
             source = "replayed"
             path = _replay(view, trial, Path(tmp) / "replay")
-        digest = sha256_file(path)
+            digest = sha256_file(path)
         if data is None:
             data = StudySpec.from_dict(view.spec).load_data()
         size = path.stat().st_size

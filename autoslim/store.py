@@ -18,7 +18,6 @@ reads files through it (export, refine) sees only :class:`TrialStore`'s plain me
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -37,20 +36,12 @@ from optuna.artifacts import (
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from .errors import ExportError, UsageError
-from .results import REFINED_PREFIX
+from .results import REFINED_PREFIX, sha256_file
 
 __all__ = ["TrialStore", "open_store", "store_location", "MARKER"]
 
 MARKER = "autoslim-store.json"
 DEFAULT = "artifacts"  # inside the study folder
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def store_location(location: str | None) -> str:
@@ -112,7 +103,7 @@ class TrialStore:
     # -- writing (search workers, refine) -----------------------------------------------
     def put_trial(self, trial: optuna.Trial, path: Path) -> dict[str, str]:
         """Upload ``path`` as the artifact of a running trial; returns its id and SHA-256."""
-        digest = _sha256(path)
+        digest = sha256_file(path)
         aid = upload_artifact(
             artifact_store=self._backend, file_path=str(path), study_or_trial=trial
         )
@@ -123,7 +114,7 @@ class TrialStore:
         aid = upload_artifact(
             artifact_store=self._backend, file_path=str(path), study_or_trial=self._study
         )
-        record = {**record, "artifact_id": aid, "sha256": _sha256(path)}
+        record = {**record, "artifact_id": aid, "sha256": sha256_file(path)}
         self._study.set_user_attr(f"{REFINED_PREFIX}{trial:05d}", record)
         return record
 
@@ -152,7 +143,7 @@ class TrialStore:
                     f"artifact {artifact_id} is missing from the store {self.location}; pass "
                     "--replay to rebuild it from its config"
                 ) from None
-            digest = _sha256(Path(tmp))
+            digest = sha256_file(Path(tmp))
             if digest != sha256:
                 raise ExportError(
                     f"artifact {artifact_id} in {self.location} changed since the study "

@@ -185,6 +185,17 @@ def run_cli(
     )
 
 
+def continuous_prune_space(weight_bits: str = "8") -> str:
+    """A TinyNet space with continuous pruning ratios (two workers proposing the same
+    parameters can only be lockstep) and int8 activations; ``weight_bits`` of the layers."""
+    return (
+        "[distill]\ntemperature = 4.0\nalpha = 0.9\n\n"
+        '[[rules]]\nmatch = "fc"\nweight_bits = 8\nact_bits = 8\n\n'
+        '[[rules]]\nmatch = "*"\nprune = {min = 0.0, max = 0.6}\n'
+        f"weight_bits = {weight_bits}\nact_bits = 8\n"
+    )
+
+
 def tiny_study_file(tmp: Path, name: str, trials: int) -> Path:
     """A study TOML for TinyNet on a Fashion-MNIST subset, outputs under ``tmp / name``."""
     (tmp / "space.toml").write_text(TINY_SPACE)

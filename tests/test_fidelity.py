@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, start_cli, tiny_study_file
+from conftest import continuous_prune_space, run_cli, start_cli, tiny_study_file
 
 import autoslim
 from autoslim.cli import main
@@ -26,22 +26,7 @@ FIDELITY = (
 
 
 TIGHT = 14_500
-SPACE = """
-[distill]
-temperature = 4.0
-alpha = 0.9
-
-[[rules]]
-match = "fc"
-weight_bits = 8
-act_bits = 8
-
-[[rules]]
-match = "*"
-prune = {min = 0.0, max = 0.6}
-weight_bits = [8, 32]
-act_bits = 8
-"""
+SPACE = continuous_prune_space("[8, 32]")
 
 
 def fidelity_study(tmp: Path, name: str, trials: int) -> Path:

@@ -11,28 +11,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY, run_cli, start_cli
+from conftest import TINY, continuous_prune_space, run_cli, start_cli
 
 from autoslim.runner import search, storage_of
 from autoslim.study import load_study_spec
 
 # continuous pruning ratios: two workers proposing the same parameters can only be lockstep
-SPACE = """
-[distill]
-temperature = 4.0
-alpha = 0.9
-
-[[rules]]
-match = "fc"
-weight_bits = 8
-act_bits = 8
-
-[[rules]]
-match = "*"
-prune = {min = 0.0, max = 0.6}
-weight_bits = 8
-act_bits = 8
-"""
+SPACE = continuous_prune_space("8")
 
 
 def study_file(tmp: Path, name: str, trials: int, *, heartbeat_s: int = 30) -> Path:
