@@ -9,6 +9,7 @@ import numpy as np
 __all__ = [
     "pareto_mask",
     "nondominated_ranks",
+    "crowding_distances",
     "promoted",
     "hypervolume",
     "OBJECTIVES",
@@ -57,15 +58,39 @@ def nondominated_ranks(values: np.ndarray, directions: Sequence[str]) -> np.ndar
     return ranks
 
 
+def crowding_distances(values: np.ndarray) -> np.ndarray:
+    """NSGA-II crowding distance of each row within ``values`` (one front): the sum over the
+    objectives of the range-normalised gap between its two neighbours; the ends are infinite."""
+    v = np.asarray(values, dtype=float).reshape(len(values), -1)
+    d = np.zeros(len(v))
+    if len(v) <= 2:
+        return np.full(len(v), np.inf)
+    for k in range(v.shape[1]):
+        order = np.argsort(v[:, k], kind="stable")
+        col = v[order, k]
+        span = col[-1] - col[0]
+        d[order[[0, -1]]] = np.inf
+        if span > 0 and np.isfinite(span):
+            d[order[1:-1]] += (col[2:] - col[:-2]) / span
+    return d
+
+
 def promoted(values: np.ndarray, directions: Sequence[str], share: float) -> bool:
-    """Successive-halving promotion by non-dominated rank: whether the last row of ``values``
-    (a candidate, after every earlier one) lies in the best fronts that together hold at least
-    ``share`` of the rows (ties in rank all promoted)."""
+    """Successive-halving promotion, NSGA-II style: whether the last row of ``values`` (a
+    candidate, after every earlier one) is among the best ``share`` of the rows, ranked by
+    non-dominated front and, within the front that crosses the share, by crowding distance
+    (spread-out points first; ties promoted)."""
     ranks = nondominated_ranks(values, directions)
     want = max(1, int(np.ceil(share * len(ranks))))
     counts = np.bincount(ranks)
     cutoff = int(np.searchsorted(np.cumsum(counts), want))  # the rank that reaches the share
-    return bool(ranks[-1] <= cutoff)
+    if ranks[-1] != cutoff:
+        return bool(ranks[-1] < cutoff)
+    room = want - int(counts[:cutoff].sum())  # places left in the crossing front
+    members = np.flatnonzero(ranks == cutoff)
+    crowd = crowding_distances(np.asarray(values, dtype=float)[members])
+    kth = np.sort(crowd)[::-1][room - 1]
+    return bool(crowd[-1] >= kth)  # members are in row order: the candidate is the last
 
 
 def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> float:

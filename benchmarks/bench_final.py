@@ -61,14 +61,16 @@ def study_file(out: Path, teacher_epochs: int | None) -> Path:
     return f
 
 
-def run_search(f: Path, out: Path, name: str, budget: str, sampler: str) -> tuple[Path, float]:
+def run_search(
+    f: Path, out: Path, name: str, budget: str, sampler: str, extra: list[str]
+) -> tuple[Path, float]:
     run = out / name
     done = run / "wall.json"
     if done.is_file():
         return run, json.loads(done.read_text())["wall_s"]
     cmd = [
         str(Path(sys.executable).with_name("autoslim")), "search", str(f), "--name", name,
-        "--budget", budget, "--sampler", sampler, "--out-dir", str(run), "--quiet",
+        "--budget", budget, "--sampler", sampler, "--out-dir", str(run), "--quiet", *extra,
     ]  # fmt: skip
     t0 = time.perf_counter()
     r = subprocess.run(cmd, text=True, capture_output=True)
@@ -78,6 +80,24 @@ def run_search(f: Path, out: Path, name: str, budget: str, sampler: str) -> tupl
     print(r.stdout, flush=True)
     done.write_text(json.dumps({"wall_s": wall}))
     return run, wall
+
+
+def time_went_to(run: Path, label: str, wall: float) -> str:
+    """Where a search's wall time went: screened-out candidates, trained ones, the final level."""
+    view = autoslim.load_study(run)
+    df = view.trials
+    parts = []
+    for status, what in (("screened", "screened out"), ("ok", "trained"), ("fail", "failed")):
+        sel = df[df["status"] == status]
+        if len(sel):
+            parts.append(f"{len(sel)} {what} ({sel['seconds'].sum() / 60:.1f} min)")
+    other = df[~df["status"].isin(["screened", "ok", "fail"])]
+    if len(other):
+        parts.append(f"{len(other)} other ({other['seconds'].sum() / 60:.1f} min)")
+    fin = [r for t, r in view.refined.items() if view.is_final(t)]
+    if fin:
+        parts.append(f"{len(fin)} final ({sum(r['seconds'] for r in fin) / 60:.1f} min)")
+    return f"{label}: {wall / 60:.1f} min wall = " + ", ".join(parts)
 
 
 def final_points(run: Path, label: str, tmp: Path) -> list[dict]:
@@ -151,19 +171,25 @@ def main() -> int:
     ap.add_argument("--parts", default="a,b,c,d")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out-dir", default=".cache/bench-final")
+    ap.add_argument("--trials", type=int, default=None, help="default: the study's")
+    ap.add_argument("--final-epochs", type=int, default=None, help="default: the study's")
     a = ap.parse_args()
     parts = set(a.parts.split(","))
     out = Path(a.out_dir).resolve()
     (out / "files").mkdir(parents=True, exist_ok=True)
     f = study_file(out, a.teacher_epochs)
-    spec = load_study_spec(f, budget=a.budget)
+    extra = [] if a.trials is None else ["--trials", str(a.trials)]
+    if a.final_epochs is not None:
+        extra += ["--final-epochs", str(a.final_epochs)]
+    spec = load_study_spec(f, budget=a.budget, final_epochs=a.final_epochs)
     budget = parse_size(a.budget)
     recipe = RefineRecipe(epochs=spec.final_epochs, max_steps_per_epoch=spec.final_steps_per_epoch)
-    points, wall = [], {}
+    points, wall, went = [], {}, []
     for part, sampler, label in (("a", "tpe", "autoslim"), ("d", "random", "random")):
         if part in parts:
-            run, wall[label] = run_search(f, out, f"final-{sampler}", a.budget, sampler)
+            run, wall[label] = run_search(f, out, f"final-{sampler}", a.budget, sampler, extra)
             points += final_points(run, label, out / "files")
+            went.append(time_went_to(run, label, wall[label]))
     if "proxy" in parts:
         proxy_check(f, out, a.budget)
         if parts == {"proxy"}:
@@ -223,6 +249,8 @@ def main() -> int:
             f"{p['test']:.4f} | {p['ms']:.3f} | {p['ratio']:.3f} |"
         )
     print("\nwall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items()))
+    for line in went:
+        print(line)
     fronts = {}
     for label in ("autoslim", "random"):
         pts = [p for p in points if p["pipeline"] == label and p["bytes"] <= budget]

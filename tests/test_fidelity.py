@@ -15,7 +15,7 @@ from conftest import continuous_prune_space, run_cli, start_cli, tiny_study_file
 
 import autoslim
 from autoslim.cli import main
-from autoslim.pareto import nondominated_ranks, promoted
+from autoslim.pareto import crowding_distances, nondominated_ranks, promoted
 from autoslim.results import pick, sha256_file
 from autoslim.runner import open_existing
 
@@ -48,6 +48,22 @@ def test_nondominated_ranks_and_promotion_by_share() -> None:
     assert not promoted(v[:5], d, 0.34)  # the worst of five: outside the best third
     assert promoted(np.vstack([v[:4], [[0.95, 4]]]), d, 0.2)  # a new best dominates all
     assert promoted(v[:4], d, 1.0)  # share 1: every candidate is trained
+
+
+def test_promotion_within_a_crowded_front_prefers_spread_out_points() -> None:
+    d = ["maximize", "minimize"]
+    # one front of five (accuracy and size both rising); the fourth sits next to the fifth
+    front = np.array([[0.5, 1.0], [0.6, 2.0], [0.7, 3.0], [0.79, 3.95], [0.8, 4.0]])
+    crowd = crowding_distances(front)
+    assert np.isinf(crowd[[0, 4]]).all() and crowd[3] < min(crowd[1], crowd[2])
+    order = [0, 4, 1, 2, 3]  # candidates arrive ends first, the crowded one last
+    assert not promoted(front[order], d, 0.6)  # 3 places: both ends and one of the spread two
+    assert promoted(front[order], d, 1.0)
+    assert promoted(front[[0, 4, 3, 2, 1]], d, 0.6)  # the most spread-out interior point is
+    assert promoted(np.vstack([front[:2], front[:2]]), d, 0.25)  # ties all promoted
+    # a candidate behind the crossing front is never promoted, one ahead of it always is
+    assert not promoted(np.vstack([front, [[0.4, 5.0]]]), d, 0.8)
+    assert promoted(np.vstack([front, [[0.9, 0.5]]]), d, 0.1)
 
 
 def _final_started(db: Path) -> bool:
