@@ -475,6 +475,98 @@ def _scatter(data: dict, df: pd.DataFrame):
     return fig
 
 
+def _final(data: dict, df: pd.DataFrame):
+    """The front of the finally-recovered models (level 2), with a line from each one's
+    search-time numbers; None when the study has no final level."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if "final" not in df.columns or not df["final"].any():
+        return None
+    fin = df[df["final"]]
+    epochs = int(fin["refined_epochs"].iloc[0])
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs size", "accuracy vs latency"))
+    for col, x_now, x_then in (
+        (1, fin["refined_size_bytes"] / 1e6, fin["size_bytes"] / 1e6),
+        (2, fin["refined_latency_ms"], fin["latency_ms"]),
+    ):
+        xs, ys = [], []
+        for a, b, c, d in zip(
+            x_then, fin["val_accuracy"], x_now, fin["refined_val_accuracy"], strict=True
+        ):
+            xs += [a, c, None]
+            ys += [b, d, None]
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                name="search time -> final",
+                legendgroup="path",
+                showlegend=col == 1,
+                hoverinfo="skip",
+                line={"color": "#bbbbbb", "dash": "dot"},
+            ),
+            row=1,
+            col=col,
+        )
+    for name, g, color, symbol in (
+        ("final front", fin[fin["final_front"]], "#d62728", "diamond"),
+        ("final, dominated", fin[~fin["final_front"]], "#1f77b4", "diamond-open"),
+    ):
+        hover = [
+            f"trial {int(r.trial)} final ({epochs} epochs)<br>val {r.refined_val_accuracy:.4f} "
+            f"test {r.refined_test_accuracy:.4f} (search-time val {r.val_accuracy:.4f})<br>"
+            f"{r.refined_size_bytes / 1e6:.3f} MB, {r.refined_latency_ms:.3f} ms<br>{r.summary}"
+            for _, r in g.iterrows()
+        ]
+        for col, x in ((1, g["refined_size_bytes"] / 1e6), (2, g["refined_latency_ms"])):
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=g["refined_val_accuracy"],
+                    mode="markers",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    hovertext=hover,
+                    hoverinfo="text",
+                    customdata=g["trial"].astype(int).tolist(),
+                    marker={"color": color, "symbol": symbol, "size": 12},
+                ),
+                row=1,
+                col=col,
+            )
+    base = data["baseline"]
+    if base:
+        for col, x in ((1, base["size_bytes"] / 1e6), (2, base["latency_ms"])):
+            fig.add_trace(
+                go.Scatter(
+                    x=[x],
+                    y=[base["val_accuracy"]],
+                    mode="markers",
+                    name="teacher (fp32)",
+                    legendgroup="teacher",
+                    showlegend=col == 1,
+                    hoverinfo="text",
+                    hovertext=f"teacher fp32: val {base['val_accuracy']:.4f}",
+                    marker={"color": "black", "symbol": "star", "size": 13},
+                ),
+                row=1,
+                col=col,
+            )
+    fig.update_xaxes(title_text="artifact size (MB, log)", type="log", row=1, col=1)
+    fig.update_xaxes(title_text="latency (ms, log)", type="log", row=1, col=2)
+    fig.update_yaxes(title_text="validation accuracy (final artifact)", row=1, col=1)
+    fig.update_layout(
+        title=f"Final front: {len(fin)} points after the {epochs}-epoch final recovery "
+        "(dotted: from their search-time numbers)",
+        height=520,
+        clickmode="event",
+    )
+    return fig
+
+
 def _heatmap(data: dict):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -625,9 +717,11 @@ function copyCmd() {
   if (navigator.clipboard) navigator.clipboard.writeText(c);
 }
 window.addEventListener('load', function () {
-  const sc = document.getElementById('scatter');
-  if (sc && sc.on) sc.on('plotly_click', function (e) {
-    if (e.points.length && e.points[0].customdata !== undefined) showTrial(e.points[0].customdata);
+  ['final', 'scatter'].forEach(function (id) {
+    const sc = document.getElementById(id);
+    if (sc && sc.on) sc.on('plotly_click', function (e) {
+      if (e.points.length && e.points[0].customdata !== undefined) showTrial(e.points[0].customdata);
+    });
   });
   document.querySelectorAll('#trials th').forEach(function (th, i) {
     th.addEventListener('click', function () {
@@ -686,14 +780,21 @@ def _table_html(records: list[dict[str, Any]]) -> str:
 
 def render_html(data: dict[str, Any], df: pd.DataFrame, path: Path) -> Path:
     """The rendering step: one self-contained HTML file (atomic write), plotly.js inline."""
+    final = _final(data, df)
     figs = [
-        ("scatter", "Pareto front", _scatter(data, df)),
+        (
+            "scatter",
+            "Pareto front" if final is None else "Pareto front (search time)",
+            _scatter(data, df),
+        ),
         ("heatmap", "Per-layer knobs of the front", _heatmap(data)),
         ("hypervolume", "Hypervolume over trials", _history(data)),
         ("parcoords", "Parallel coordinates", _parcoords(data, df)),
         ("importance", "Parameter importance", _importance(data)),
     ]
     parts, first = [], True
+    if final is not None:  # what the user keeps comes first; its plotly.js is the inline copy
+        figs.insert(0, ("final", "Final front (what the search ends with)", final))
     for div_id, title, fig in figs:
         if fig is None:
             parts.append(f"<h2>{title}</h2><p>not enough measured trials yet</p>")
@@ -738,12 +839,12 @@ def render_html(data: dict[str, Any], df: pd.DataFrame, path: Path) -> Path:
 <p>{len(data["table"])} trials, {n_front} on the feasible front; {budget};
 objectives {", ".join(data["objectives"])}. {html.escape(teacher)}</p>
 <p id="device">{html.escape(device)} {html.escape(predictor + "." if predictor else "")}</p>
-{parts[0]}{parts[1]}
+{"".join(parts[: 3 if final is not None else 2])}
 <h2>Picked: <span id="picked">click a point or a table row</span></h2>
 <p>Export it: <code id="export-cmd">-</code>
 <button onclick="copyCmd()">copy command</button></p>
 <pre id="details"></pre>
-{"".join(parts[2:])}
+{"".join(parts[3 if final is not None else 2 :])}
 <h2>All trials (click a header to sort, a row to pick)</h2>
 {_table_html(data["table"])}
 <script type="application/json" id="trial-data">{payload}</script>

@@ -560,7 +560,8 @@ def evaluate(
     """Run one candidate end to end and return its measurements as plain data.
 
     With screening on (``screen_images``), a candidate is screened first (:func:`screen`) and
-    trained only if promoted: by non-dominated rank of (proxy accuracy, size estimate) among
+    trained only if promoted (:func:`autoslim.pareto.promoted`: non-dominated rank, then crowding
+    distance, of (proxy accuracy, size estimate) among
     ``task.screened``, within the ``promote`` share, or always with ``promote=True`` (the
     baselines); otherwise ``status='screened'``.
 

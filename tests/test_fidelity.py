@@ -137,6 +137,10 @@ def test_a_search_screens_promotes_and_ends_with_final_models(tmp_path: Path, ca
     assert {p["trial"] for p in final_json} == set(df.loc[df["final_front"], "trial"])
     assert all(p["val_accuracy"] == p["refined_val_accuracy"] for p in final_json)
     again = autoslim.load_study(db.parent)
+    # the HTML report opens with the final front, search-time front after it
+    page = (db.parent / "report.html").read_text()
+    assert f"Final front: {len(final)} points after the 1-epoch final recovery" in page
+    assert page.index('id="final"') < page.index('id="scatter"')
     assert {k: v["sha256"] for k, v in again.refined.items()} == shas
     assert len(again.trials) == len(df)
 
