@@ -19,7 +19,8 @@ loopback, started and stopped by this script):
    printed side by side.
 
 Run: ``make bench-latency`` (``--part artifacts|search``, ``--artifacts N``, ``--fit N``,
-``--trials N``, ``--recovery-steps N``). Outputs under ``--out-dir`` (a temp folder by default).
+``--trials N``, ``--recovery-steps N``, ``--rounds R``: R passes over the files, each file's
+median kept). Outputs under ``--out-dir`` (a temp folder by default).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def part_artifacts(args, out: Path, devices: dict) -> None:
         # paired with the teacher's file (the protocol's reference blocks): what a search does
         return backend.measure(path, input_shape=shape_in, reference=teacher)
 
-    rows, t0 = [], time.perf_counter()
+    rows, paths, t0 = [], [], time.perf_counter()
     for i in range(args.artifacts):
         config = task.space.to_config(random_params(task.space.dims, rng))
         c = compress(
@@ -111,18 +112,28 @@ def part_artifacts(args, out: Path, devices: dict) -> None:
         )
         path = out / "artifacts" / f"{i:03d}.onnx"
         export(c, path)
-        row = {"features": shape(task, config)[1]}
-        for name, backend in devices.items():  # interleaved: a drift hits every device alike
-            lat = timed(backend, path)
-            row[name], row[name + "_ms"] = lat.ratio, lat.median_ms
-        rows.append(row)
-        print(
-            f"  {i:3d} {config.summary()[:60]:60s} "
-            + "  ".join(f"{n} {row[n + '_ms']:.3f} ms" for n in devices),
-            flush=True,
-        )
+        rows.append({"features": shape(task, config)[1], "summary": config.summary()})
+        paths.append(path)
+    # --rounds passes over every file; in each pass a file is timed on every device in turn
+    # (a drift hits every device alike) and passes spread one file's timings over minutes, so
+    # a slow spell of the machine lands in one pass of a file, not in all of them
+    samples: list[dict[str, list[float]]] = [{} for _ in rows]
+    for rnd in range(args.rounds):
+        for i, path in enumerate(paths):
+            for name, backend in devices.items():
+                lat = timed(backend, path)
+                samples[i].setdefault(name, []).append(lat.ratio)
+                samples[i].setdefault(name + "_ms", []).append(lat.median_ms)
+            if rnd == args.rounds - 1:
+                rows[i].update({k: statistics.median(v) for k, v in samples[i].items()})
+                print(
+                    f"  {i:3d} {rows[i]['summary'][:60]:60s} "
+                    + "  ".join(f"{n} {rows[i][n + '_ms']:.3f} ms" for n in devices),
+                    flush=True,
+                )
     print(
-        f"{len(rows)} artifacts timed on {len(devices)} devices in {time.perf_counter() - t0:.0f} s"
+        f"{len(rows)} artifacts timed on {len(devices)} devices, {args.rounds} round(s), median "
+        f"per file, in {time.perf_counter() - t0:.0f} s"
     )
     local = [r["local"] for r in rows]
     a = [r["agent"] for r in rows]
@@ -238,6 +249,7 @@ def main() -> None:
     ap.add_argument("--part", choices=["artifacts", "search", "all"], default="all")
     ap.add_argument("--artifacts", type=int, default=80)
     ap.add_argument("--fit", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=1, help="passes over the files (median)")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--recovery-steps", type=int, default=30)
     ap.add_argument("--teacher-epochs", type=int, default=1, help="teacher recipe (cached)")
