@@ -299,7 +299,7 @@ def _status(a: argparse.Namespace) -> int:
 
 @_command("report")
 def _report(a: argparse.Namespace) -> int:
-    from .report import front_table, render_html, report_data, table_records
+    from .report import final_table, front_table, render_html, report_data, table_records
     from .runner import load_study
 
     view = load_study(
@@ -308,6 +308,9 @@ def _report(a: argparse.Namespace) -> int:
     df = view.trials
     if a.format == "table":
         print(front_table(df, view.baseline))
+        final = final_table(df)
+        if final:  # the front of the finally-recovered models, as the search printed it
+            print(f"\n{final}")
         if a.all and len(df):
             from .report import TABLE_COLUMNS
 

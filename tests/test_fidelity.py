@@ -137,6 +137,8 @@ def test_a_search_screens_promotes_and_ends_with_final_models(tmp_path: Path, ca
     assert {p["trial"] for p in final_json} == set(df.loc[df["final_front"], "trial"])
     assert all(p["val_accuracy"] == p["refined_val_accuracy"] for p in final_json)
     again = autoslim.load_study(db.parent)
+    assert main(["report", str(db.parent), "--format", "table"]) == 0
+    assert "final front (1-epoch recovery" in capsys.readouterr().out
     # the HTML report opens with the final front, search-time front after it
     page = (db.parent / "report.html").read_text()
     assert f"Final front: {len(final)} points after the 1-epoch final recovery" in page
