@@ -4,9 +4,13 @@ Imports numpy and onnxruntime only (never torch or optuna), so a device agent in
 
 Protocol (what ONNX Runtime's perf test, TFLite's ``benchmark_model`` and MLPerf LoadGen
 report): the first, cold run is timed apart; warm-up of ``warmup`` runs and at least
-``WARMUP_S``; then timed blocks of ``BLOCK`` runs with the garbage collector off, until the 95%
-confidence interval of the median (distribution-free, from order statistics) is within
-``+-CI_TARGET`` of it, or ``runs`` timed runs, or ``MAX_S`` seconds. Reported: n, median, p90,
+``WARMUP_S``; then timed blocks of ``BLOCK`` runs with the garbage collector off, for at least
+``MIN_S`` seconds and then until the 95% confidence interval of the median (distribution-free,
+from order statistics) is within ``+-CI_TARGET`` of it, or ``runs`` timed runs, or ``MAX_S``
+seconds. ``MIN_S`` (default 2 s; ``$AUTOSLIM_LATENCY_MIN_S``) is there because a shared machine
+runs in regimes of seconds: on the 2-vCPU machine of BENCHMARKS.md one 0.4 ms file timed
+for 0.2 s windows, paired with the teacher, gave ratios 1.45x apart (max/min of 6), for 3 s
+windows 1.14x; a short measurement lands wholly in one regime. Reported: n, median, p90,
 IQR, the CI, the cold run, the block medians, and ``noisy`` with its reasons (block medians
 spread > 5%, first-vs-last block drift > 5%, a loaded machine).
 
@@ -51,6 +55,8 @@ BLOCK = 20  # timed runs per block
 MIN_BLOCKS = 3
 CI_TARGET = 0.02  # stop once the median's 95% CI is within +-2% of it
 MAX_S = 20.0  # time cap of the timed blocks
+# least seconds of timed blocks (0: stop on the CI or ``runs`` at once, as the test suite does)
+MIN_S = float(os.environ.get("AUTOSLIM_LATENCY_MIN_S", "2.0"))
 NOISY_SPREAD = 0.05  # block medians' coefficient of variation above this: noisy
 NOISY_DRIFT = 0.05  # last vs first block median
 
@@ -127,14 +133,19 @@ def time_runs(
     warmup: int = 20,
     warmup_s: float = WARMUP_S,
     max_s: float = MAX_S,
+    min_s: float | None = None,
     block: int = BLOCK,
     reference: Callable[[], object] | None = None,
 ) -> Latency:
-    """Time ``fn`` by the protocol of this module; ``runs`` caps the timed runs, ``warmup``
+    """Time ``fn`` by the protocol of this module; ``runs`` caps the timed runs once ``min_s``
+    (default ``MIN_S``) seconds of timed blocks are done, ``max_s`` caps the seconds; ``warmup``
     and ``warmup_s`` are the least warm-up runs and seconds. With ``reference``, every block
     of ``fn`` is paired with a block of ``reference`` (see the module's docstring)."""
     if runs < 1:
         raise UsageError(f"runs must be >= 1 timed runs; got {runs}")
+    min_s = MIN_S if min_s is None else min_s
+    if not 0 <= min_s <= max_s:
+        raise UsageError(f"min_s must be within 0 and max_s ({max_s:g} s); got {min_s:g}")
     t0 = time.perf_counter()
     fn()
     cold = (time.perf_counter() - t0) * 1e3
@@ -143,7 +154,7 @@ def time_runs(
     if reference is not None:
         ref_ms = _warm(reference, min(warmup, 5), warmup_s / 2)
         ref_block = max(3, min(BLOCK, round(block * per_run / max(ref_ms, 1e-6))))
-    block = max(1, min(block, runs))
+    block = max(1, min(block, runs)) if min_s == 0 else block
     samples: list[float] = []
     medians: list[float] = []
     ref_samples: list[float] = []
@@ -152,19 +163,25 @@ def time_runs(
     enabled = gc.isenabled()
     gc.disable()
     try:
-        while len(samples) < runs:
-            chunk = _block(fn, min(block, runs - len(samples)))
+        while True:
+            left = runs - len(samples) if min_s == 0 else block  # past runs only while < min_s
+            chunk = _block(fn, max(1, min(block, left)))
             samples += chunk
             medians.append(statistics.median(chunk))
             if reference is not None:
                 ref_chunk = _block(reference, ref_block)
                 ref_samples += ref_chunk
                 ratios.append(medians[-1] / statistics.median(ref_chunk))
+            elapsed = time.perf_counter() - began
+            if elapsed > max_s:
+                break
+            if elapsed < min_s:
+                continue
+            if len(samples) >= runs:
+                break
             med = statistics.median(samples)
             lo, hi = median_ci(samples)
             if len(medians) >= MIN_BLOCKS and (hi - lo) / 2 <= CI_TARGET * med:
-                break
-            if time.perf_counter() - began > max_s:
                 break
     finally:
         if enabled:
