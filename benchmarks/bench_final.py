@@ -88,11 +88,14 @@ def time_went_to(run: Path, label: str, wall: float) -> str:
     view = autoslim.load_study(run)
     df = view.trials
     parts = []
-    for status, what in (("screened", "screened out"), ("ok", "trained"), ("fail", "failed")):
+    for status, what in (
+        ("screened", "screened out"), ("ok", "trained"), ("over_budget", "over budget"),
+        ("fail", "failed"),
+    ):  # fmt: skip
         sel = df[df["status"] == status]
         if len(sel):
             parts.append(f"{len(sel)} {what} ({sel['seconds'].sum() / 60:.1f} min)")
-    other = df[~df["status"].isin(["screened", "ok", "fail"])]
+    other = df[~df["status"].isin(["screened", "ok", "over_budget", "fail"])]
     if len(other):
         parts.append(f"{len(other)} other ({other['seconds'].sum() / 60:.1f} min)")
     fin = [r for t, r in view.refined.items() if view.is_final(t)]
