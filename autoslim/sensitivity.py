@@ -3,8 +3,12 @@
 A stage's sensitivity is what the BN proxy (:func:`autoslim.study.screen`: pruned and
 quantised, BN statistics re-estimated, no training) loses when only that stage is pruned,
 against the uniform int8 model with nothing pruned. :func:`greedy_params` then prunes, step by
-step, the stage that costs the least proxy accuracy per byte saved until the analytic size
-estimate fits the budget (as AMC and NVIDIA ModelOpt's FastNAS rank layers by a cheap proxy):
+step, the stage that costs the least proxy accuracy per unit saved until the analytic size
+estimate fits the budget (as AMC and NVIDIA ModelOpt's FastNAS rank layers by a cheap proxy).
+What is saved: bytes, as shares of the unpruned int8 model's; in a latency study, bytes plus
+multiply-accumulates (each as a share), since the late stages hold the bytes and the early
+ones the compute (measured in BENCHMARKS.md "Final front": by bytes alone both the seed and
+the greedy baseline were the slowest models of their runs):
 
 - ``rescreen=False`` (the search's seed, ~10 screens): a linear model of the per-stage
   sensitivities measured once at ``probe``;
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .study import Task, estimate, screen
+from .study import Task, estimate, screen, shape
 
 __all__ = ["stage_sensitivity", "greedy_params"]
 
@@ -34,6 +38,12 @@ def _step(knob: Any) -> float:
 def _score(task: Task, params: dict[str, Any]) -> tuple[float, int]:
     config = task.space.to_config(params)
     return screen(task, config), estimate(task, config)
+
+
+def _cost(task: Task, params: dict[str, Any]) -> tuple[int, float]:
+    """Size estimate and MACs (millions) of ``params`` (memoised by :func:`shape`)."""
+    size, feats = shape(task, task.space.to_config(params))
+    return size, float(feats.get("mmacs", 0.0))
 
 
 def stage_sensitivity(task: Task, *, probe: float = 0.5) -> dict[str, dict[str, float]]:
@@ -55,7 +65,9 @@ def greedy_params(
     proxy sensitivity as above; None if even the most pruned model does not fit."""
     params = task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8)
     dims = _prune_dims(task)
-    size = estimate(task, task.space.to_config(params))
+    size, macs = _cost(task, params)
+    size0, macs0 = max(size, 1), max(macs, 1e-9)
+    by_macs = "latency" in task.spec.objectives and macs > 0
     sens = None if rescreen else stage_sensitivity(task, probe=probe)
     acc = _score(task, params)[0] if rescreen else 0.0
     while size > budget:
@@ -65,19 +77,19 @@ def greedy_params(
             if v > d.knob.high + 1e-9:
                 continue
             trial = {**params, d.name: v}
-            new_size = estimate(task, task.space.to_config(trial))
-            saved = size - new_size
-            if saved <= 0:
+            new_size, new_macs = _cost(task, trial)
+            if new_size >= size:
                 continue
+            saved = (size - new_size) / size0 + ((macs - new_macs) / macs0 if by_macs else 0.0)
             if rescreen:
                 new_acc = screen(task, task.space.to_config(trial))
                 cost = max(acc - new_acc, 0.0) / saved
             else:  # linear in the ratio, from the probe
                 cost = sens[d.name]["drop"] / probe * _step(d.knob) / saved
-            key = (cost, -saved)  # insensitive stages (cost 0): the most bytes first
+            key = (cost, -saved)  # insensitive stages (cost 0): the most saved first
             if best is None or key < best[0]:
-                best = (key, trial, new_size, new_acc if rescreen else 0.0)
+                best = (key, trial, new_size, new_macs, new_acc if rescreen else 0.0)
         if best is None:
             return None
-        _, params, size, acc = best
+        _, params, size, macs, acc = best
     return params

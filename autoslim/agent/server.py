@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -488,10 +489,22 @@ def serve(
             flush=True,
         )
     config = uvicorn.Config(app, log_level="warning", lifespan="off")
+    # Ctrl-C is a KeyboardInterrupt wherever it lands (exit 130): uvicorn shuts down gracefully
+    # on it, then re-raises it into the handler it found; left to asyncio's runner, that one
+    # only cancels the main task, and under load the interrupt was lost (exit 0)
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGINT, _interrupted)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _port(text: str) -> int:
