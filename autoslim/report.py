@@ -358,11 +358,64 @@ def report_data(view: Any) -> dict[str, Any]:
     }
 
 
-def _scatter(data: dict, df: pd.DataFrame):
-    import plotly.graph_objects as go
+def _two_panels():
+    """A figure of two panels side by side: accuracy vs size (MB, log), vs latency (ms, log)."""
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs size", "accuracy vs latency"))
+    fig.update_xaxes(title_text="artifact size (MB, log)", type="log", row=1, col=1)
+    fig.update_xaxes(title_text="latency (ms, log)", type="log", row=1, col=2)
+    return fig
+
+
+def _on_both(fig, name: str, size_mb, latency_ms, y, **trace: Any) -> None:
+    """One group of points on both panels (x: size, then latency), one legend entry."""
+    import plotly.graph_objects as go
+
+    for col, x in ((1, size_mb), (2, latency_ms)):
+        fig.add_trace(
+            go.Scatter(x=x, y=y, name=name, legendgroup=name, showlegend=col == 1, **trace),
+            row=1,
+            col=col,
+        )
+
+
+def _points(fig, name: str, g: pd.DataFrame, prefix: str, hover: list[str], marker: dict) -> None:
+    """Trials of ``g`` as clickable markers (``prefix``: "" for search-time columns,
+    "refined_" for the final ones)."""
+    _on_both(
+        fig,
+        name,
+        g[f"{prefix}size_bytes"] / 1e6,
+        g[f"{prefix}latency_ms"],
+        g[f"{prefix}val_accuracy"],
+        mode="markers",
+        hovertext=hover,
+        hoverinfo="text",
+        customdata=g["trial"].astype(int).tolist(),
+        marker=marker,
+    )
+
+
+def _teacher(fig, base: dict | None) -> None:
+    """The fp32 teacher as a star on both panels."""
+    if base:
+        _on_both(
+            fig,
+            "teacher (fp32)",
+            [base["size_bytes"] / 1e6],
+            [base["latency_ms"]],
+            [base["val_accuracy"]],
+            mode="markers",
+            hovertext=f"teacher fp32: val {base['val_accuracy']:.4f}, "
+            f"{base['size_bytes'] / 1e6:.2f} MB, {base['latency_ms']:.3f} ms",
+            hoverinfo="text",
+            marker={"color": "black", "symbol": "star", "size": 13},
+        )
+
+
+def _scatter(data: dict, df: pd.DataFrame):
+    fig = _two_panels()
     ok = df[df["status"] == "ok"] if len(df) else df
     groups = [
         ("front", ok[ok["front"]], "#d62728", "circle"),
@@ -376,23 +429,7 @@ def _scatter(data: dict, df: pd.DataFrame):
             f"{r.speedup:.1f}x faster, {r.compression:.1f}x smaller<br>{r.summary}"
             for _, r in g.iterrows()
         ]
-        for col, x in ((1, g["size_bytes"] / 1e6), (2, g["latency_ms"])):
-            fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=g["val_accuracy"],
-                    mode="markers",
-                    name=name,
-                    legendgroup=name,
-                    showlegend=col == 1,
-                    hovertext=hover,
-                    hoverinfo="text",
-                    customdata=g["trial"].astype(int).tolist(),
-                    marker={"color": color, "symbol": symbol, "size": 9},
-                ),
-                row=1,
-                col=col,
-            )
+        _points(fig, name, g, "", hover, {"color": color, "symbol": symbol, "size": 9})
     if "refined_val_accuracy" in ok.columns:
         ref = ok[ok["refined_val_accuracy"].notna()]
         hover = [
@@ -402,42 +439,9 @@ def _scatter(data: dict, df: pd.DataFrame):
             f"{r.refined_latency_ms:.3f} ms"
             for _, r in ref.iterrows()
         ]
-        for col, x in ((1, ref["refined_size_bytes"] / 1e6), (2, ref["refined_latency_ms"])):
-            fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=ref["refined_val_accuracy"],
-                    mode="markers",
-                    name="refined",
-                    legendgroup="refined",
-                    showlegend=col == 1,
-                    hovertext=hover,
-                    hoverinfo="text",
-                    customdata=ref["trial"].astype(int).tolist(),
-                    marker={"color": "#2ca02c", "symbol": "diamond", "size": 11},
-                ),
-                row=1,
-                col=col,
-            )
-    base = data["baseline"]
-    if base:
-        for col, x in ((1, base["size_bytes"] / 1e6), (2, base["latency_ms"])):
-            fig.add_trace(
-                go.Scatter(
-                    x=[x],
-                    y=[base["val_accuracy"]],
-                    mode="markers",
-                    name="teacher (fp32)",
-                    legendgroup="teacher",
-                    showlegend=col == 1,
-                    hovertext=f"teacher fp32: val {base['val_accuracy']:.4f}, "
-                    f"{base['size_bytes'] / 1e6:.2f} MB, {base['latency_ms']:.3f} ms",
-                    hoverinfo="text",
-                    marker={"color": "black", "symbol": "star", "size": 13},
-                ),
-                row=1,
-                col=col,
-            )
+        marker = {"color": "#2ca02c", "symbol": "diamond", "size": 11}
+        _points(fig, "refined", ref, "refined_", hover, marker)
+    _teacher(fig, data["baseline"])
     if data["budget"]:
         fig.add_vline(x=data["budget"] / 1e6, line_dash="dash", line_color="green", row=1, col=1)
         fig.add_annotation(
@@ -467,8 +471,6 @@ def _scatter(data: dict, df: pd.DataFrame):
             row=1,
             col=1,
         )
-    fig.update_xaxes(title_text="artifact size (MB, log)", type="log", row=1, col=1)
-    fig.update_xaxes(title_text="latency (ms, log)", type="log", row=1, col=2)
     fig.update_yaxes(title_text="validation accuracy (artifact)", row=1, col=1)
     fig.update_layout(title="Pareto front (click a point for its config and export command)")
     fig.update_layout(height=520, clickmode="event")
@@ -478,38 +480,28 @@ def _scatter(data: dict, df: pd.DataFrame):
 def _final(data: dict, df: pd.DataFrame):
     """The front of the finally-recovered models (level 2), with a line from each one's
     search-time numbers; None when the study has no final level."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     if "final" not in df.columns or not df["final"].any():
         return None
     fin = df[df["final"]]
     epochs = int(fin["refined_epochs"].iloc[0])
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs size", "accuracy vs latency"))
-    for col, x_now, x_then in (
-        (1, fin["refined_size_bytes"] / 1e6, fin["size_bytes"] / 1e6),
-        (2, fin["refined_latency_ms"], fin["latency_ms"]),
-    ):
-        xs, ys = [], []
-        for a, b, c, d in zip(
-            x_then, fin["val_accuracy"], x_now, fin["refined_val_accuracy"], strict=True
-        ):
-            xs += [a, c, None]
-            ys += [b, d, None]
-        fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=ys,
-                mode="lines",
-                name="search time -> final",
-                legendgroup="path",
-                showlegend=col == 1,
-                hoverinfo="skip",
-                line={"color": "#bbbbbb", "dash": "dot"},
-            ),
-            row=1,
-            col=col,
-        )
+    fig = _two_panels()
+    paths = {}
+    for key, then, now in (
+        ("size", fin["size_bytes"] / 1e6, fin["refined_size_bytes"] / 1e6),
+        ("latency", fin["latency_ms"], fin["refined_latency_ms"]),
+        ("accuracy", fin["val_accuracy"], fin["refined_val_accuracy"]),
+    ):  # one segment per point, from its search-time numbers to its final ones
+        paths[key] = [v for a, b in zip(then, now, strict=True) for v in (a, b, None)]
+    _on_both(
+        fig,
+        "search time -> final",
+        paths["size"],
+        paths["latency"],
+        paths["accuracy"],
+        mode="lines",
+        hoverinfo="skip",
+        line={"color": "#bbbbbb", "dash": "dot"},
+    )
     for name, g, color, symbol in (
         ("final front", fin[fin["final_front"]], "#d62728", "diamond"),
         ("final, dominated", fin[~fin["final_front"]], "#1f77b4", "diamond-open"),
@@ -520,43 +512,8 @@ def _final(data: dict, df: pd.DataFrame):
             f"{r.refined_size_bytes / 1e6:.3f} MB, {r.refined_latency_ms:.3f} ms<br>{r.summary}"
             for _, r in g.iterrows()
         ]
-        for col, x in ((1, g["refined_size_bytes"] / 1e6), (2, g["refined_latency_ms"])):
-            fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=g["refined_val_accuracy"],
-                    mode="markers",
-                    name=name,
-                    legendgroup=name,
-                    showlegend=col == 1,
-                    hovertext=hover,
-                    hoverinfo="text",
-                    customdata=g["trial"].astype(int).tolist(),
-                    marker={"color": color, "symbol": symbol, "size": 12},
-                ),
-                row=1,
-                col=col,
-            )
-    base = data["baseline"]
-    if base:
-        for col, x in ((1, base["size_bytes"] / 1e6), (2, base["latency_ms"])):
-            fig.add_trace(
-                go.Scatter(
-                    x=[x],
-                    y=[base["val_accuracy"]],
-                    mode="markers",
-                    name="teacher (fp32)",
-                    legendgroup="teacher",
-                    showlegend=col == 1,
-                    hoverinfo="text",
-                    hovertext=f"teacher fp32: val {base['val_accuracy']:.4f}",
-                    marker={"color": "black", "symbol": "star", "size": 13},
-                ),
-                row=1,
-                col=col,
-            )
-    fig.update_xaxes(title_text="artifact size (MB, log)", type="log", row=1, col=1)
-    fig.update_xaxes(title_text="latency (ms, log)", type="log", row=1, col=2)
+        _points(fig, name, g, "refined_", hover, {"color": color, "symbol": symbol, "size": 12})
+    _teacher(fig, data["baseline"])
     fig.update_yaxes(title_text="validation accuracy (final artifact)", row=1, col=1)
     fig.update_layout(
         title=f"Final front: {len(fin)} points after the {epochs}-epoch final recovery "
@@ -781,32 +738,32 @@ def _table_html(records: list[dict[str, Any]]) -> str:
 def render_html(data: dict[str, Any], df: pd.DataFrame, path: Path) -> Path:
     """The rendering step: one self-contained HTML file (atomic write), plotly.js inline."""
     final = _final(data, df)
-    figs = [
-        (
-            "scatter",
-            "Pareto front" if final is None else "Pareto front (search time)",
-            _scatter(data, df),
-        ),
+    scatter = _scatter(data, df)
+    top = (  # above the picked trial's details; what the user keeps (the final front) first
+        [("scatter", "Pareto front", scatter)]
+        if final is None
+        else [
+            ("final", "Final front (what the search ends with)", final),
+            ("scatter", "Pareto front (search time)", scatter),
+        ]
+    )
+    rest = [
         ("heatmap", "Per-layer knobs of the front", _heatmap(data)),
         ("hypervolume", "Hypervolume over trials", _history(data)),
         ("parcoords", "Parallel coordinates", _parcoords(data, df)),
         ("importance", "Parameter importance", _importance(data)),
     ]
     parts, first = [], True
-    if final is not None:  # what the user keeps comes first; its plotly.js is the inline copy
-        figs.insert(0, ("final", "Final front (what the search ends with)", final))
-    for div_id, title, fig in figs:
+    for div_id, title, fig in top + rest:
         if fig is None:
             parts.append(f"<h2>{title}</h2><p>not enough measured trials yet</p>")
             continue
         parts.append(f"<h2>{title}</h2>")
-        parts.append(
-            fig.to_html(
-                full_html=False,
-                include_plotlyjs=first,  # the one inline copy of plotly.js
-                div_id=div_id,
-                config={"displaylogo": False, "responsive": True},
-            )
+        parts[-1] += fig.to_html(
+            full_html=False,
+            include_plotlyjs=first,  # the one inline copy of plotly.js
+            div_id=div_id,
+            config={"displaylogo": False, "responsive": True},
         )
         first = False
     base = data["baseline"]
@@ -839,12 +796,12 @@ def render_html(data: dict[str, Any], df: pd.DataFrame, path: Path) -> Path:
 <p>{len(data["table"])} trials, {n_front} on the feasible front; {budget};
 objectives {", ".join(data["objectives"])}. {html.escape(teacher)}</p>
 <p id="device">{html.escape(device)} {html.escape(predictor + "." if predictor else "")}</p>
-{"".join(parts[: 3 if final is not None else 2])}
+{"".join(parts[: len(top)])}
 <h2>Picked: <span id="picked">click a point or a table row</span></h2>
 <p>Export it: <code id="export-cmd">-</code>
 <button onclick="copyCmd()">copy command</button></p>
 <pre id="details"></pre>
-{"".join(parts[3 if final is not None else 2 :])}
+{"".join(parts[len(top) :])}
 <h2>All trials (click a header to sort, a row to pick)</h2>
 {_table_html(data["table"])}
 <script type="application/json" id="trial-data">{payload}</script>

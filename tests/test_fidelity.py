@@ -143,6 +143,7 @@ def test_a_search_screens_promotes_and_ends_with_final_models(tmp_path: Path, ca
     page = (db.parent / "report.html").read_text()
     assert f"Final front: {len(final)} points after the 1-epoch final recovery" in page
     assert page.index('id="final"') < page.index('id="scatter"')
+    assert page.index('id="scatter"') < page.index('id="picked"')  # both plots above the pick
     assert {k: v["sha256"] for k, v in again.refined.items()} == shas
     assert len(again.trials) == len(df)
 

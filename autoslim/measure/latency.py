@@ -154,7 +154,6 @@ def time_runs(
     if reference is not None:
         ref_ms = _warm(reference, min(warmup, 5), warmup_s / 2)
         ref_block = max(3, min(BLOCK, round(block * per_run / max(ref_ms, 1e-6))))
-    block = max(1, min(block, runs)) if min_s == 0 else block
     samples: list[float] = []
     medians: list[float] = []
     ref_samples: list[float] = []
