@@ -87,17 +87,11 @@ def time_went_to(run: Path, label: str, wall: float) -> str:
     """Where a search's wall time went: screened-out candidates, trained ones, the final level."""
     view = autoslim.load_study(run)
     df = view.trials
-    parts = []
-    for status, what in (
-        ("screened", "screened out"), ("ok", "trained"), ("over_budget", "over budget"),
-        ("fail", "failed"),
-    ):  # fmt: skip
-        sel = df[df["status"] == status]
-        if len(sel):
-            parts.append(f"{len(sel)} {what} ({sel['seconds'].sum() / 60:.1f} min)")
-    other = df[~df["status"].isin(["screened", "ok", "over_budget", "fail"])]
-    if len(other):
-        parts.append(f"{len(other)} other ({other['seconds'].sum() / 60:.1f} min)")
+    names = {"screened": "screened out", "ok": "trained", "over_budget": "over budget"}
+    parts = [
+        f"{len(g)} {names.get(status, status)} ({g['seconds'].sum() / 60:.1f} min)"
+        for status, g in df.groupby("status")
+    ]
     fin = [r for t, r in view.refined.items() if view.is_final(t)]
     if fin:
         parts.append(f"{len(fin)} final ({sum(r['seconds'] for r in fin) / 60:.1f} min)")
