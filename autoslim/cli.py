@@ -285,7 +285,8 @@ def _status(a: argparse.Namespace) -> int:
     eta = f"{st['eta_minutes']:.0f} min" if st["eta_minutes"] is not None else "-"
     print(
         f"study {st['study']} ({st['storage']}): {st['counted']} of {st['budget']} trials "
-        f"counted; {states}; {st['killed']} killed and queued again"
+        f"counted ({st['free_rejects']} rejected before training, not counted); {states}; "
+        f"{st['killed']} killed and queued again"
     )
     print(f"throughput {rate} (last 10 counted trials); time left at that rate {eta}")
     for name, w in sorted(st["workers"].items()):

@@ -386,10 +386,14 @@ def load_study(
     return _view(study, run_dir, url, importance=importance, artifacts=artifacts)
 
 
+FREE_REJECTS = 4  # per trial of the budget: candidates rejected before training, not counted
+
+
 def _counts(t: optuna.trial.FrozenTrial) -> bool:
-    """Whether a trial uses one of the study's ``trials``: completed, or failed as a candidate
-    (a compression or export that cannot work). A trial whose worker died does not: it is
-    queued again; nor does a surplus one (see :func:`_surplus`)."""
+    """Whether a trial can use one of the study's ``trials``: completed, or failed as a
+    candidate (a compression or export that cannot work). A trial whose worker died does not:
+    it is queued again; nor does a surplus one (see :func:`_surplus`). Of those, the first
+    rejected ones are free (see :func:`_counted`)."""
     if t.state == optuna.trial.TrialState.COMPLETE:
         return True
     return (
@@ -399,19 +403,46 @@ def _counts(t: optuna.trial.FrozenTrial) -> bool:
     )
 
 
-def _done(study: optuna.Study) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False) if _counts(t))
+def _rejected(t: optuna.trial.FrozenTrial) -> bool:
+    """A candidate turned away before any training: the size estimate puts it over the budget
+    or the calibrated latency predictor over ``max_latency_ms`` (a fraction of a second)."""
+    return t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("status") in (
+        "over_budget",
+        "over_latency",
+    )
+
+
+def _counted(trials: list[optuna.trial.FrozenTrial], budget: int) -> list[optuna.trial.FrozenTrial]:
+    """The trials that use up the budget of ``budget`` trials, by trial number: every
+    screened, trained or failed candidate, and the rejected ones past the first
+    ``FREE_REJECTS * budget``. A rejection costs a fraction of a second, so a sampler that
+    proposes many over-budget candidates (14 of TPE's first 30 on the default study) still
+    trains its share; the bound ends a study whose space hardly fits its budget. Every worker
+    reads the same trials, so all agree on the count."""
+    free, out = FREE_REJECTS * budget, []
+    for t in sorted(trials, key=lambda t: t.number):
+        if not _counts(t):
+            continue
+        if free > 0 and _rejected(t):
+            free -= 1
+            continue
+        out.append(t)
+    return out
+
+
+def _done(study: optuna.Study, budget: int) -> int:
+    return len(_counted(study.get_trials(deepcopy=False), budget))
 
 
 def _surplus(trial: optuna.Trial, budget: int) -> bool:
     """Whether the trials numbered before ``trial`` (counted, running or queued) already fill
     the global budget. Trial numbers are handed out atomically by the storage, so workers on
-    any number of machines agree on which trials are the first ``budget``."""
-    ahead = 0
+    any number of machines agree on which trials are the first ``budget``. A running or queued
+    trial counts ahead (it may yet be a free rejection: then this worker stops a trial early
+    and the others, whose loop runs until the budget is counted, finish it)."""
     live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-    for t in trial.study.get_trials(deepcopy=False):
-        if t.number < trial.number and (_counts(t) or t.state in live):
-            ahead += 1
+    before = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number]
+    ahead = len(_counted(before, budget)) + sum(t.state in live for t in before)
     return ahead >= budget
 
 
@@ -811,7 +842,7 @@ def search(spec: StudySpec, *, progress: bool = True, outputs: bool = True) -> S
             "(for a latency study use an int8 space such as --space default)"
         )
     _setup(study, task, creator)
-    done = _done(study)
+    done = _done(study, spec.trials)
     remaining = max(0, spec.trials - done)
     log(
         f"study {spec.name}: {done} trials stored, {remaining} to run "
@@ -862,14 +893,15 @@ def _optimize(study: optuna.Study, task: Task, seed: int, remaining: int, *, pro
             raise interrupted["by"]
         if t.user_attrs.get("surplus"):
             return
-        bar.update(1)
+        done = _done(st, spec.trials)
+        bar.update(max(0, min(done, spec.trials) - (spec.trials - remaining) - bar.n))
         if t.user_attrs.get("feasible") and t.user_attrs.get("status") == "ok":
             best["acc"] = max(best["acc"], t.user_attrs["val_accuracy"])
         bar.set_postfix(
             best_feasible_acc=f"{best['acc']:.4f}" if best["acc"] > 0 else "-",
             last=t.user_attrs.get("status", t.state.name.lower()),
         )
-        if _done(st) >= spec.trials:  # the global budget, whichever workers ran it
+        if done >= spec.trials:  # the global budget, whichever workers ran it
             st.stop()
 
     logging.getLogger("optuna").setLevel(logging.ERROR)
@@ -878,7 +910,7 @@ def _optimize(study: optuna.Study, task: Task, seed: int, remaining: int, *, pro
     old = {s: signal.signal(s, on_signal) for s in signals} if main_thread else {}
     objective = _objective(task, seed)
     try:
-        while _done(study) < spec.trials:
+        while _done(study, spec.trials) < spec.trials:
             study.optimize(objective, catch=(CandidateFailed,), callbacks=[cb], gc_after_trial=True)
             # a worker that died on this host while this one ran: its trial is queued again
             if not heal_dead_trials(study, spec.run_dir) and not _waiting(study):
@@ -968,7 +1000,7 @@ def study_status(name_or_dir: str | Path, *, storage: str | None = None) -> dict
     for t in trials:
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
     budget = int(study.user_attrs.get("spec", {}).get("trials", 0))
-    counted = [t for t in trials if _counts(t)]
+    counted = _counted(trials, budget)
     workers = {}
     for key, info in study.user_attrs.items():
         if key.startswith("worker:"):
@@ -992,6 +1024,8 @@ def study_status(name_or_dir: str | Path, *, storage: str | None = None) -> dict
         "storage": redact(url),
         "budget": budget,
         "counted": len(counted),
+        # rejected before training (size estimate, latency predictor) and not counted
+        "free_rejects": sum(1 for t in trials if _counts(t)) - len(counted),
         "states": states,
         "killed": sum(1 for t in trials if t.user_attrs.get("killed")),
         "workers": workers,

@@ -19,8 +19,9 @@ from autoslim.study import load_study_spec
 def test_tiny_study_front_meets_budget(tiny_study, tmp_path: Path):
     spec, res = tiny_study.spec, tiny_study.result
     df = res.frame
-    assert len(df) == TINY_TRIALS
-    assert (df["state"] == "COMPLETE").sum() + (df["state"] == "FAIL").sum() == TINY_TRIALS
+    rejected = int((df["status"] == "over_budget").sum())  # free: not counted in the trials
+    assert len(df) == TINY_TRIALS + rejected
+    assert (df["state"] == "COMPLETE").sum() + (df["state"] == "FAIL").sum() == len(df)
     front = res.front
     assert len(front) >= 1, df[["trial", "status", "size_bytes", "fail_reason"]]
     assert (front["size_bytes"] <= BUDGET).all()
@@ -38,7 +39,27 @@ def test_tiny_study_front_meets_budget(tiny_study, tmp_path: Path):
     html = res.outputs["html"].read_text()
     assert "plotly" in html and "Pareto" in html
     # the study opens again from disk with its trials
-    assert len(open_existing(spec.run_dir).trials) == TINY_TRIALS
+    assert len(open_existing(spec.run_dir).trials) == len(df)
+
+
+def test_rejected_candidates_are_free_up_to_a_bound(tmp_path: Path):
+    """Candidates the size estimate rejects (a fraction of a second each) do not use up the
+    trials, so a sampler that proposes many over-budget ones still trains its share; up to
+    FREE_REJECTS per trial, so that a budget nothing fits still ends. `status` tells them
+    apart."""
+    from autoslim.runner import FREE_REJECTS, search, study_status
+
+    spec = load_study_spec(tiny_study_file(tmp_path, "nofit", trials=2), budget="1kB")
+    res = search(spec, progress=False)
+    df = res.frame
+    assert (df["status"] == "over_budget").all(), df[["trial", "status", "fail_reason"]]
+    assert len(df) == (FREE_REJECTS + 1) * 2
+    assert (df["seconds"] < 5).all() and res.front.empty
+    st = study_status(spec.run_dir)
+    assert st["counted"] == st["budget"] == 2 and st["free_rejects"] == FREE_REJECTS * 2
+    r = run_cli("status", str(spec.run_dir))
+    assert r.returncode == 0, r.stderr
+    assert f"2 of 2 trials counted ({FREE_REJECTS * 2} rejected before training" in r.stdout
 
 
 def test_with_a_budget_every_enqueued_baseline_fits_it(tiny_study):

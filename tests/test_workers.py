@@ -35,7 +35,9 @@ def study_file(tmp: Path, name: str, trials: int, *, heartbeat_s: int = 30) -> P
 
 
 def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that use up the budget: completed, or failed as a candidate (not killed)."""
+    """Trials that use up the budget: completed, or failed as a candidate (not killed). These
+    studies have no size budget, so no candidate is rejected before training (those are
+    free, see test_runner)."""
     out = []
     for t in study.get_trials():
         if t.state == optuna.trial.TrialState.COMPLETE:
