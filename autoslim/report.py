@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .pareto import OBJECTIVE_COLUMNS, OBJECTIVES, hypervolume, pareto_mask
 
 __all__ = [
@@ -836,6 +836,9 @@ def write_outputs(view: Any, data: dict[str, Any] | None = None) -> dict[str, Pa
     return out
 
 
+IMAGE_TRIES = 3  # kaleido renders in a fresh Chromium tab; its start can race under load
+
+
 def write_images(data: dict[str, Any], df: pd.DataFrame, folder: Path) -> list[Path]:
     """Static PNG + SVG of the Pareto scatter (kaleido, with the system's Chromium). Optional."""
     try:
@@ -850,12 +853,18 @@ def write_images(data: dict[str, Any], df: pd.DataFrame, folder: Path) -> list[P
     out = []
     for ext in ("png", "svg"):
         p = folder / f"pareto.{ext}"
-        try:
-            fig.write_image(str(p), width=1200, height=520)
-        except Exception as e:  # kaleido reports a missing browser in its own exception types
-            raise UsageError(
-                f"kaleido could not render {p.name}: {e}; install Chromium "
-                "(apt-get install chromium) or set BROWSER_PATH to a Chrome/Chromium binary"
-            ) from e
+        for attempt in range(IMAGE_TRIES):
+            try:
+                fig.write_image(str(p), width=1200, height=520)
+                break
+            except Exception as e:  # kaleido reports a missing browser in its own types
+                # on a loaded machine kaleido 1.5 can evaluate its page's script before the
+                # page has defined it ("kaleido_scopes is not defined"): a fresh try renders
+                if attempt + 1 == IMAGE_TRIES:
+                    raise UsageError(
+                        f"kaleido could not render {p.name}: {one_line(str(e))}; install "
+                        "Chromium (apt-get install chromium) or set BROWSER_PATH to a "
+                        "Chrome/Chromium binary"
+                    ) from e
         out.append(p)
     return out
