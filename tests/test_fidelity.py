@@ -10,14 +10,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import continuous_prune_space, run_cli, start_cli, tiny_study_file
 
 import autoslim
 from autoslim.cli import main
+from autoslim.config import CompressionConfig, LayerConfig
 from autoslim.pareto import crowding_distances, nondominated_ranks, promoted
 from autoslim.results import pick, sha256_file
-from autoslim.runner import open_existing
+from autoslim.runner import compression_kind, final_picks, open_existing
 
 FIDELITY = (
     "[fidelity]\nscreen_images = 200\npromote = 0.34\n"
@@ -64,6 +66,40 @@ def test_promotion_within_a_crowded_front_prefers_spread_out_points() -> None:
     # a candidate behind the crossing front is never promoted, one ahead of it always is
     assert not promoted(np.vstack([front, [[0.4, 5.0]]]), d, 0.8)
     assert promoted(np.vstack([front, [[0.9, 0.5]]]), d, 0.1)
+
+
+def _front(points: list[tuple[int, float, float, float | None]]) -> pd.DataFrame:
+    """A level-1 front of (trial, latency ms, val accuracy, rank ratio of its 4 layers)."""
+    rows = []
+    for t, ms, acc, rank in points:
+        layers = {
+            f"l{i}": LayerConfig(weight_bits=8, act_bits=8, rank_ratio=rank) for i in range(4)
+        }
+        rows.append(
+            {"trial": t, "latency_ms": ms, "val_accuracy": acc,
+             "config": CompressionConfig(layers=layers).to_json()}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_final_picks_keep_both_ends_every_kind_and_spread() -> None:
+    # eight int8 points along a front; one low-rank point sits between two int8 ones, where a
+    # spread by latency alone passes it by
+    front = _front(
+        [(0, 0.10, 0.880, None), (1, 0.11, 0.885, None), (2, 0.13, 0.890, None),
+         (3, 0.20, 0.900, None), (4, 0.22, 0.902, 0.5), (5, 0.26, 0.910, None),
+         (6, 0.30, 0.915, None), (7, 0.40, 0.920, None)]
+    )  # fmt: skip
+    assert compression_kind(front.config[4]) == ((8,), "most")
+    assert compression_kind(front.config[0]) == ((8,), "none")
+    picks = final_picks(front.sample(frac=1, random_state=0), 4)  # any row order
+    assert picks[0] == 0 and picks[-1] == 7 and 4 in picks and len(picks) == 4
+    assert picks == sorted(picks, key=lambda t: front.latency_ms[t])  # fastest first
+    assert final_picks(front, 8) == list(range(8))  # a small front: all of it
+    assert final_picks(front, 1) == [7]  # one: the most accurate
+    # without a second kind: the spread by log latency, both ends kept
+    plain = _front([(t, ms, a, None) for t, ms, a, _ in front.itertuples(index=False)])
+    assert final_picks(plain, 3) == [0, 3, 7]
 
 
 def _final_started(db: Path) -> bool:
