@@ -777,6 +777,10 @@ def _setup(study: optuna.Study, task: Task, creator: bool) -> None:
             seed_params = greedy_params(task, spec.budget)
             if seed_params is not None:
                 seeds.append((seed_params, "sensitivity"))
+            if any(d.kind == "rank" for d in task.space.dims):  # and one that may factorise
+                low_rank = greedy_params(task, spec.budget, low_rank=True)
+                if low_rank is not None and low_rank != seed_params:
+                    seeds.append((low_rank, "sensitivity-low-rank"))
         for params, kind in seeds[: spec.trials]:
             study.enqueue_trial(params, user_attrs={"enqueued_as": kind}, skip_if_exists=True)
 

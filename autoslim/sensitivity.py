@@ -15,6 +15,12 @@ the greedy baseline were the slowest models of their runs):
 - ``rescreen=True`` (the sensitivity-greedy baseline of ``make bench-final``): every step
   re-screens each stage's next step, so interactions between stages are seen.
 
+With ``low_rank=True`` a step may also factorise a stage (its low-rank choice, "off" to the
+next ratio of the space), scored the same way: the search's second seed, so that the sampler
+starts with a measured factorised point (measured in BENCHMARKS.md "Final front": TPE, seeded
+with unfactorised points only, stopped proposing factorised ones, while random search's
+factorised finals were the run's most accurate models).
+
 Plain data in, plain data out; no Optuna (the runner enqueues the result as a seed trial).
 """
 
@@ -27,12 +33,37 @@ from .study import Task, estimate, screen, shape
 __all__ = ["stage_sensitivity", "greedy_params"]
 
 
-def _prune_dims(task: Task) -> list[Any]:
-    return [d for d in task.space.dims if d.kind == "prune" and d.knob.high]
+def _step_dims(task: Task, low_rank: bool) -> list[Any]:
+    """The dimensions a greedy step moves: pruning ratios, and low-rank choices if asked."""
+    return [
+        d
+        for d in task.space.dims
+        if (d.kind == "prune" and d.knob.high) or (low_rank and d.kind == "rank" and _ranks(d.knob))
+    ]
+
+
+def _ranks(knob: Any) -> list[float]:
+    """A low-rank knob's ratios, mildest (largest) first; continuous knobs are not stepped."""
+    return sorted((c for c in knob.choices or () if c != "off"), reverse=True)
 
 
 def _step(knob: Any) -> float:
     return max(knob.step or 0.0, 0.1)  # coarse: a seed, refined by the sampler
+
+
+def _next(d: Any, value: Any) -> Any:
+    """The value one greedy step further along dimension ``d``, or None at its end."""
+    if d.kind == "rank":
+        ranks = _ranks(d.knob)
+        i = 0 if value == "off" else ranks.index(value) + 1
+        return ranks[i] if i < len(ranks) else None
+    v = round(value + _step(d.knob), 10)
+    return v if v <= d.knob.high + 1e-9 else None
+
+
+def _linear(d: Any, probe: float) -> float:
+    """The share of the probe's accuracy drop one step of ``d`` costs (linear model)."""
+    return 1.0 if d.kind == "rank" else _step(d.knob) / probe
 
 
 def _score(task: Task, params: dict[str, Any]) -> tuple[float, int]:
@@ -46,35 +77,45 @@ def _cost(task: Task, params: dict[str, Any]) -> tuple[int, float]:
     return size, float(feats.get("mmacs", 0.0))
 
 
-def stage_sensitivity(task: Task, *, probe: float = 0.5) -> dict[str, dict[str, float]]:
+def stage_sensitivity(
+    task: Task, *, probe: float = 0.5, low_rank: bool = False
+) -> dict[str, dict[str, float]]:
     """Per prune dimension: the proxy accuracy lost and the bytes saved when only it is pruned
-    at ``probe`` (others unpruned, int8 everywhere)."""
+    at ``probe`` (others unpruned, int8 everywhere); with ``low_rank``, per low-rank
+    dimension too, when only it is factorised at its mildest ratio."""
     base = task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8)
     acc0, size0 = _score(task, base)
     out = {}
-    for d in _prune_dims(task):
-        acc, size = _score(task, {**base, d.name: min(probe, d.knob.high)})
+    for d in _step_dims(task, low_rank):
+        v = _ranks(d.knob)[0] if d.kind == "rank" else min(probe, d.knob.high)
+        acc, size = _score(task, {**base, d.name: v})
         out[d.name] = {"drop": max(acc0 - acc, 0.0), "saved": float(size0 - size)}
     return out
 
 
 def greedy_params(
-    task: Task, budget: int, *, rescreen: bool = False, probe: float = 0.5
+    task: Task,
+    budget: int,
+    *,
+    rescreen: bool = False,
+    probe: float = 0.5,
+    low_rank: bool = False,
 ) -> dict[str, Any] | None:
-    """Parameters (int8, per-stage pruning) that fit ``budget`` by the size estimate, chosen by
-    proxy sensitivity as above; None if even the most pruned model does not fit."""
+    """Parameters (int8, per-stage pruning, and low-rank choices with ``low_rank``) that fit
+    ``budget`` by the size estimate, chosen by proxy sensitivity as above; None if even the
+    most compressed model does not fit."""
     params = task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8)
-    dims = _prune_dims(task)
+    dims = _step_dims(task, low_rank)
     size, macs = _cost(task, params)
     size0, macs0 = max(size, 1), max(macs, 1e-9)
     by_macs = "latency" in task.spec.objectives and macs > 0
-    sens = None if rescreen else stage_sensitivity(task, probe=probe)
+    sens = None if rescreen else stage_sensitivity(task, probe=probe, low_rank=low_rank)
     acc = _score(task, params)[0] if rescreen else 0.0
     while size > budget:
         best = None
         for d in dims:
-            v = round(params[d.name] + _step(d.knob), 10)
-            if v > d.knob.high + 1e-9:
+            v = _next(d, params[d.name])
+            if v is None:
                 continue
             trial = {**params, d.name: v}
             new_size, new_macs = _cost(task, trial)
@@ -85,7 +126,7 @@ def greedy_params(
                 new_acc = screen(task, task.space.to_config(trial))
                 cost = max(acc - new_acc, 0.0) / saved
             else:  # linear in the ratio, from the probe
-                cost = sens[d.name]["drop"] / probe * _step(d.knob) / saved
+                cost = sens[d.name]["drop"] * _linear(d, probe) / saved
             key = (cost, -saved)  # insensitive stages (cost 0): the most saved first
             if best is None or key < best[0]:
                 best = (key, trial, new_size, new_macs, new_acc if rescreen else 0.0)

@@ -202,6 +202,38 @@ def test_sensitivity_greedy_widths_fit_the_budget(tiny_study) -> None:
     assert greedy_params(task, 1000) is None  # nothing that small exists: said, not guessed
 
 
+def test_sensitivity_greedy_factorises_when_pruning_alone_cannot_fit(
+    tmp_path: Path, autoslim_cache: Path
+) -> None:
+    """With ``low_rank`` the greedy may factorise a stage (the search's second seed): a budget
+    that the most pruned unfactorised model misses is met, by a valid low-rank choice."""
+    from autoslim.sensitivity import greedy_params, stage_sensitivity
+    from autoslim.study import build_task, estimate, load_study_spec
+
+    f = tiny_study_file(tmp_path, "lowrank", 2)
+    (tmp_path / "space.toml").write_text(
+        '[[rules]]\nmatch = "*"\nprune = {min = 0.0, max = 0.5, step = 0.25}\n'
+        'weight_bits = 8\nact_bits = 8\nrank = ["off", 0.5]\n'
+    )
+    f.write_text(f.read_text().replace(":build", ":wide"))
+    task = build_task(load_study_spec(f), progress=False)
+    rank_dims = [d.name for d in task.space.dims if d.kind == "rank"]
+    assert rank_dims
+    pruned = task.space.uniform_params(prune=0.5, weight_bits=8, act_bits=8)
+    size = estimate(task, task.space.to_config(pruned))  # the most pruned, unfactorised
+    alone = min(estimate(task, task.space.to_config({**pruned, d: 0.5})) for d in rank_dims)
+    assert alone < size  # factorising one wide conv saves bytes beyond the most pruning
+    budget = (size + alone) // 2
+    assert greedy_params(task, budget) is None
+    sens = stage_sensitivity(task, low_rank=True)
+    assert set(rank_dims) <= set(sens)
+    for rescreen in (False, True):
+        params = greedy_params(task, budget, low_rank=True, rescreen=rescreen)
+        assert params is not None and estimate(task, task.space.to_config(params)) <= budget
+        assert {params[d] for d in rank_dims} <= {"off", 0.5}
+        assert any(params[d] == 0.5 for d in rank_dims)
+
+
 @pytest.mark.parametrize("bad", ["promote = 0", "promote = 1.5", "final_epochs = 0"])
 def test_bad_fidelity_settings_are_one_line_errors(tmp_path: Path, bad: str) -> None:
     f = tiny_study_file(tmp_path, "bad", 2)
