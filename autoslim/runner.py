@@ -772,13 +772,15 @@ def _setup(study: optuna.Study, task: Task, creator: bool) -> None:
             for prune, wb, ab in _baselines(task)
         ]
         if spec.screen_images and spec.budget is not None:  # per-stage widths by sensitivity
-            from .sensitivity import greedy_params
+            from .sensitivity import greedy_params, stage_sensitivity
 
-            seed_params = greedy_params(task, spec.budget)
+            factorise = any(d.kind == "rank" for d in task.space.dims)
+            sens = stage_sensitivity(task, low_rank=factorise)  # screened once for both seeds
+            seed_params = greedy_params(task, spec.budget, sensitivity=sens)
             if seed_params is not None:
                 seeds.append((seed_params, "sensitivity"))
-            if any(d.kind == "rank" for d in task.space.dims):  # and one that may factorise
-                low_rank = greedy_params(task, spec.budget, low_rank=True)
+            if factorise:  # and one that may factorise
+                low_rank = greedy_params(task, spec.budget, low_rank=True, sensitivity=sens)
                 if low_rank is not None and low_rank != seed_params:
                     seeds.append((low_rank, "sensitivity-low-rank"))
         for params, kind in seeds[: spec.trials]:

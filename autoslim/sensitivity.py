@@ -100,16 +100,20 @@ def greedy_params(
     rescreen: bool = False,
     probe: float = 0.5,
     low_rank: bool = False,
+    sensitivity: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any] | None:
     """Parameters (int8, per-stage pruning, and low-rank choices with ``low_rank``) that fit
     ``budget`` by the size estimate, chosen by proxy sensitivity as above; None if even the
-    most compressed model does not fit."""
+    most compressed model does not fit. ``sensitivity``: :func:`stage_sensitivity` measured
+    already (at ``probe``, with ``low_rank`` if asked here), so two seeds share its screens."""
     params = task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8)
     dims = _step_dims(task, low_rank)
     size, macs = _cost(task, params)
     size0, macs0 = max(size, 1), max(macs, 1e-9)
     by_macs = "latency" in task.spec.objectives and macs > 0
-    sens = None if rescreen else stage_sensitivity(task, probe=probe, low_rank=low_rank)
+    sens = None
+    if not rescreen:
+        sens = sensitivity or stage_sensitivity(task, probe=probe, low_rank=low_rank)
     acc = _score(task, params)[0] if rescreen else 0.0
     while size > budget:
         best = None

@@ -206,7 +206,8 @@ def test_sensitivity_greedy_factorises_when_pruning_alone_cannot_fit(
     tmp_path: Path, autoslim_cache: Path
 ) -> None:
     """With ``low_rank`` the greedy may factorise a stage (the search's second seed): a budget
-    that the most pruned unfactorised model misses is met, by a valid low-rank choice."""
+    that the most pruned unfactorised model misses is met, by a valid low-rank choice, and a
+    search of that budget starts from it."""
     from autoslim.sensitivity import greedy_params, stage_sensitivity
     from autoslim.study import build_task, estimate, load_study_spec
 
@@ -227,11 +228,22 @@ def test_sensitivity_greedy_factorises_when_pruning_alone_cannot_fit(
     assert greedy_params(task, budget) is None
     sens = stage_sensitivity(task, low_rank=True)
     assert set(rank_dims) <= set(sens)
+    # the search screens once for both seeds: the same choices as measuring anew
+    for lr in (False, True):
+        shared = greedy_params(task, budget, low_rank=lr, sensitivity=sens)
+        assert shared == greedy_params(task, budget, low_rank=lr)
     for rescreen in (False, True):
         params = greedy_params(task, budget, low_rank=True, rescreen=rescreen)
         assert params is not None and estimate(task, task.space.to_config(params)) <= budget
         assert {params[d] for d in rank_dims} <= {"off", 0.5}
         assert any(params[d] == 0.5 for d in rank_dims)
+    # a search of that budget starts from the factorising seed (no uniform baseline fits)
+    f.write_text(f.read_text() + "[fidelity]\nscreen_images = 200\nfinal_points = 0\n")
+    res = autoslim.search(load_study_spec(f, budget=budget, trials=1), progress=False)
+    row = res.frame.iloc[0]
+    assert row["status"] == "ok" and row["size_bytes"] <= budget
+    seed = open_existing(f.parent / "lowrank").trials[0]
+    assert seed.user_attrs["enqueued_as"] == "sensitivity-low-rank"
 
 
 @pytest.mark.parametrize("bad", ["promote = 0", "promote = 1.5", "final_epochs = 0"])
