@@ -226,6 +226,15 @@ class CompressionConfig:
             **kw,
         )
 
+    def kind(self) -> tuple[tuple[int, ...], str]:
+        """The kind of compression, coarsely: the weight bit-widths of the layers, and whether
+        none, some (under half) or most of them are low-rank factorised. Pruning ratios do
+        not make a kind: they vary along every kind's front."""
+        layers = list(self.layers.values()) or [self.default]
+        share = sum(lc.rank_ratio is not None for lc in layers) / len(layers)
+        low_rank = "none" if share == 0 else ("some" if share < 0.5 else "most")
+        return tuple(sorted({lc.weight_bits for lc in layers})), low_rank
+
     def summary(self) -> str:
         """A short human string, e.g. ``prune 0.42 (12 groups) | w8a8 x21``."""
         parts = []

@@ -27,6 +27,7 @@ from typing import Any
 import optuna
 from tqdm.auto import tqdm
 
+from .config import CompressionConfig
 from .errors import Terminated, UsageError, one_line
 from .measure.predictor import LatencyPredictor
 from .pareto import OBJECTIVE_COLUMNS, OBJECTIVES
@@ -931,23 +932,10 @@ FINAL_WAIT_S = 7200  # the final level waits this long at most for other workers
 FINAL_CLAIM_S = 6 * 3600  # a claim of the final level by a worker of another machine holds so long
 
 
-def compression_kind(config: str) -> tuple[tuple[int, ...], str]:
-    """The kind of compression a config (JSON) applies, coarsely: the weight bit-widths its
-    layers use, and whether none, some (under half) or most of its layers are low-rank
-    factorised. Pruning ratios do not make a kind: they vary along every kind's front."""
-    from .config import CompressionConfig
-
-    c = CompressionConfig.from_json(config)
-    layers = list(c.layers.values()) or [c.default]
-    share = sum(lc.rank_ratio is not None for lc in layers) / len(layers)
-    low_rank = "none" if share == 0 else ("some" if share < 0.5 else "most")
-    return tuple(sorted({lc.weight_bits for lc in layers})), low_rank
-
-
 def final_picks(front, n: int) -> list[int]:
     """Up to ``n`` trials of a level-1 front for the final level, fastest first: all of them,
     or ``n`` chosen for spread. First both ends (the fastest and the most accurate), then one
-    point of each kind of compression on the front not chosen yet (:func:`compression_kind`),
+    point of each kind of compression on the front not chosen yet (:meth:`CompressionConfig.kind`),
     then, again and again, the point farthest in log latency from every point chosen. Why the
     kinds: the short recovery ranks kinds unevenly (measured on the default study: low-rank
     factorised candidates gained 1.7-2.9 pt in the final recovery and ended the most
@@ -961,7 +949,7 @@ def final_picks(front, n: int) -> list[int]:
     if n == 1:
         return [trials[best]]
     lat = [math.log(max(float(x), 1e-9)) for x in f["latency_ms"]]
-    kinds = [compression_kind(c) for c in f["config"]]
+    kinds = [CompressionConfig.from_json(c).kind() for c in f["config"]]
     chosen = [0] if best == 0 else [0, best]
     while len(chosen) < n:
         covered = {kinds[i] for i in chosen}

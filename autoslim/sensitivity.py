@@ -111,9 +111,9 @@ def greedy_params(
     size, macs = _cost(task, params)
     size0, macs0 = max(size, 1), max(macs, 1e-9)
     by_macs = "latency" in task.spec.objectives and macs > 0
-    sens = None
-    if not rescreen:
-        sens = sensitivity or stage_sensitivity(task, probe=probe, low_rank=low_rank)
+    sens = sensitivity
+    if sens is None and not rescreen:
+        sens = stage_sensitivity(task, probe=probe, low_rank=low_rank)
     acc = _score(task, params)[0] if rescreen else 0.0
     while size > budget:
         best = None

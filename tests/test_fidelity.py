@@ -19,7 +19,7 @@ from autoslim.cli import main
 from autoslim.config import CompressionConfig, LayerConfig
 from autoslim.pareto import crowding_distances, nondominated_ranks, promoted
 from autoslim.results import pick, sha256_file
-from autoslim.runner import compression_kind, final_picks, open_existing
+from autoslim.runner import final_picks, open_existing
 
 FIDELITY = (
     "[fidelity]\nscreen_images = 200\npromote = 0.34\n"
@@ -90,8 +90,8 @@ def test_final_picks_keep_both_ends_every_kind_and_spread() -> None:
          (3, 0.20, 0.900, None), (4, 0.22, 0.902, 0.5), (5, 0.26, 0.910, None),
          (6, 0.30, 0.915, None), (7, 0.40, 0.920, None)]
     )  # fmt: skip
-    assert compression_kind(front.config[4]) == ((8,), "most")
-    assert compression_kind(front.config[0]) == ((8,), "none")
+    assert CompressionConfig.from_json(front.config[4]).kind() == ((8,), "most")
+    assert CompressionConfig.from_json(front.config[0]).kind() == ((8,), "none")
     picks = final_picks(front.sample(frac=1, random_state=0), 4)  # any row order
     assert picks[0] == 0 and picks[-1] == 7 and 4 in picks and len(picks) == 4
     assert picks == sorted(picks, key=lambda t: front.latency_ms[t])  # fastest first
