@@ -943,10 +943,11 @@ def final_picks(front, n: int) -> list[int]:
     low-rank factorised candidates gained 1.7-2.9 pt in the final recovery and ended the most
     accurate of their latency, while a spread by latency alone left them out). Why the
     smallest and each kind's most accurate: the final recovery narrows the accuracy gaps of
-    level 1 (on the default study, 2.4 pt of level-1 accuracy became 0.6 pt), so a kind's
-    smallest and its most accurate point are the ones the final level is likeliest to move
-    onto the final front; a latency spread had left out both the smallest point (266,724 B,
-    finally 0.35 pt below the teacher) and the point that dominated the hand-made pipeline."""
+    level 1 (on the default study, 2.4 pt of level-1 accuracy became 0.5 pt), so the front's
+    smallest point and each kind's most accurate one are the likeliest to stay on the final
+    front; a latency spread had left out the smallest point (266,724 B, finally 0.35 pt below
+    the teacher) and, in another run, the most accurate final model (BENCHMARKS.md "Final
+    front")."""
     f = front.sort_values(["latency_ms", "val_accuracy"], ascending=[True, False])
     trials = [int(t) for t in f["trial"]]
     if len(trials) <= n:
