@@ -773,9 +773,9 @@ def _setup(study: optuna.Study, task: Task, creator: bool) -> None:
             for prune, wb, ab in _baselines(task)
         ]
         if spec.screen_images and spec.budget is not None:  # per-stage widths by sensitivity
-            from .sensitivity import greedy_params, stage_sensitivity
+            from .sensitivity import can_factorise, greedy_params, stage_sensitivity
 
-            factorise = any(d.kind == "rank" for d in task.space.dims)
+            factorise = can_factorise(task)
             sens = stage_sensitivity(task, low_rank=factorise)  # screened once for both seeds
             seed_params = greedy_params(task, spec.budget, sensitivity=sens)
             if seed_params is not None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from .study import Task, estimate, screen, shape
 
-__all__ = ["stage_sensitivity", "greedy_params"]
+__all__ = ["stage_sensitivity", "greedy_params", "can_factorise"]
 
 
 def _step_dims(task: Task, low_rank: bool) -> list[Any]:
@@ -40,6 +40,12 @@ def _step_dims(task: Task, low_rank: bool) -> list[Any]:
         for d in task.space.dims
         if (d.kind == "prune" and d.knob.high) or (low_rank and d.kind == "rank" and _ranks(d.knob))
     ]
+
+
+def can_factorise(task: Task) -> bool:
+    """Whether a greedy step may factorise a stage in this task's space (a low-rank choice
+    among listed ratios), i.e. whether ``low_rank=True`` can choose differently."""
+    return len(_step_dims(task, True)) > len(_step_dims(task, False))
 
 
 def _ranks(knob: Any) -> list[float]:

@@ -227,7 +227,7 @@ def test_sensitivity_greedy_factorises_when_pruning_alone_cannot_fit(
     """With ``low_rank`` the greedy may factorise a stage (the search's second seed): a budget
     that the most pruned unfactorised model misses is met, by a valid low-rank choice, and a
     search of that budget starts from it."""
-    from autoslim.sensitivity import greedy_params, stage_sensitivity
+    from autoslim.sensitivity import can_factorise, greedy_params, stage_sensitivity
     from autoslim.study import build_task, estimate, load_study_spec
 
     f = tiny_study_file(tmp_path, "lowrank", 2)
@@ -238,7 +238,7 @@ def test_sensitivity_greedy_factorises_when_pruning_alone_cannot_fit(
     f.write_text(f.read_text().replace(":build", ":wide"))
     task = build_task(load_study_spec(f), progress=False)
     rank_dims = [d.name for d in task.space.dims if d.kind == "rank"]
-    assert rank_dims
+    assert rank_dims and can_factorise(task)
     pruned = task.space.uniform_params(prune=0.5, weight_bits=8, act_bits=8)
     size = estimate(task, task.space.to_config(pruned))  # the most pruned, unfactorised
     alone = min(estimate(task, task.space.to_config({**pruned, d: 0.5})) for d in rank_dims)
