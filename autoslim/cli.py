@@ -431,6 +431,7 @@ def _refine(a: argparse.Namespace) -> int:
         batch_size=a.batch_size,
         qat_fraction=a.qat_fraction,
         max_steps_per_epoch=a.max_steps_per_epoch,
+        augment=a.augment,
     )
     view = load_study(a.study, storage=a.storage, artifacts=a.artifacts)
     if a.front:
@@ -664,6 +665,11 @@ def _parser() -> argparse.ArgumentParser:
         help="last share of the steps quantization-aware (default 0.3)",
     )
     rf.add_argument("--max-steps-per-epoch", type=_POS_INT, help="cap an epoch (quick runs)")
+    rf.add_argument(
+        "--augment",
+        action="store_true",
+        help="distil on random crop + flip batches, the teacher run on each (slower per step)",
+    )
     rf.add_argument("--restart", action="store_true", help="discard a checkpoint or earlier result")
     rf.add_argument("--max-size", help="with --front: only points at most this size")
     rf.add_argument(

@@ -53,6 +53,9 @@ class RefineRecipe:
     ``qat_fraction``: the last share of the steps runs with fake quantization when the config
     quantizes any layer (as in the search's recovery; the switch may fall inside an epoch).
     ``max_steps_per_epoch`` caps an epoch for quick runs (default: one full pass).
+    ``augment``: distil on augmented batches (random crop + flip) with the teacher run on each,
+    instead of the teacher's cached logits for the evaluation view (slower per step; the
+    student sees new views every epoch instead of fitting the same targets again).
     """
 
     epochs: int = 5  # from a sweep of 1, 2, 3, 5 epochs: BENCHMARKS.md, "Refine"
@@ -61,6 +64,7 @@ class RefineRecipe:
     qat_fraction: float = 0.3
     max_steps_per_epoch: int | None = None
     seed: int = 0
+    augment: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -75,7 +79,10 @@ class RefineRecipe:
             raise UsageError(f"--max-steps-per-epoch must be >= 1; got {self.max_steps_per_epoch}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["augment"]:  # refines recorded before the option stay reusable
+            del d["augment"]
+        return d
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
@@ -141,9 +148,18 @@ def train_and_export(
         print(f"{label}: resuming after epoch {start}", file=sys.stderr)
     elif any(r.touched for r in reports):
         recalibrate_bn(student, train, batches=20, batch_size=recipe.batch_size)
-    logits = cached_teacher_logits(teacher, train, data, task.teacher.content_hash)
+    logits = (
+        None
+        if recipe.augment
+        else cached_teacher_logits(teacher, train, data, task.teacher.content_hash)
+    )
     rec = Recovery(
-        steps=total, batch_size=recipe.batch_size, lr=recipe.lr, subset=len(train), seed=recipe.seed
+        steps=total,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        subset=len(train),
+        seed=recipe.seed,
+        augment=recipe.augment,
     )
     bar = tqdm(
         total=recipe.epochs,
@@ -178,6 +194,7 @@ def train_and_export(
                         recovery=rec,
                         start_step=lo,
                         total_steps=total,
+                        teacher=teacher,
                     )
                 except FloatingPointError as e:
                     raise RecoveryError(

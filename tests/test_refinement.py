@@ -67,6 +67,17 @@ def test_refined_artifact_is_recorded_on_the_study_and_stored(
     assert res["source"] == "refined" and (tmp_path / "e.onnx").read_bytes() == out.read_bytes()
 
 
+def test_an_augmented_refine_is_its_own_recipe_with_the_trials_size(study_copy: Path) -> None:
+    view = autoslim.load_study(study_copy)
+    t = _front_trial(view)
+    plain = refine(view, t, None, recipe=QUICK, progress=False)
+    aug = refine(view, t, None, recipe=replace(QUICK, augment=True), progress=False)
+    # not served from the plain result: trained on other batches, so another file, same size
+    assert not aug["reused"] and aug["recipe"]["augment"] is True
+    assert aug["size_bytes"] == plain["size_bytes"] and aug["sha256"] != plain["sha256"]
+    assert autoslim.load_study(study_copy).refined[t]["recipe"]["augment"] is True
+
+
 def test_interrupted_refine_continues_from_its_checkpoint(study_copy: Path) -> None:
     view = autoslim.load_study(study_copy)
     t = _front_trial(view)
