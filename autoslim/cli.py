@@ -432,6 +432,8 @@ def _refine(a: argparse.Namespace) -> int:
         qat_fraction=a.qat_fraction,
         max_steps_per_epoch=a.max_steps_per_epoch,
         augment=a.augment,
+        temperature=a.temperature,
+        alpha=a.alpha,
     )
     view = load_study(a.study, storage=a.storage, artifacts=a.artifacts)
     if a.front:
@@ -669,6 +671,12 @@ def _parser() -> argparse.ArgumentParser:
         "--augment",
         action="store_true",
         help="distil on random crop + flip batches, the teacher run on each (slower per step)",
+    )
+    rf.add_argument(
+        "--temperature", type=_POS_FLOAT, help="distillation temperature (default: the trial's)"
+    )
+    rf.add_argument(
+        "--alpha", type=_FRACTION, help="weight of the distillation term (default: the trial's)"
     )
     rf.add_argument("--restart", action="store_true", help="discard a checkpoint or earlier result")
     rf.add_argument("--max-size", help="with --front: only points at most this size")

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifact import artifact_accuracy
+from .config import CompressionConfig, DistillConfig
 from .errors import ExportError, RecoveryError, UsageError
 from .passes.distill import Recovery, distill, recalibrate_bn
 from .passes.quantize import act_ranges_of, calibrate, snap_biases
@@ -56,6 +57,9 @@ class RefineRecipe:
     ``augment``: distil on augmented batches (random crop + flip) with the teacher run on each,
     instead of the teacher's cached logits for the evaluation view (slower per step; the
     student sees new views every epoch instead of fitting the same targets again).
+    ``temperature`` / ``alpha``: the distillation loss of the refine (None: the trial's own
+    sampled settings). The settings that recover best in 150 steps need not be the ones that
+    recover best in epochs (BENCHMARKS.md, "Final front").
     """
 
     epochs: int = 5  # from a sweep of 1, 2, 3, 5 epochs: BENCHMARKS.md, "Refine"
@@ -65,6 +69,8 @@ class RefineRecipe:
     max_steps_per_epoch: int | None = None
     seed: int = 0
     augment: bool = False
+    temperature: float | None = None
+    alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -75,14 +81,30 @@ class RefineRecipe:
             raise UsageError(f"--batch-size must be >= 1; got {self.batch_size}")
         if not 0 <= self.qat_fraction <= 1:
             raise UsageError(f"--qat-fraction must be in [0, 1]; got {self.qat_fraction}")
+        if self.temperature is not None and not (
+            math.isfinite(self.temperature) and 0 < self.temperature <= 100
+        ):
+            raise UsageError(f"--temperature must be in (0, 100]; got {self.temperature}")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise UsageError(f"--alpha must be in [0, 1]; got {self.alpha}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise UsageError(f"--max-steps-per-epoch must be >= 1; got {self.max_steps_per_epoch}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if not d["augment"]:  # refines recorded before the option stay reusable
-            del d["augment"]
+        # refines recorded before these options stay reusable: unset ones are left out
+        for k, unset in (("augment", False), ("temperature", None), ("alpha", None)):
+            if d[k] is unset:
+                del d[k]
         return d
+
+    def distill_for(self, config: CompressionConfig) -> DistillConfig:
+        """The distillation loss this recipe uses on ``config``: its own, or the override."""
+        own = config.distill
+        return DistillConfig(
+            temperature=own.temperature if self.temperature is None else self.temperature,
+            alpha=own.alpha if self.alpha is None else self.alpha,
+        )
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
@@ -189,7 +211,7 @@ def train_and_export(
                         student,
                         train,
                         logits,
-                        config.distill,
+                        recipe.distill_for(config),
                         steps=hi - lo,
                         recovery=rec,
                         start_step=lo,

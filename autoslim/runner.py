@@ -1003,7 +1003,11 @@ def finalize(study: optuna.Study, task: Task, *, progress: bool) -> list[dict[st
         heal_dead_trials(study, spec.run_dir)  # a dead worker here; heartbeats elsewhere
         time.sleep(5)
     recipe = RefineRecipe(
-        epochs=spec.final_epochs, max_steps_per_epoch=spec.final_steps_per_epoch, seed=spec.seed
+        epochs=spec.final_epochs,
+        max_steps_per_epoch=spec.final_steps_per_epoch,
+        seed=spec.seed,
+        temperature=spec.final_temperature,
+        alpha=spec.final_alpha,
     )
     view = _view(study, spec.run_dir, spec.storage_url, importance=False, artifacts=spec.artifacts)
     picks = final_picks(view.front, spec.final_points)

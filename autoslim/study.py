@@ -147,6 +147,9 @@ class StudySpec:
     final_points: int = 0
     final_epochs: int = 5
     final_steps_per_epoch: int | None = None  # cap an epoch (quick runs)
+    # the final recovery's distillation loss (None: each trial's own sampled settings)
+    final_temperature: float | None = None
+    final_alpha: float | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -156,6 +159,12 @@ class StudySpec:
                 raise ConfigError(f"{k} must be >= {low}; got {v!r}")
         if not 0 < self.gate_agreement <= 1:
             raise ConfigError(f"gate_agreement is a fraction in (0, 1]; got {self.gate_agreement}")
+        if self.final_temperature is not None and not 0 < self.final_temperature <= 100:
+            raise ConfigError(
+                f"final_temperature must be in (0, 100]; got {self.final_temperature}"
+            )
+        if self.final_alpha is not None and not 0 <= self.final_alpha <= 1:
+            raise ConfigError(f"final_alpha must be in [0, 1]; got {self.final_alpha}")
         for k in ("teacher_max_lr", "recovery_lr", "max_latency_ms"):
             v = getattr(self, k)
             if v is not None and not (math.isfinite(v) and v > 0):

@@ -205,7 +205,12 @@ def main() -> int:
         extra += ["--final-epochs", str(a.final_epochs)]
     spec = load_study_spec(f, budget=a.budget, final_epochs=a.final_epochs)
     budget = parse_size(a.budget)
-    recipe = RefineRecipe(epochs=spec.final_epochs, max_steps_per_epoch=spec.final_steps_per_epoch)
+    recipe = RefineRecipe(
+        epochs=spec.final_epochs,
+        max_steps_per_epoch=spec.final_steps_per_epoch,
+        temperature=spec.final_temperature,
+        alpha=spec.final_alpha,
+    )  # one final recovery recipe for all pipelines
     points, wall, went = [], {}, []
     for part, sampler, label in (("a", "tpe", "autoslim"), ("d", "random", "random")):
         if part in parts:

@@ -67,15 +67,24 @@ def test_refined_artifact_is_recorded_on_the_study_and_stored(
     assert res["source"] == "refined" and (tmp_path / "e.onnx").read_bytes() == out.read_bytes()
 
 
-def test_an_augmented_refine_is_its_own_recipe_with_the_trials_size(study_copy: Path) -> None:
+@pytest.mark.parametrize(
+    "changes",
+    [{"augment": True}, {"temperature": 2.0, "alpha": 0.7}],
+    ids=["augment", "kd-override"],
+)
+def test_another_recipe_is_its_own_record_with_the_trials_size(study_copy: Path, changes) -> None:
     view = autoslim.load_study(study_copy)
     t = _front_trial(view)
+    assert (view.config(t).distill.temperature, view.config(t).distill.alpha) != (2.0, 0.7)
     plain = refine(view, t, None, recipe=QUICK, progress=False)
-    aug = refine(view, t, None, recipe=replace(QUICK, augment=True), progress=False)
-    # not served from the plain result: trained on other batches, so another file, same size
-    assert not aug["reused"] and aug["recipe"]["augment"] is True
-    assert aug["size_bytes"] == plain["size_bytes"] and aug["sha256"] != plain["sha256"]
-    assert autoslim.load_study(study_copy).refined[t]["recipe"]["augment"] is True
+    other = refine(view, t, None, recipe=replace(QUICK, **changes), progress=False)
+    # not served from the plain result: trained on other batches or another loss, so another
+    # file of the same size, and the recipe it was made with is what the study records
+    assert not other["reused"] and changes.items() <= other["recipe"].items()
+    assert other["size_bytes"] == plain["size_bytes"] and other["sha256"] != plain["sha256"]
+    assert autoslim.load_study(study_copy).refined[t]["recipe"] == other["recipe"]
+    with pytest.raises(UsageError, match="--alpha must be in"):
+        RefineRecipe(alpha=1.5)
 
 
 def test_interrupted_refine_continues_from_its_checkpoint(study_copy: Path) -> None:
