@@ -270,7 +270,11 @@ def test_sensitivity_greedy_factorises_when_pruning_alone_cannot_fit(
     assert seed.user_attrs["enqueued_as"] == "sensitivity-low-rank"
 
 
-@pytest.mark.parametrize("bad", ["promote = 0", "promote = 1.5", "final_epochs = 0"])
+@pytest.mark.parametrize(
+    "bad",
+    ["promote = 0", "promote = 1.5", "final_epochs = 0", "final_temperature = 0",
+     "final_alpha = 1.5", "final_alpha = 'high'"],
+)  # fmt: skip
 def test_bad_fidelity_settings_are_one_line_errors(tmp_path: Path, bad: str) -> None:
     f = tiny_study_file(tmp_path, "bad", 2)
     f.write_text(f.read_text() + f"[fidelity]\n{bad}\n")
