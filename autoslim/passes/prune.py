@@ -9,6 +9,8 @@ reported. Channels are physically removed, so the exported file is smaller and f
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,17 @@ def _importance(name: str) -> tp.importance.Importance:
     }[name]()
 
 
+@contextmanager
+def _layer_scales_understood():
+    """Torch-Pruning warns about every parameter held outside a layer (ConvNeXt's layer scales,
+    shape ``(C, 1, 1)``) and prunes its last non-singleton dimension: the channel dimension of
+    such per-channel scales, which is what pruning needs (the pruned ConvNeXt's file agrees with
+    the model: ``tests/test_artifact.py``). The warning would print on every trial of a search."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        yield
+
+
 class UntraceableGraph(Exception):
     """Torch-Pruning cannot build the model's dependency graph (the model is not pruned)."""
 
@@ -52,7 +65,8 @@ class UntraceableGraph(Exception):
 def _groups(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]):
     was_training = model.training
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        with _layer_scales_understood():
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
         groups = list(
             dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear])
         )
@@ -155,18 +169,19 @@ def prune_model(
         plan[gname] = (c, k, r)
     if ratio_dict:
         was_training = model.training
-        pruner = tp.pruner.BasePruner(
-            model,
-            example,
-            importance=_importance(config.importance),
-            pruning_ratio=0.0,
-            pruning_ratio_dict=ratio_dict,
-            ignored_layers=ignored,
-            round_to=None,
-            global_pruning=False,
-        )
         try:
-            pruner.step()
+            with _layer_scales_understood():
+                pruner = tp.pruner.BasePruner(
+                    model,
+                    example,
+                    importance=_importance(config.importance),
+                    pruning_ratio=0.0,
+                    pruning_ratio_dict=ratio_dict,
+                    ignored_layers=ignored,
+                    round_to=None,
+                    global_pruning=False,
+                )
+                pruner.step()
         except Exception as e:  # noqa: BLE001 - a group Torch-Pruning cannot prune
             raise PruningError(
                 f"Torch-Pruning failed on groups {sorted(plan)[:4]} ({type(e).__name__}: "
