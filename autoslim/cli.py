@@ -476,6 +476,43 @@ def _refine(a: argparse.Namespace) -> int:
     return 0
 
 
+@_command("measure")
+def _measure(a: argparse.Namespace) -> int:
+    from .measure import time_files
+
+    shape = None
+    if a.input_shape:
+        try:
+            shape = tuple(int(v) for v in a.input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
+            raise UsageError(
+                f"--input-shape must be positive integers C,H,W (e.g. 3,224,224); "
+                f"got {a.input_shape!r}"
+            )
+    got = time_files(
+        a.files,
+        backend=a.backend,
+        secret_file=a.agent_secret,
+        rounds=a.rounds,
+        runs=a.runs,
+        input_shape=shape,
+    )
+    if a.json:
+        print(json.dumps([g.to_dict() for g in got], indent=1))
+        return 0
+    device = got[0].rounds[0].device
+    where = ", ".join(f"{k} {v}" for k, v in device.items() if k in ("host", "cpu", "cores"))
+    print(f"{a.backend} ({where or 'device'}), median of {a.rounds} interleaved rounds")
+    w = max(4, *(len(str(g.path)) for g in got))
+    print(f"{'file':<{w}} {'bytes':>12} {'median ms':>10} {'vs first':>9}")
+    for g in got:
+        flag = "  noisy" if g.noisy else ""
+        print(f"{str(g.path):<{w}} {g.size_bytes:>12,} {g.median_ms:>10.3f} {g.ratio:>9.3f}{flag}")
+    return 0
+
+
 def _refined_where(view: Any, trial: int, r: dict[str, Any]) -> str:
     """Where a refined file is when no -o was given: the study's store, or beside the trial."""
     if r.get("artifact_id"):
@@ -652,6 +689,25 @@ def _parser() -> argparse.ArgumentParser:
         help="the search-time file of a trial the search finally recovered (default: the final)",
     )
     ex.add_argument("--json", action="store_true")
+    ms = sub.add_parser(
+        "measure", help="time ONNX files side by side (latency and ratio to the first file)"
+    )
+    ms.add_argument("files", nargs="+", metavar="FILE", help=".onnx files; the first is the base")
+    ms.add_argument(
+        "--backend",
+        default="onnxruntime-cpu",
+        help="onnxruntime-cpu (default), onnxruntime-cuda or remote:HOST:PORT (an agent)",
+    )
+    ms.add_argument(
+        "--agent-secret",
+        metavar="FILE",
+        help="remote backend: the agent's secret file (default $AUTOSLIM_AGENT_SECRET)",
+    )
+    ms.add_argument("--rounds", type=_POS_INT, default=5, help="interleaved rounds (default 5)")
+    ms.add_argument("--runs", type=_POS_INT, default=200, help="most timed runs per round")
+    ms.add_argument("--input-shape", help="C,H,W (default: the one each file declares)")
+    ms.add_argument("--json", action="store_true")
+
     rf = sub.add_parser("refine", help="longer distillation + QAT of a picked trial")
     study_arg(rf)
     rf.add_argument("--trial", type=_NONNEG_INT, help="trial number")

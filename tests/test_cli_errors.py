@@ -89,6 +89,10 @@ CASES = [
     ("export-output-parent", "export {study} --trial 0 -o {tmp}/no/such/m.onnx", 2, "folder"),
     ("export-refined-missing", "export {study} --trial 0 --refined -o {tmp}/m.onnx", 2, "refine"),
     ("refine-unknown-trial", "refine {study} --trial 999", 2, "999"),
+    ("measure-missing-file", "measure {tmp}/none.onnx", 2, "no such file"),
+    ("measure-not-onnx", "measure {tmp}/garbage.pt", 2, "not an ONNX model"),
+    ("measure-shape-text", "measure {tmp}/garbage.pt --input-shape 1,x", 2, "--input-shape"),
+    ("measure-rounds-zero", "measure {tmp}/garbage.pt --rounds 0", 2, "--rounds"),
 ]
 
 

@@ -190,6 +190,9 @@ def test_the_agent_runs_where_torch_is_not_installed(agent_only: Path, tmp_path:
     finally:
         agent.terminate()
         agent.wait(timeout=30)
+    r = _run(agent_only, tmp_path, "measure", "relu.onnx", "relu.onnx", "--rounds", "1")
+    assert r.returncode == 0, r.stderr  # a device times files itself, torch or not
+    assert "relu.onnx" in r.stdout and "1.000" in r.stdout
     r = _run(agent_only, tmp_path, "search", "--trials", "1")
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1 and "autoslim[search]" in r.stderr

@@ -201,3 +201,30 @@ def test_paired_timing_gives_the_ratio_to_the_reference(name: str, resnet_artifa
     assert 0 < paired.ratio < 0.6 and paired.reference_ms > paired.median_ms
     unpaired = backend.measure(small, input_shape=fmnist.input_shape, runs=20)
     assert unpaired.ratio == 0.0 and unpaired.reference_ms == 0.0
+
+
+def test_files_timed_side_by_side_give_ratios_to_the_first(resnet_artifact, fmnist, tmp_path):
+    """`autoslim measure` / :func:`time_files`: interleaved rounds, the first file is the base
+    (ratio 1), the pruned int8 file a fraction of it, and a byte-identical copy shares its
+    numbers (timed once per round)."""
+    import json
+    import shutil
+
+    from conftest import run_cli
+
+    from autoslim.measure import time_files
+
+    fp32 = resnet_artifact(0.0).result.path
+    small = resnet_artifact(0.3, 8, 8).result.path
+    copy = shutil.copy(small, tmp_path / "copy.onnx")
+    got = time_files([fp32, small, copy], rounds=2, runs=30)
+    assert [g.ratio for g in got][0] == 1.0 and len(got[1].rounds) == 2
+    assert got[1].ratio < 0.6, got
+    assert got[2].median_ms == got[1].median_ms and got[2].sha256 == got[1].sha256
+    assert got[1].size_bytes == os.path.getsize(small) < got[0].size_bytes
+    r = run_cli("measure", str(fp32), str(small), "--rounds", "1", "--runs", "20", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["path"] for row in rows] == [str(fp32), str(small)]
+    assert rows[0]["ratio"] == 1.0 and 0 < rows[1]["ratio"] < 0.6
+    assert rows[1]["rounds"][0]["device"]["cores"] >= 1

@@ -7,6 +7,7 @@ Accuracy on a dataset split needs torch's data and lives with the exporter
 """
 
 from .latency import (
+    FileTiming,
     Latency,
     LatencyBackend,
     OrtBackend,
@@ -14,10 +15,12 @@ from .latency import (
     host_identity,
     list_backends,
     ort_session,
+    time_files,
     time_runs,
 )
 
 __all__ = [
+    "FileTiming",
     "Latency",
     "LatencyBackend",
     "OrtBackend",
@@ -25,5 +28,6 @@ __all__ = [
     "host_identity",
     "list_backends",
     "ort_session",
+    "time_files",
     "time_runs",
 ]

@@ -48,6 +48,8 @@ __all__ = [
     "host_identity",
     "time_runs",
     "ort_session",
+    "FileTiming",
+    "time_files",
 ]
 
 WARMUP_S = 0.5  # warm-up lasts at least this long (caches, frequency ramp, ORT's arenas)
@@ -400,3 +402,97 @@ def get_backend(
             "(onnxruntime-cuda needs onnxruntime-gpu and a GPU); use onnxruntime-cpu"
         )
     return backend
+
+
+@dataclass(frozen=True)
+class FileTiming:
+    """One file timed side by side with others by :func:`time_files`."""
+
+    path: Path
+    size_bytes: int
+    sha256: str
+    median_ms: float  # median of the rounds' medians
+    ratio: float  # median_ms / the first file's median_ms
+    rounds: list[Latency]  # each round's measurement, in order
+
+    @property
+    def noisy(self) -> bool:
+        return any(r.noisy for r in self.rounds)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "median_ms": self.median_ms,
+            "ratio": self.ratio,
+            "noisy": self.noisy,
+            "rounds": [r.to_dict() for r in self.rounds],
+        }
+
+
+def file_input_shape(path: Path) -> tuple[int, ...]:
+    """The per-image input shape (``C, H, W``) an ONNX file declares, batch dimension left out."""
+    try:
+        shape = ort_session(path).get_inputs()[0].shape
+    except Exception as e:  # noqa: BLE001 - ORT's load errors have no common type
+        raise UsageError(
+            f"{path} is not an ONNX model ONNX Runtime can load ({' '.join(str(e).split())[:200]})"
+            "; give the .onnx file that `autoslim export` wrote"
+        ) from e
+    dims = shape[1:]
+    if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+        raise UsageError(
+            f"{path}'s input has no fixed per-image shape (got {shape}); give it with "
+            "--input-shape C,H,W"
+        )
+    return tuple(dims)
+
+
+def time_files(
+    paths: list[str | Path],
+    *,
+    backend: str = "onnxruntime-cpu",
+    secret_file: str | Path | None = None,
+    rounds: int = 5,
+    runs: int = 200,
+    input_shape: tuple[int, ...] | None = None,
+) -> list[FileTiming]:
+    """Time ONNX files side by side on one backend: ``rounds`` rounds, each timing every
+    distinct file once by the protocol, in the given order; each file's number is the median of
+    its rounds' medians, its ratio that over the first file's (say, the fp32 teacher's).
+    Interleaving puts every file through the same spells of a shared machine; byte-identical
+    files are timed once per round and share their numbers. ``input_shape`` (``C, H, W``):
+    default, the one each file declares."""
+    import hashlib
+
+    if not paths:
+        raise UsageError("time_files needs at least one ONNX file; got none")
+    if rounds < 1:
+        raise UsageError(f"rounds must be >= 1; got {rounds}")
+    files = [Path(p) for p in paths]
+    for f in files:
+        if not f.is_file():
+            raise UsageError(f"no such file {f}; give the path of an ONNX file")
+    digest = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    shapes = [tuple(input_shape) if input_shape else file_input_shape(f) for f in files]
+    meter = get_backend(backend, secret_file=secret_file)
+    unique = list(dict.fromkeys(digest))
+    got: dict[str, list[Latency]] = {d: [] for d in unique}
+    for _ in range(rounds):
+        for d in unique:
+            i = digest.index(d)
+            got[d].append(meter.measure(files[i], input_shape=shapes[i], runs=runs))
+    med = {d: statistics.median(r.median_ms for r in got[d]) for d in unique}
+    first = med[digest[0]]
+    return [
+        FileTiming(
+            path=f,
+            size_bytes=f.stat().st_size,
+            sha256=d,
+            median_ms=med[d],
+            ratio=med[d] / first,
+            rounds=got[d],
+        )
+        for f, d in zip(files, digest, strict=True)
+    ]
