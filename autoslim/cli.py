@@ -107,6 +107,27 @@ def _number(kind: type, *, low: float | None = None, high: float | None = None, 
     return parse
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    """An argparse type: a per-image input shape ``C,H,W`` of positive integers."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers C,H,W (e.g. 3,224,224); got {text!r}"
+        )
+    return shape
+
+
+def _add_agent_secret_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--agent-secret",
+        metavar="FILE",
+        help="remote backend: the agent's secret file (default $AUTOSLIM_AGENT_SECRET)",
+    )
+
+
 _POS_INT = _number(int, low=1)
 _NONNEG_INT = _number(int, low=0)
 _POS_FLOAT = _number(float, low=0, strict=True)
@@ -480,24 +501,13 @@ def _refine(a: argparse.Namespace) -> int:
 def _measure(a: argparse.Namespace) -> int:
     from .measure import time_files
 
-    shape = None
-    if a.input_shape:
-        try:
-            shape = tuple(int(v) for v in a.input_shape.split(","))
-        except ValueError:
-            shape = ()
-        if not shape or min(shape) < 1:
-            raise UsageError(
-                f"--input-shape must be positive integers C,H,W (e.g. 3,224,224); "
-                f"got {a.input_shape!r}"
-            )
     got = time_files(
         a.files,
         backend=a.backend,
         secret_file=a.agent_secret,
         rounds=a.rounds,
         runs=a.runs,
-        input_shape=shape,
+        input_shape=a.input_shape,
     )
     if a.json:
         print(json.dumps([g.to_dict() for g in got], indent=1))
@@ -592,11 +602,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--threads", type=_POS_INT, help="torch threads per worker (default: cores / workers)"
     )
-    s.add_argument(
-        "--agent-secret",
-        metavar="FILE",
-        help="remote backend: the agent's secret file (default $AUTOSLIM_AGENT_SECRET)",
-    )
+    _add_agent_secret_arg(s)
     s.add_argument(
         "--latency-predictor",
         action=argparse.BooleanOptionalAction,
@@ -698,14 +704,12 @@ def _parser() -> argparse.ArgumentParser:
         default="onnxruntime-cpu",
         help="onnxruntime-cpu (default), onnxruntime-cuda or remote:HOST:PORT (an agent)",
     )
-    ms.add_argument(
-        "--agent-secret",
-        metavar="FILE",
-        help="remote backend: the agent's secret file (default $AUTOSLIM_AGENT_SECRET)",
-    )
+    _add_agent_secret_arg(ms)
     ms.add_argument("--rounds", type=_POS_INT, default=5, help="interleaved rounds (default 5)")
     ms.add_argument("--runs", type=_POS_INT, default=200, help="most timed runs per round")
-    ms.add_argument("--input-shape", help="C,H,W (default: the one each file declares)")
+    ms.add_argument(
+        "--input-shape", type=_shape, help="C,H,W (default: the one each file declares)"
+    )
     ms.add_argument("--json", action="store_true")
 
     rf = sub.add_parser("refine", help="longer distillation + QAT of a picked trial")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -44,10 +43,9 @@ import numpy as np
 
 import autoslim
 from autoslim.artifact import artifact_accuracy
-from autoslim.measure import get_backend
+from autoslim.measure import time_files
 from autoslim.pareto import pareto_mask
 from autoslim.refinement import RefineRecipe, train_and_export
-from autoslim.results import sha256_file
 from autoslim.sensitivity import greedy_params
 from autoslim.study import STUDIES_DIR, build_task, estimate, load_study_spec
 from autoslim.units import parse_size
@@ -246,25 +244,21 @@ def main() -> int:
         points.append(by_params(task, recipe, out, "greedy", greedy, wall))
 
     # side by side: every file and the teacher's, interleaved, in this process
-    backend = get_backend(spec.backend)
     teacher = out / "files" / "teacher_fp32.onnx"
     if not teacher.is_file():
         from autoslim.artifact import export_onnx
 
         export_onnx(task.teacher.model, teacher, example=task.example)
-    shape = task.data.input_shape
-    # byte-identical files (two pipelines that chose the same model) are one file: timed once
-    # per round, so they share one latency instead of two draws of the machine's noise
-    paths = [teacher] + [p["path"] for p in points]
-    digest = [sha256_file(p) for p in paths]
-    unique = list(dict.fromkeys(digest))
-    lat: dict[str, list[float]] = {d: [] for d in unique}
-    for _ in range(a.rounds):
-        for d in unique:
-            path = paths[digest.index(d)]
-            lat[d].append(backend.measure(path, input_shape=shape, runs=200).median_ms)
-    med = {i: statistics.median(lat[d]) for i, d in enumerate(digest)}
-    print(f"{len(unique) - 1} distinct files among the {len(points)} points")
+    # byte-identical files (two pipelines that chose the same model) are timed once per round
+    # by time_files, so they share one latency instead of two draws of the machine's noise
+    timed = time_files(
+        [teacher] + [p["path"] for p in points],
+        backend=spec.backend,
+        rounds=a.rounds,
+        input_shape=task.data.input_shape,
+    )
+    med = {i: t.median_ms for i, t in enumerate(timed)}
+    print(f"{len({t.sha256 for t in timed[1:]})} distinct files among the {len(points)} points")
     t_test = artifact_accuracy(teacher, task.data.test)[0]
     for i, p in enumerate(points, start=1):
         p.update(

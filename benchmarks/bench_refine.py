@@ -26,7 +26,7 @@ from dataclasses import replace
 
 import autoslim
 from autoslim.artifact import artifact_accuracy
-from autoslim.measure import get_backend
+from autoslim.measure import get_backend, time_files
 from autoslim.refinement import RefineRecipe, train_and_export
 from autoslim.runner import load_study, search
 from autoslim.study import StudySpec, build_task, estimate, load_study_spec
@@ -81,7 +81,8 @@ def main() -> int:
     # autoslim: the most accurate feasible front point at <= budget whose search-time latency is
     # no worse than the by-hand config's search-time latency (it is a baseline trial of every
     # study; 25% margin for timing noise). Both were measured in the same study run.
-    backend = get_backend(view.spec.get("backend", "onnxruntime-cpu"))
+    backend_name = view.spec.get("backend", "onnxruntime-cpu")
+    backend = get_backend(backend_name)
     shape = task.data.input_shape
     same = view.trials[
         (view.trials["config"] == config.to_json()) & (view.trials["status"] == "ok")
@@ -114,11 +115,10 @@ def main() -> int:
         "by hand": hand.path,
         "autoslim": final,
     }
-    lat: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(a.rounds):
-        for k, p in paths.items():
-            lat[k].append(backend.measure(p, input_shape=shape, runs=200).median_ms)
-    med = {k: statistics.median(v) for k, v in lat.items()}
+    timed = time_files(
+        list(paths.values()), backend=backend_name, rounds=a.rounds, input_shape=shape
+    )
+    med = {k: t.median_ms for k, t in zip(paths, timed, strict=True)}
     acc = {k: artifact_accuracy(p, task.data.test)[0] for k, p in paths.items()}
     size = {k: os.path.getsize(p) for k, p in paths.items()}
     secs = {"teacher": float("nan"), "by hand": hand_s, "autoslim": ref["seconds"]}

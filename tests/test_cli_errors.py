@@ -92,6 +92,7 @@ CASES = [
     ("measure-missing-file", "measure {tmp}/none.onnx", 2, "no such file"),
     ("measure-not-onnx", "measure {tmp}/garbage.pt", 2, "not an ONNX model"),
     ("measure-shape-text", "measure {tmp}/garbage.pt --input-shape 1,x", 2, "--input-shape"),
+    ("measure-not-onnx-shaped", "measure {tmp}/garbage.pt --input-shape 1,8,8", 2, "not an ONNX"),
     ("measure-rounds-zero", "measure {tmp}/garbage.pt --rounds 0", 2, "--rounds"),
 ]
 

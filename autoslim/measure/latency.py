@@ -431,8 +431,9 @@ class FileTiming:
         }
 
 
-def file_input_shape(path: Path) -> tuple[int, ...]:
-    """The per-image input shape (``C, H, W``) an ONNX file declares, batch dimension left out."""
+def file_input_shape(path: Path, given: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The per-image input shape (``C, H, W``) an ONNX file declares, batch dimension left out,
+    or ``given`` in its place; either way the file must be one ONNX Runtime loads."""
     try:
         shape = ort_session(path).get_inputs()[0].shape
     except Exception as e:  # noqa: BLE001 - ORT's load errors have no common type
@@ -440,6 +441,8 @@ def file_input_shape(path: Path) -> tuple[int, ...]:
             f"{path} is not an ONNX model ONNX Runtime can load ({' '.join(str(e).split())[:200]})"
             "; give the .onnx file that `autoslim export` wrote"
         ) from e
+    if given:
+        return tuple(given)
     dims = shape[1:]
     if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
         raise UsageError(
@@ -475,14 +478,13 @@ def time_files(
         if not f.is_file():
             raise UsageError(f"no such file {f}; give the path of an ONNX file")
     digest = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
-    shapes = [tuple(input_shape) if input_shape else file_input_shape(f) for f in files]
+    unique = {d: files[digest.index(d)] for d in dict.fromkeys(digest)}  # one file per content
+    shape = {d: file_input_shape(f, input_shape) for d, f in unique.items()}
     meter = get_backend(backend, secret_file=secret_file)
-    unique = list(dict.fromkeys(digest))
     got: dict[str, list[Latency]] = {d: [] for d in unique}
     for _ in range(rounds):
-        for d in unique:
-            i = digest.index(d)
-            got[d].append(meter.measure(files[i], input_shape=shapes[i], runs=runs))
+        for d, f in unique.items():
+            got[d].append(meter.measure(f, input_shape=shape[d], runs=runs))
     med = {d: statistics.median(r.median_ms for r in got[d]) for d in unique}
     first = med[digest[0]]
     return [
