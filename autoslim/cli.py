@@ -455,6 +455,7 @@ def _refine(a: argparse.Namespace) -> int:
         augment=a.augment,
         temperature=a.temperature,
         alpha=a.alpha,
+        seed=a.seed,
     )
     view = load_study(a.study, storage=a.storage, artifacts=a.artifacts)
     if a.front:
@@ -737,6 +738,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     rf.add_argument(
         "--alpha", type=_FRACTION, help="weight of the distillation term (default: the trial's)"
+    )
+    rf.add_argument(
+        "--seed",
+        type=_NONNEG_INT,
+        default=0,
+        help="seed of the batch order (default 0, the final level's); another seed: another record",
     )
     rf.add_argument("--restart", action="store_true", help="discard a checkpoint or earlier result")
     rf.add_argument("--max-size", help="with --front: only points at most this size")

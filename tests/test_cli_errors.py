@@ -38,6 +38,7 @@ CASES = [
     ("train-old-seed-flag", "train --seed 1", 2, "unrecognized arguments: --seed"),
     ("refine-qat-fraction", "refine {study} --trial 0 --qat-fraction 1.5", 2, "--qat-fraction"),
     ("refine-epochs-zero", "refine {study} --trial 0 --epochs 0", 2, "--epochs"),
+    ("refine-seed-negative", "refine {study} --trial 0 --seed -1", 2, "--seed"),
     ("refine-neither", "refine {study}", 2, "exactly one of --trial N or --front"),
     ("pick-min-accuracy", "pick {study} --min-accuracy 3", 2, "--min-accuracy"),
     ("export-negative-trial", "export {study} --trial -1 -o {tmp}/m.onnx", 2, "--trial"),

@@ -69,8 +69,8 @@ def test_refined_artifact_is_recorded_on_the_study_and_stored(
 
 @pytest.mark.parametrize(
     "changes",
-    [{"augment": True}, {"temperature": 2.0, "alpha": 0.7}],
-    ids=["augment", "kd-override"],
+    [{"augment": True}, {"temperature": 2.0, "alpha": 0.7}, {"seed": 1}],
+    ids=["augment", "kd-override", "seed"],
 )
 def test_another_recipe_is_its_own_record_with_the_trials_size(study_copy: Path, changes) -> None:
     view = autoslim.load_study(study_copy)
