@@ -743,7 +743,8 @@ def _parser() -> argparse.ArgumentParser:
         "--seed",
         type=_NONNEG_INT,
         default=0,
-        help="seed of the batch order (default 0, the final level's); another seed: another record",
+        help="seed of the batch order (default 0; the final level uses the study's seed); "
+        "another seed is another record",
     )
     rf.add_argument("--restart", action="store_true", help="discard a checkpoint or earlier result")
     rf.add_argument("--max-size", help="with --front: only points at most this size")

@@ -161,8 +161,8 @@ def other_seeds(task, points: list[dict], recipe: RefineRecipe, n: int, out: Pat
                 t0 = time.perf_counter()
                 by_recipe(task, p["config"], r, out / "seeds", name, p["what"])
                 print(f"{name}: recovered in {time.perf_counter() - t0:.0f} s", flush=True)
-            if os.path.getsize(f) != p["bytes"]:
-                raise SystemExit(f"{f} is {os.path.getsize(f):,} bytes, its seed 0 {p['bytes']:,}")
+            if (size := os.path.getsize(f)) != p["bytes"]:
+                raise SystemExit(f"{f} is {size:,} bytes, its seed 0 {p['bytes']:,}")
             p["tests"].append(artifact_accuracy(f, task.data.test)[0])
         p["test"] = float(np.mean(p["tests"]))  # the goals below judge the seeds' mean
 
@@ -310,11 +310,11 @@ def main() -> int:
             ms=med[i],
             ratio=med[i] / med[0],
         )
-    if a.seeds > 1:
+    seeds = a.seeds > 1
+    if seeds:
         other_seeds(task, points, recipe, a.seeds, out)
     print(f"\nbudget {budget:,} bytes; final recovery {recipe.to_dict()}")
     print(f"teacher fp32: test {t_test:.4f}, {teacher.stat().st_size:,} bytes, {med[0]:.3f} ms\n")
-    seeds = a.seeds > 1
     acc = f"test acc (mean of {a.seeds} seeds) | per seed | sd" if seeds else "test acc"
     print(f"| pipeline | point | bytes | {acc} | latency (ms) | vs teacher |")
     print("|---|---|---:|---:|" + ("---|---:|" if seeds else "") + "---:|---:|")
