@@ -9,13 +9,15 @@ Logs and progress go to stderr, results to stdout (``--json`` for machines).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .errors import AutoslimError, Terminated, UsageError, one_line
 
@@ -83,10 +85,13 @@ def _number(kind: type, *, low: float | None = None, high: float | None = None, 
     ``high``; the error says what was expected and what was got."""
     name = "an integer" if kind is int else "a number"
     bound = []
-    if low is not None:
-        bound.append(f"{'>' if strict else '>='} {low:g}")
-    if high is not None:
-        bound.append(f"<= {high:g}")
+    if low is not None and high is not None and not strict:
+        bound.append(f"in [{low:g}, {high:g}]")
+    else:
+        if low is not None:
+            bound.append(f"{'>' if strict else '>='} {low:g}")
+        if high is not None:
+            bound.append(f"<= {high:g}")
     want = name + (" " + " and ".join(bound) if bound else "")
 
     def parse(text: str) -> int | float:
@@ -132,6 +137,10 @@ _POS_INT = _number(int, low=1)
 _NONNEG_INT = _number(int, low=0)
 _POS_FLOAT = _number(float, low=0, strict=True)
 _FRACTION = _number(float, low=0, high=1)
+# upper bounds of sanity: a few zeros too many is refused at once, not run for years
+_EPOCHS = _number(int, low=1, high=1000)
+_BATCH = _number(int, low=1, high=65_536)
+_STEPS = _number(int, low=1, high=10_000_000)
 
 
 def _fraction_or_none(text: str) -> float | str:
@@ -152,7 +161,36 @@ def _fraction_or_none(text: str) -> float | str:
 
 
 def _out(obj: object, as_json: bool, text: str) -> None:
-    print(json.dumps(obj, indent=2, default=str) if as_json else text)
+    if as_json:
+        _emit(json.dumps(obj, indent=2, default=str))
+    else:
+        print(text)
+
+
+# where a machine-readable result goes: stdout, kept for it alone (see _machine_output)
+_RESULTS: list[TextIO] = []
+
+
+def _emit(text: str, end: str = "\n") -> None:
+    """Write a machine-readable result (``--json``, ``report --format json|csv``) to stdout."""
+    out = _RESULTS[-1] if _RESULTS else sys.stdout
+    out.write(text + end)
+    out.flush()
+
+
+@contextlib.contextmanager
+def _machine_output(on: bool):
+    """With ``on``, stdout carries the result alone: anything else printed while the command
+    runs (a user's model file printing at import, a library's chatter) goes to stderr."""
+    if not on:
+        yield
+        return
+    _RESULTS.append(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _RESULTS.pop()
 
 
 @_command("train")
@@ -189,8 +227,10 @@ def _train(a: argparse.Namespace) -> int:
     _out(
         {**m, "path": str(t.path)},
         a.json,
-        f"teacher {m['model']} on {m['dataset']}: val {m['val_accuracy']:.4f}, "
-        f"test {m['test_accuracy']:.4f}, {m['size_bytes'] / 1e6:.1f} MB, "
+        f"teacher {m['model']} on {m['dataset']} (PyTorch fp32; `search` reports the same "
+        f"model's exported ONNX file, which may differ in the last digits): "
+        f"val {m['val_accuracy']:.4f}, test {m['test_accuracy']:.4f}, "
+        f"{m['size_bytes'] / 1e6:.1f} MB, "
         f"trained in {m.get('train_seconds', float('nan'))} s\ncheckpoint: {t.path}",
     )
     return 0
@@ -209,7 +249,6 @@ def _search(a: argparse.Namespace) -> int:
     from .report import final_table, front_table
     from .runner import search, summary_json
     from .study import load_study_spec
-    from .units import format_size
 
     objectives = None
     if a.objectives:
@@ -249,17 +288,12 @@ def _search(a: argparse.Namespace) -> int:
         limit_train=a.limit_train,
         out_dir=a.out_dir,
     )
-    if spec.budget is not None:
-        print(
-            f"budget: {spec.budget:,} bytes ({format_size(spec.budget)}; "
-            "MB = 10^6 bytes, MiB = 2^20)",
-            file=sys.stderr,
-        )
-    result = search(spec, progress=not a.quiet)
+    result = search(spec, progress=not a.quiet)  # echoes the budget once the inputs are valid
     if a.json:
-        print(summary_json(result))
+        _emit(summary_json(result))
     else:
-        print(front_table(result.frame, result.study.user_attrs.get("baseline")))
+        attrs = result.study.user_attrs
+        print(front_table(result.frame, attrs.get("baseline"), attrs.get("spec")))
         final = final_table(result.frame)
         if final:
             print(f"\n{final}")
@@ -299,9 +333,9 @@ def _status(a: argparse.Namespace) -> int:
 
     st = study_status(a.study, storage=a.storage)
     if a.json:
-        print(json.dumps(st, indent=2))
+        _emit(json.dumps(st, indent=2))
         return 0
-    states = ", ".join(f"{n} {k}" for k, n in sorted(st["states"].items()))
+    states = ", ".join(f"{n} {k}" for k, n in sorted(st["states"].items())) or "no trial yet"
     rate = f"{st['trials_per_hour']:.1f} trials/hour" if st["trials_per_hour"] else "-"
     eta = f"{st['eta_minutes']:.0f} min" if st["eta_minutes"] is not None else "-"
     print(
@@ -329,7 +363,7 @@ def _report(a: argparse.Namespace) -> int:
     )
     df = view.trials
     if a.format == "table":
-        print(front_table(df, view.baseline))
+        print(front_table(df, view.baseline, view.spec))
         final = final_table(df)
         if final:  # the front of the finally-recovered models, as the search printed it
             print(f"\n{final}")
@@ -340,9 +374,9 @@ def _report(a: argparse.Namespace) -> int:
             print()
             print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     elif a.format == "json":
-        print(json.dumps(table_records(df), indent=1, default=str))
+        _emit(json.dumps(table_records(df), indent=1, default=str))
     elif a.format == "csv":
-        df.to_csv(sys.stdout, index=False)
+        _emit(df.to_csv(index=False), end="")
     else:
         data = report_data(view)
         if a.output:  # just the HTML, where asked
@@ -409,7 +443,7 @@ def _pick(a: argparse.Namespace) -> int:
         from .report import table_records
 
         rec = table_records(r.to_frame().T)[0]
-        print(json.dumps({**rec, "export_command": view.export_command(int(r.trial))}, indent=1))
+        _emit(json.dumps({**rec, "export_command": view.export_command(int(r.trial))}, indent=1))
         return 0
     _print_trial(view, r, prefix="picked ")
     print(f"  export: {view.export_command(int(r.trial))}")
@@ -426,7 +460,7 @@ def _export(a: argparse.Namespace) -> int:
     refined = a.refined or (view.is_final(a.trial) and not a.search_time and not a.replay)
     res = export_trial(view, a.trial, a.output, replay=a.replay, refined=refined)
     if a.json:
-        print(json.dumps(res, indent=1))
+        _emit(json.dumps(res, indent=1))
         return 0
     print(
         f"trial {a.trial} -> {res['output']} ({res['source']} artifact)\n"
@@ -494,7 +528,7 @@ def _refine(a: argparse.Namespace) -> int:
                 f"  artifact: {r['output'] or _refined_where(view, t, r)}"
             )
     if a.json:
-        print(json.dumps(results if a.front else results[0], indent=1, default=str))
+        _emit(json.dumps(results if a.front else results[0], indent=1, default=str))
     return 0
 
 
@@ -511,7 +545,7 @@ def _measure(a: argparse.Namespace) -> int:
         input_shape=a.input_shape,
     )
     if a.json:
-        print(json.dumps([g.to_dict() for g in got], indent=1))
+        _emit(json.dumps([g.to_dict() for g in got], indent=1))
         return 0
     device = got[0].rounds[0].device
     where = ", ".join(f"{k} {v}" for k, v in device.items() if k in ("host", "cpu", "cores"))
@@ -543,10 +577,10 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (or reuse the cached) teacher")
     t.add_argument("--model", default="resnet18")
     _add_data_args(t)
-    t.add_argument("--epochs", type=_POS_INT, default=6)
-    t.add_argument("--batch-size", type=_POS_INT, default=128)
+    t.add_argument("--epochs", type=_EPOCHS, default=6)
+    t.add_argument("--batch-size", type=_BATCH, default=128)
     t.add_argument("--lr", type=_POS_FLOAT, default=0.1, help="one-cycle max learning rate")
-    t.add_argument("--max-steps", type=_POS_INT, default=None, help="stop after N steps")
+    t.add_argument("--max-steps", type=_STEPS, default=None, help="stop after N steps")
     t.add_argument("--force", action="store_true", help="retrain even if cached")
     t.add_argument("--json", action="store_true")
 
@@ -578,7 +612,9 @@ def _parser() -> argparse.ArgumentParser:
         help="max val accuracy drop below the teacher, 0.01 = 1 pt ('none' lifts the study's)",
     )
     s.add_argument("--objectives", help="comma list of accuracy,latency,size")
-    s.add_argument("--trials", type=_POS_INT, help="total trials in the study")
+    s.add_argument(
+        "--trials", type=_number(int, low=1, high=100_000), help="total trials in the study"
+    )
     s.add_argument("--sampler", choices=["tpe", "nsga2", "random"])
     s.add_argument("--seed", type=_NONNEG_INT, help="sampler seed")
     s.add_argument("--split-seed", type=_NONNEG_INT, help="seed of the train/validation split")
@@ -597,11 +633,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--workers",
-        type=_POS_INT,
+        type=_number(int, low=1, high=256),
         help="worker processes on this machine, all on one study (global --trials budget)",
     )
     s.add_argument(
-        "--threads", type=_POS_INT, help="torch threads per worker (default: cores / workers)"
+        "--threads",
+        type=_number(int, low=1, high=1024),
+        help="torch threads per worker (default: cores / workers)",
     )
     _add_agent_secret_arg(s)
     s.add_argument(
@@ -612,10 +650,14 @@ def _parser() -> argparse.ArgumentParser:
         "candidates a measured trial beats (used once calibrated; default on)",
     )
     s.add_argument("--teacher", help="your own trained checkpoint (state_dict)")
-    s.add_argument("--recovery-steps", type=_NONNEG_INT, help="KD steps per trial (level 1)")
+    s.add_argument(
+        "--recovery-steps",
+        type=_number(int, low=0, high=10_000_000),
+        help="KD steps per trial (level 1)",
+    )
     s.add_argument(
         "--screen-images",
-        type=_NONNEG_INT,
+        type=_number(int, low=0, high=10_000_000),
         help="level 0: screen every candidate by the BN proxy on N val images (0: off)",
     )
     s.add_argument(
@@ -623,10 +665,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--final-points",
-        type=_NONNEG_INT,
+        type=_number(int, low=0, high=1000),
         help="level 2: final recovery of up to N level-1 front points after the trials (0: off)",
     )
-    s.add_argument("--final-epochs", type=_POS_INT, help="level 2: epochs of the final recovery")
+    s.add_argument("--final-epochs", type=_EPOCHS, help="level 2: epochs of the final recovery")
     s.add_argument("--limit-train", type=_POS_INT, help="use only N training images (quick runs)")
     _add_image_args(s, default=None)
     s.add_argument("--out-dir", help="output folder (default studies/runs/NAME)")
@@ -706,8 +748,18 @@ def _parser() -> argparse.ArgumentParser:
         help="onnxruntime-cpu (default), onnxruntime-cuda or remote:HOST:PORT (an agent)",
     )
     _add_agent_secret_arg(ms)
-    ms.add_argument("--rounds", type=_POS_INT, default=5, help="interleaved rounds (default 5)")
-    ms.add_argument("--runs", type=_POS_INT, default=200, help="most timed runs per round")
+    ms.add_argument(
+        "--rounds",
+        type=_number(int, low=1, high=1000),
+        default=5,
+        help="interleaved rounds (default 5)",
+    )
+    ms.add_argument(
+        "--runs",
+        type=_number(int, low=1, high=1_000_000),
+        default=200,
+        help="most timed runs per round",
+    )
     ms.add_argument(
         "--input-shape", type=_shape, help="C,H,W (default: the one each file declares)"
     )
@@ -718,16 +770,16 @@ def _parser() -> argparse.ArgumentParser:
     rf.add_argument("--trial", type=_NONNEG_INT, help="trial number")
     rf.add_argument("--front", action="store_true", help="every feasible front point, resumable")
     rf.add_argument("-o", "--output", help=".onnx file (with --front: a folder)")
-    rf.add_argument("--epochs", type=_POS_INT, default=5, help="KD epochs over the training split")
+    rf.add_argument("--epochs", type=_EPOCHS, default=5, help="KD epochs over the training split")
     rf.add_argument("--lr", type=_POS_FLOAT, default=0.01, help="peak learning rate (cosine decay)")
-    rf.add_argument("--batch-size", type=_POS_INT, default=128)
+    rf.add_argument("--batch-size", type=_BATCH, default=128)
     rf.add_argument(
         "--qat-fraction",
         type=_FRACTION,
         default=0.3,
         help="last share of the steps quantization-aware (default 0.3)",
     )
-    rf.add_argument("--max-steps-per-epoch", type=_POS_INT, help="cap an epoch (quick runs)")
+    rf.add_argument("--max-steps-per-epoch", type=_STEPS, help="cap an epoch (quick runs)")
     rf.add_argument(
         "--augment",
         action="store_true",
@@ -776,6 +828,20 @@ def _on_sigterm(signum: int, frame: object) -> None:
 _SEARCH_MODULES = {"torch", "torchvision", "optuna", "pandas", "plotly", "onnx", "torch_pruning"}
 
 
+# what an interrupted command leaves (SIGTERM, Ctrl-C)
+_NOTHING = "nothing half-written is left"
+_KEPT = {
+    "train": "the teacher was not saved (training keeps no checkpoint); `autoslim train` starts "
+    "over",
+    "search": "finished trials are kept and a running one is queued again; rerun the same "
+    "command to resume",
+    "refine": "the last epoch's checkpoint is kept; rerun the same command to resume",
+}
+
+# errors of a path the user named: not a bug of autoslim (ENOSPC and I/O errors stay exit 1)
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["agent"]:  # the device agent: numpy + onnxruntime + starlette, no torch
@@ -794,15 +860,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             if not verbose:  # torch / ORT / Optuna warnings are not the user's business
                 warnings.simplefilter("ignore")
-            return _COMMANDS[args.command](args)
+            machine = bool(getattr(args, "json", False)) or (
+                args.command == "report" and args.format in ("json", "csv")
+            )
+            with _machine_output(machine):
+                return _COMMANDS[args.command](args)
     except AutoslimError as e:
         print(f"autoslim: error: {one_line(e, limit=2000)}", file=sys.stderr)
         return e.exit_code
     except Terminated:
-        print("autoslim: terminated (SIGTERM); finished work is kept", file=sys.stderr)
+        print(
+            f"autoslim: terminated (SIGTERM); {_KEPT.get(args.command, _NOTHING)}", file=sys.stderr
+        )
         return 143
     except KeyboardInterrupt:
-        print("autoslim: interrupted; finished work is kept", file=sys.stderr)
+        print(f"autoslim: interrupted; {_KEPT.get(args.command, _NOTHING)}", file=sys.stderr)
         return 130
     except ModuleNotFoundError as e:
         if e.name not in _SEARCH_MODULES or verbose:
@@ -822,6 +894,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if verbose:
             raise
+        if isinstance(e, OSError) and e.errno in _PATH_ERRNOS and e.filename:
+            # a path the user named (or its folder) that cannot be read or written: theirs
+            print(
+                f"autoslim: error: cannot use {e.filename}: {e.strerror}; expected a path this "
+                "user can read and write: fix its permissions or pass another path",
+                file=sys.stderr,
+            )
+            return 2
         print(
             f"autoslim: error: unexpected {type(e).__name__}: {one_line(e, limit=1000)} "
             "(a bug: rerun with --verbose for the traceback and report it)",

@@ -479,12 +479,13 @@ def _cifar10(data_dir: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 
 
 BAD_IMAGES = ("refuse", "skip")
+MIN_IMAGE_SIDE = 8  # the smallest side an image is served at (as --image-size's least value)
 STREAM_ABOVE_BYTES = 1 << 30  # an imagefolder whose uint8 images exceed this is streamed
 STATS_SAMPLE = 1000  # training images a streamed split's mean and std are computed on
 
 
 def _scan(
-    d: Path, classes: list[str], bad_images: str
+    d: Path, classes: list[str], bad_images: str, *, every_class: bool = False
 ) -> tuple[list[str], list[int], set[tuple[int, int]]]:
     """Image files under ``d/<class>/`` with their labels and the set of (width, height) sizes
     (headers only). Unreadable files are refused, or skipped and reported in one line."""
@@ -518,6 +519,13 @@ def _scan(
         )
     if not paths:
         raise DataError(f"imagefolder: no images under {d}; expected .png/.jpg files")
+    empty = [c for ci, c in enumerate(classes) if ci not in set(labels)]
+    if every_class and empty:  # a class without images would be dropped or never learned
+        raise DataError(
+            f"imagefolder: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} under "
+            f"{d} hold{'' if len(empty) > 1 else 's'} no readable images; expected images in "
+            "every class folder: add some or remove the folder"
+        )
     return paths, labels, sizes
 
 
@@ -541,7 +549,7 @@ def _imagefolder_files(
         )
     if bad_images not in BAD_IMAGES:
         raise DataError(f"bad_images must be one of {BAD_IMAGES}; got {bad_images!r}")
-    p, y, sizes = _scan(train_dir, classes, bad_images)
+    p, y, sizes = _scan(train_dir, classes, bad_images, every_class=True)
     if (root / "test").is_dir():
         pte, yte, more = _scan(root / "test", classes, bad_images)
         sizes |= more
@@ -557,6 +565,12 @@ def _imagefolder_files(
             "give image_size (study file) or --image-size N to resize and crop them"
         )
     w, h = next(iter(sizes))
+    if image_size is None and min(w, h) < MIN_IMAGE_SIDE:
+        raise DataError(
+            f"imagefolder: images under {root} are {w}x{h} px; expected at least "
+            f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (the models downsample several times): give "
+            f"--image-size N (N >= {MIN_IMAGE_SIDE}) to resize them, or use larger images"
+        )
     shape = (3, image_size, image_size) if image_size else (3, h, w)
     return tr_p, tr_y.astype(np.int64), te_p, te_y.astype(np.int64), shape
 

@@ -157,12 +157,47 @@ def build_model(
         kwargs["num_classes"] = num_classes
     if "in_channels" in params:
         kwargs["in_channels"] = in_channels
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as e:  # the user's code: their error to fix, named as such
+        raise ModelError(
+            f"model factory {name!r} raised {type(e).__name__}: {e}; fix the factory (it is "
+            f"called with {kwargs or 'no arguments'})"
+        ) from e
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"factory {name!r} returned {type(model).__name__}; expected torch.nn.Module"
         )
+    _check_output(name, model, in_channels, num_classes, image_size)
     return model
+
+
+def _check_output(
+    name: str, model: nn.Module, in_channels: int, num_classes: int, image_size: int
+) -> None:
+    """A user's model maps a batch of the data's images to one score per class, or is refused
+    before any training (not an IndexError at the first loss)."""
+    shape = (2, in_channels, image_size, image_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(shape))
+    except Exception as e:
+        raise ModelError(
+            f"model {name!r} fails on a batch of the data's images {tuple(shape)}: "
+            f"{type(e).__name__}: {e}; expected a model for {in_channels}-channel "
+            f"{image_size}x{image_size} images (the factory may take in_channels)"
+        ) from e
+    finally:
+        model.train(was_training)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != (2, num_classes):
+        raise ModelError(
+            f"model {name!r} maps a batch of 2 images to {got}; expected one score per class, "
+            f"(2, {num_classes}), for this dataset's {num_classes} classes: give the factory a "
+            "num_classes argument or build its classifier with that many outputs"
+        )
 
 
 def stem_and_classifier(name: str, model: nn.Module) -> tuple[str | None, str | None]:

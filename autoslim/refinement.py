@@ -73,8 +73,8 @@ class RefineRecipe:
     alpha: float | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise UsageError(f"--epochs must be >= 1; got {self.epochs}")
+        if not 1 <= self.epochs <= 1000:
+            raise UsageError(f"--epochs must be in [1, 1000]; got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UsageError(f"--lr must be a positive number; got {self.lr}")
         if self.batch_size < 1:

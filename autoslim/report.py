@@ -67,6 +67,14 @@ _DEVICE_KEYS = (
 )
 
 
+_FRAME_COLUMNS = [
+    "trial", "state", "status", "val_accuracy", "test_accuracy", "size_bytes", "size_estimate",
+    "latency_ms", "latency_source", "latency_predicted_ms", "teacher_latency_ms", "host",
+    "latency_noise", "agreement", "screen_accuracy", "feasible", "summary", "fail_reason",
+    "seconds", "config", "params", "artifact_sha256", "artifact_id",
+]  # fmt: skip
+
+
 def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
     """One row per trial: state, metrics on the artifact, ratios vs the teacher, front flag.
 
@@ -113,13 +121,10 @@ def trials_frame(study: Any, run_dir: Path | None = None) -> pd.DataFrame:
             "artifact_id": a.get("artifact_id", ""),  # in the study's store (autoslim.store)
         }
         rows.append(row)
-    df = pd.DataFrame(rows)
+    # a study with no trial yet (stopped during its set-up) has every column too
+    df = pd.DataFrame(rows, columns=_FRAME_COLUMNS)
     if df.empty:
-        return df.assign(
-            front=pd.Series(dtype=bool),
-            speedup=pd.Series(dtype=float),
-            compression=pd.Series(dtype=float),
-        )
+        df = df.astype({"trial": int, "feasible": bool})
     # each trial against the teacher timed in its own process (older trials: the baseline's)
     teacher_ms = df["teacher_latency_ms"].astype(float).fillna(base.get("latency_ms", np.nan))
     df["speedup"] = teacher_ms / df["latency_ms"]
@@ -189,8 +194,71 @@ def final_table(df: pd.DataFrame, baseline: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def front_table(df: pd.DataFrame, baseline: dict | None = None) -> str:
-    """The feasible Pareto front as a fixed-width text table, best accuracy first."""
+def why_no_front(df: pd.DataFrame, baseline: dict | None, spec: dict | None) -> str:
+    """Why a study has no feasible measured trial, in one line: the binding constraint, the
+    best value measured against it, and the flag that moves it."""
+    spec = spec or {}
+    if df.empty:
+        return "no trial yet: the search stopped during its set-up; run `autoslim search` again"
+    status = df["status"]
+    ok = df[(status == "ok") & (df["latency_source"] != "predicted")]
+    if ok.empty:
+        parts = []
+        over = df[status == "over_budget"]
+        if len(over):
+            parts.append(
+                f"{len(over)} over the size budget by the estimate (smallest "
+                f"{int(over['size_estimate'].min()):,} B of {int(spec.get('budget') or 0):,} B)"
+            )
+        for name, what in (("over_latency", "over --max-latency by the predictor"),
+                           ("screened", "screened and not trained (level 0)")):  # fmt: skip
+            if (status == name).any():
+                parts.append(f"{int((status == name).sum())} {what}")
+        failed = df[df["state"] == "FAIL"]
+        if len(failed):
+            top = failed["fail_reason"].replace("", "unknown").value_counts().index[0]
+            parts.append(f"{len(failed)} failed (most often: {one_line(top, 160)})")
+        fix = (
+            "raise --budget"
+            if len(over) >= len(df) / 2
+            else "run more trials (--trials) or see `autoslim report --format table --all`"
+        )
+        return f"no trial measured: {', '.join(parts) or 'none finished'}; {fix}"
+    base_acc = (baseline or {}).get("val_accuracy")
+    checks = []  # (constraint, violated by each measured trial, best value line, fix)
+    if spec.get("max_accuracy_drop") is not None and base_acc is not None:
+        drop = base_acc - ok["val_accuracy"]
+        best = float(ok["val_accuracy"].max() - base_acc) * 100
+        checks.append((
+            "the accuracy floor",
+            drop > spec["max_accuracy_drop"] + 1e-12,
+            f"best {best:+.1f} pt vs the teacher, floor {-100 * spec['max_accuracy_drop']:.1f} pt",
+            "raise --recovery-steps or --max-accuracy-drop",
+        ))  # fmt: skip
+    if spec.get("budget") is not None:
+        checks.append((
+            "the size budget",
+            ok["size_bytes"] > spec["budget"],
+            f"smallest {int(ok['size_bytes'].min()):,} B, budget {int(spec['budget']):,} B",
+            "raise --budget",
+        ))  # fmt: skip
+    if spec.get("max_latency_ms") is not None:
+        checks.append((
+            "the latency limit",
+            ok["latency_ms"] > spec["max_latency_ms"],
+            f"fastest {float(ok['latency_ms'].min()):.3f} ms, limit {spec['max_latency_ms']} ms",
+            "raise --max-latency",
+        ))  # fmt: skip
+    if not checks:
+        return f"no feasible trial among {len(ok)} measured; run more trials"
+    name, bad, best, fix = max(checks, key=lambda c: int(c[1].sum()))
+    every = "all" if int(bad.sum()) == len(ok) else f"{int(bad.sum())}"
+    return f"no feasible trial: {len(ok)} measured, {every} outside {name}: {best}; {fix}"
+
+
+def front_table(df: pd.DataFrame, baseline: dict | None = None, spec: dict | None = None) -> str:
+    """The feasible Pareto front as a fixed-width text table, best accuracy first (or, when
+    it is empty, why: :func:`why_no_front`)."""
     front = df[df["front"]].sort_values("val_accuracy", ascending=False)
     lines = []
     if baseline:
@@ -200,7 +268,7 @@ def front_table(df: pd.DataFrame, baseline: dict | None = None) -> str:
             f"{baseline['latency_ms']:.3f} ms"
         )
     if front.empty:
-        lines.append("no feasible trial yet: loosen the budget or run more trials")
+        lines.append(why_no_front(df, baseline, spec))
         return "\n".join(lines)
     hdr = (
         f"{'trial':>5} {'val_acc':>8} {'test_acc':>8} {'size_MB':>8} {'lat_ms':>7} "

@@ -320,6 +320,12 @@ def check_onnx_output(output: str | Path) -> Path:
     if out.suffix != ".onnx":
         raise UsageError(f"output must be an .onnx file; got {str(out)!r} (e.g. -o model.onnx)")
     if not out.parent.is_dir():
+        above = next((p for p in out.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UsageError(
+                f"output {out} is under {above}, which is a file, not a folder; give a path "
+                "in a folder (e.g. -o model.onnx)"
+            )
         raise UsageError(f"output folder {out.parent} does not exist; create it first")
     if out.is_dir():
         raise UsageError(

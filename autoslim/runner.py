@@ -18,6 +18,7 @@ import platform
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -46,6 +47,7 @@ from .study import (
     runs_dir,
     time_teacher,
 )
+from .units import format_size
 
 __all__ = [
     "search",
@@ -166,6 +168,7 @@ def _open_or_create(
     if fingerprint is None:
         return study, creator
     if creator:
+        study.set_user_attr("setup_owner", _owner())  # a joiner of this host sees if it dies
         study.set_user_attr("fingerprint", fingerprint)
         study.set_user_attr("spec", _stored_spec(spec))
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2; stable enough
@@ -223,9 +226,11 @@ def redact(url: str) -> str:
         return url
 
 
-def check_storage(url: str) -> str:
+def check_storage(url: str, *, write: bool = True) -> str:
     """Fail fast, in one line, on a storage URL that cannot work; return it with the password
-    hidden (for messages). SQLite files are created on demand; a server is connected to once."""
+    hidden (for messages). SQLite files are created on demand (in a folder that exists and is
+    writable; with ``write=False``, for the read verbs, the file must exist); a server is
+    connected to once."""
     import sqlalchemy
     from sqlalchemy.engine import make_url
 
@@ -245,6 +250,23 @@ def check_storage(url: str) -> str:
             "postgresql+psycopg://"
         ) from None
     if u.get_backend_name() == "sqlite":
+        db = u.database
+        if db and db != ":memory:" and not db.startswith("file:"):
+            folder = Path(db).expanduser().absolute().parent
+            if not folder.is_dir():
+                raise UsageError(
+                    f"storage {shown}: the folder {folder} does not exist (SQLite makes the "
+                    "file, not its folder); create the folder or fix --storage"
+                )
+            if Path(db).is_dir():
+                raise UsageError(f"storage {shown}: {db} is a folder; expected a database file")
+            if not write and not Path(db).expanduser().is_file():
+                raise UsageError(
+                    f"storage {shown}: no such database file; pass the --storage URL the study "
+                    "was run with"
+                )
+            if write:
+                _probe_writable(folder, "the storage's folder", "--storage")
         return shown
     args = {"connect_timeout": 10} if u.get_backend_name() == "postgresql" else {}
     try:
@@ -267,9 +289,90 @@ def check_storage(url: str) -> str:
     return shown
 
 
+def _probe_writable(path: Path, what: str, flag: str) -> None:
+    """``path`` can be made and written by this process (its nearest existing folder takes a
+    file, tried with a temp file removed at once), or a one-line UsageError naming ``flag``."""
+    base = Path(path).absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise UsageError(
+            f"{what} {path} cannot be made: {base} is a file, not a folder; pass {flag} a path "
+            "under a folder"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".autoslim-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(
+            f"{what} {path} cannot be written: {base} is not writable ({e.strerror}); pass "
+            f"{flag} a writable folder"
+        ) from None
+
+
+def preflight(spec: StudySpec) -> None:
+    """Every check a search can make before it writes or trains anything: the storage is
+    reachable (a server is connected to once; a SQLite file's folder exists and is writable),
+    the study folder and the artifact store can be written. A refused input leaves no trace."""
+    if spec.run_dir.exists() and not spec.run_dir.is_dir():
+        raise UsageError(
+            f"the study folder {spec.run_dir} is a file; pass --out-dir a folder or another --name"
+        )
+    _probe_writable(spec.run_dir, "the study folder", "--out-dir")
+    if spec.storage:
+        check_storage(spec.storage)  # before minutes of teacher training
+    if spec.artifacts and not spec.artifacts.startswith("s3://"):
+        where = Path(spec.artifacts).expanduser()
+        if where.exists() and not where.is_dir():
+            raise UsageError(
+                f"the artifact store {where} is a file; pass --artifacts a folder every worker "
+                "can read"
+            )
+        _probe_writable(where, "the artifact store", "--artifacts")
+    elif spec.artifacts:
+        from .store import store_location
+
+        store_location(spec.artifacts)  # the s3:// form
+
+
+def _existing_study(spec: StudySpec) -> optuna.Study | None:
+    """The stored study of ``spec`` when there is one (read only), else None."""
+    if not spec.storage and not (spec.run_dir / "study.db").is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=spec.name, storage=spec.storage_url)
+    except Exception:  # noqa: BLE001 - none yet, or unreadable: _open_or_create says which
+        return None
+
+
+def check_reachable(task: Task) -> None:
+    """Refuse, before the study is made, a size budget that no candidate of the space can
+    meet: the size estimate of the space's smallest candidate (every ratio at its largest,
+    every bit width at its lowest, ranks lowest or off) is over it."""
+    budget = task.spec.budget
+    if budget is None:
+        return
+    space = task.space
+    smallest = min(
+        estimate(task, space.to_config(space.smallest_params(factorise=f))) for f in (True, False)
+    )
+    if smallest > budget:
+        raise UsageError(
+            f"the budget {format_size(budget)} ({budget:,} bytes) cannot be met: the smallest "
+            f"file the space {task.spec.space!r} makes of {task.spec.model} is about "
+            f"{format_size(smallest)} ({smallest:,} bytes, estimated: every pruning ratio at "
+            "its largest, every bit width at its lowest); raise --budget to at least that, or "
+            "use a space that prunes more or offers lower bit widths (--space)"
+        )
+
+
 def _locate(name_or_dir: str | Path, storage: str | None) -> tuple[Path, str, str]:
     p = Path(name_or_dir)
     run_dir = p if p.is_dir() else runs_dir() / str(name_or_dir)
+    if storage is not None:
+        check_storage(storage, write=False)  # one line naming the URL kinds, as search does
     url = storage or default_storage_url(run_dir)
     if storage is None and not (run_dir / "study.db").is_file():
         raise UsageError(
@@ -635,6 +738,9 @@ def _objective(task: Task, seed: int):
             res = evaluate(
                 task, config, spec.run_dir / "trials" / f"{trial.number:05d}", promote=fixed
             )
+        except KeyboardInterrupt as e:  # SIGTERM or Ctrl-C: failed with why, and run again
+            _requeue_interrupted(trial, e)
+            raise
         except CandidateFailed as e:
             trial.set_user_attr("fail_reason", one_line(str(e)))
             raise
@@ -679,6 +785,29 @@ def _objective(task: Task, seed: int):
         return tuple(float(metrics[o]) for o in spec.objectives)
 
     return objective
+
+
+def _requeue_interrupted(trial: optuna.Trial, e: KeyboardInterrupt) -> None:
+    """A trial stopped by SIGTERM or Ctrl-C: record why (Optuna then fails it) and queue the
+    same parameters again, so that the next run of the study (a resume) runs it first. Like a
+    killed trial, it does not use up a trial of the budget."""
+    how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C (SIGINT)"
+    try:
+        trial.set_user_attr("fail_reason", f"stopped by {how} before it finished; queued again")
+        trial.set_user_attr("killed", True)
+        trial.study.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState.WAITING,
+                params=trial.params,
+                distributions=trial.distributions,
+                user_attrs={
+                    "retry_of": trial.number,
+                    "retries": int(trial.user_attrs.get("retries", 0)),
+                },
+            )
+        )
+    except Exception:  # noqa: BLE001 - the storage is gone too: the interrupt still wins
+        pass
 
 
 def _baselines(task: Task) -> list[tuple[float, int, int]]:
@@ -737,29 +866,59 @@ def _worker_seed(spec: StudySpec) -> int:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
 
 
-def _setup(study: optuna.Study, task: Task, creator: bool) -> None:
-    """The study's baseline and enqueued baselines: made once, by the process that created
-    the study; every other worker waits for the baseline and times the teacher itself."""
-    spec = task.spec
-    stored = study.user_attrs.get("baseline")
-    if creator:  # before the baseline: a joiner that sees the baseline sees the store
-        task.store = open_store(study, location=spec.artifacts, run_dir=spec.run_dir, create=True)
-    if not creator and not stored:
-        stored = _wait_for(study, "baseline", SETUP_WAIT_S)
-        if stored is None:
+def _wait_for_setup(study: optuna.Study, spec: StudySpec, say: Any) -> dict[str, Any] | None:
+    """The baseline once the study's creator has stored it. None at once when the creator
+    (recorded as ``setup_owner``) was a process of this machine that is gone: it died during
+    its set-up, and this process takes the set-up over."""
+    owner = study.user_attrs.get("setup_owner")
+    if owner:
+        say(
+            f"setup: waiting for the study's creator ({owner.get('host')}:{owner.get('pid')}) "
+            f"to finish its set-up (at most {SETUP_WAIT_S // 60} min)"
+        )
+    deadline = time.monotonic() + SETUP_WAIT_S
+    host = platform.node()
+    while True:
+        attrs = study._storage.get_study_user_attrs(study._study_id)
+        if attrs.get("baseline") is not None:
+            return attrs["baseline"]
+        owner = attrs.get("setup_owner")
+        if owner and owner.get("host") == host and not _alive(owner):
+            return None
+        if time.monotonic() >= deadline:
             raise UsageError(
                 f"study {spec.name!r} has no baseline after {SETUP_WAIT_S} s: the process that "
-                "created it did not finish its set-up (killed?); delete the study or run one "
-                "worker alone first"
+                "created it did not finish its set-up (killed on another machine?); delete the "
+                "study or run one worker alone first"
             )
+        time.sleep(0.5)
+
+
+def _setup(study: optuna.Study, task: Task, creator: bool, *, log: Any = None) -> None:
+    """The study's baseline and enqueued baselines: made once, by the process that created
+    the study; every other worker waits for the baseline and times the teacher itself. A
+    worker that finds the creator of this machine dead before its baseline takes over."""
+    spec = task.spec
+    say = log or (lambda *a: None)
+    stored = study.user_attrs.get("baseline")
+    if not creator and not stored:
+        stored = _wait_for_setup(study, spec, say)
+        if stored is None:
+            say("setup: the study's creator died during its set-up; this process takes it over")
+            creator = True
+    if creator:  # before the baseline: a joiner that sees the baseline sees the store
+        study.set_user_attr("setup_owner", _owner())
+        task.store = open_store(study, location=spec.artifacts, run_dir=spec.run_dir, create=True)
     if not creator:  # a study stored before autoslim kept a store gets one now
         task.store = open_store(
             study, location=spec.artifacts, run_dir=spec.run_dir, create=False
         ) or open_store(study, location=spec.artifacts, run_dir=spec.run_dir, create=True)
     if stored:  # a resume or a joining worker: the stored baseline stays; the timing is redone
+        say("setup: timing the teacher's fp32 ONNX file on the study's backend")
         task.baseline = dict(stored)
         time_teacher(task, spec.run_dir)
     else:
+        say("setup: the teacher's fp32 ONNX file: accuracy, size and latency (the baseline)")
         study.set_user_attr("baseline", measure_baseline(task, spec.run_dir))
     study.set_user_attr(
         "teacher", {k: v for k, v in task.teacher.meta.items() if isinstance(v, (str, int, float))}
@@ -776,6 +935,7 @@ def _setup(study: optuna.Study, task: Task, creator: bool) -> None:
             from .sensitivity import can_factorise, greedy_params, stage_sensitivity
 
             factorise = can_factorise(task)
+            say("setup: the sensitivity of each stage (BN-proxy screens) for the seed trials")
             sens = stage_sensitivity(task, low_rank=factorise)  # screened once for both seeds
             seed_params = greedy_params(task, spec.budget, sensitivity=sens)
             if seed_params is not None:
@@ -818,23 +978,26 @@ def search(spec: StudySpec, *, progress: bool = True, outputs: bool = True) -> S
     with their own sampler seeds, and ``spec.trials`` is a global budget."""
     import torch
 
-    if spec.storage:
-        check_storage(spec.storage)  # before minutes of teacher training
+    def log(*a: object) -> None:
+        print(*a, file=sys.stderr)
+
+    preflight(spec)  # storage, folders, artifact store: before anything is written or trained
     threads = worker_threads(spec)
     torch.set_num_threads(threads)
     task = build_task(spec, progress=progress)
+    check_reachable(task)  # a budget no candidate can meet is said now, not after the trials
+    if spec.budget is not None and outputs:  # echoed once every input is known to be good
+        log(
+            f"budget: {spec.budget:,} bytes ({format_size(spec.budget)}; MB = 10^6 bytes, MiB = 2^20)"
+        )
+    existing = _existing_study(spec)
+    if existing is not None:  # refuse a bad --artifacts before this process writes anything
+        open_store(existing, location=spec.artifacts, run_dir=spec.run_dir, create=False)
     study, creator = _open_or_create(
         spec, fingerprint=task.fingerprint(), sampler=None, storage=storage_of(spec)
     )
     seed = spec.seed if creator else _worker_seed(spec)
     study.sampler = _sampler(spec, seed)
-    study.set_user_attr(
-        f"worker:{platform.node()}:{os.getpid()}",
-        {"seed": seed, "threads": threads, "creator": creator, "started": time.time()},
-    )
-
-    def log(*a: object) -> None:
-        print(*a, file=sys.stderr)
 
     healed = heal_dead_trials(study, spec.run_dir)
     if healed:
@@ -848,7 +1011,12 @@ def search(spec: StudySpec, *, progress: bool = True, outputs: bool = True) -> S
             "provider has no int4 conv kernels, so such models run slower than int8 ones "
             "(for a latency study use an int8 space such as --space default)"
         )
-    _setup(study, task, creator)
+    _setup(study, task, creator, log=log if outputs else None)
+    study.set_user_attr(
+        f"worker:{platform.node()}:{os.getpid()}",
+        {"seed": seed, "threads": threads, "creator": creator, "started": time.time()},
+    )
+    study.set_user_attr("trials", spec.trials)  # the budget in force (a resume may raise it)
     done = _done(study, spec.trials)
     remaining = max(0, spec.trials - done)
     log(
@@ -869,6 +1037,8 @@ def search(spec: StudySpec, *, progress: bool = True, outputs: bool = True) -> S
     cal = study.user_attrs.get("latency_predictor")
     if cal:
         log(f"note: {cal['line']}")
+    if outputs:
+        log(trial_summary(study, spec.trials))
     view = _view(
         study, spec.run_dir, spec.storage_url, importance=outputs, artifacts=spec.artifacts
     )
@@ -1021,6 +1191,30 @@ def finalize(study: optuna.Study, task: Task, *, progress: bool) -> list[dict[st
     return out
 
 
+def trial_summary(study: optuna.Study, budget: int) -> str:
+    """One line on what the search did: trials trained and measured, screened, rejected
+    before training and why, failed, interrupted and queued again."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    status = [t.user_attrs.get("status") for t in trials]
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    parts = [
+        f"{status.count('ok')} trained and measured",
+        f"{status.count('screened')} screened and not trained (level 0)",
+        f"{status.count('over_budget')} rejected before training (size estimate over the budget)",
+        f"{status.count('over_latency')} rejected before training (predicted over --max-latency)",
+        f"{sum(not t.user_attrs.get('killed') for t in failed)} failed as candidates",
+        f"{sum(bool(t.user_attrs.get('killed')) for t in failed)} stopped or killed and queued "
+        "again",
+    ]
+    counted = len(_counted(trials, budget))
+    shown = [p for p in parts if not p.startswith("0 ")] or ["none run"]
+    return (
+        f"trials: {counted} of {budget} counted; "
+        + ", ".join(shown)
+        + f" (up to {FREE_REJECTS} rejections per trial are not counted)"
+    )
+
+
 def _waiting(study: optuna.Study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
@@ -1036,7 +1230,10 @@ def study_status(name_or_dir: str | Path, *, storage: str | None = None) -> dict
     states: dict[str, int] = {}
     for t in trials:
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
-    budget = int(study.user_attrs.get("spec", {}).get("trials", 0))
+    # the budget in force: the last search's --trials (a resume may raise it), else the first
+    budget = int(
+        study.user_attrs.get("trials") or study.user_attrs.get("spec", {}).get("trials", 0)
+    )
     counted = _counted(trials, budget)
     workers = {}
     for key, info in study.user_attrs.items():

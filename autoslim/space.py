@@ -467,6 +467,30 @@ class BoundSpace:
             out[d.name] = v
         return out
 
+    def smallest_params(self, *, factorise: bool = True) -> dict[str, Any]:
+        """Parameters of the smallest file the space can make: every pruning ratio at its
+        largest, every bit width at its lowest, every rank at its lowest (``factorise``) or
+        off; distillation knobs at their first value (they do not change the size)."""
+        out: dict[str, Any] = {}
+        for d in self.dims:
+            k = d.knob
+            if k.choices is None:
+                lo, hi = k.low, k.high
+                out[d.name] = hi if d.kind == "prune" else lo
+                continue
+            if d.kind == "prune":
+                out[d.name] = max(k.choices)
+            elif d.kind in ("weight_bits", "act_bits"):
+                out[d.name] = min(k.choices)
+            elif d.kind == "rank":
+                ranks = [c for c in k.choices if c != "off"]
+                out[d.name] = min(ranks) if factorise and ranks else k.choices[0]
+                if not factorise and "off" in k.choices:
+                    out[d.name] = "off"
+            else:
+                out[d.name] = k.choices[0]
+        return out
+
     def describe(self) -> str:
         """Which names each rule matched and how many dimensions result."""
         lines = []

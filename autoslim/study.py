@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import tempfile
 import time
 import tomllib
@@ -64,6 +65,7 @@ __all__ = [
     "shape",
     "STUDIES_DIR",
     "runs_dir",
+    "check_study_name",
 ]
 
 # shipped study files: package data (importlib.resources), so an installed wheel has them
@@ -153,10 +155,15 @@ class StudySpec:
 
     def __post_init__(self) -> None:
         self._check_types()
+        check_study_name(self.name)
         for k, low in _MIN_VALUES.items():
             v = getattr(self, k)
             if v is not None and not v >= low:
                 raise ConfigError(f"{k} must be >= {low}; got {v!r}")
+        for k, high in _MAX_VALUES.items():
+            v = getattr(self, k)
+            if v is not None and v > high:
+                raise ConfigError(f"{k} must be <= {high:,}; got {v!r} (an upper bound of sanity)")
         if not 0 < self.gate_agreement <= 1:
             raise ConfigError(f"gate_agreement is a fraction in (0, 1]; got {self.gate_agreement}")
         if self.final_temperature is not None and not 0 < self.final_temperature <= 100:
@@ -251,8 +258,13 @@ class StudySpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudySpec:
-        """The spec a study recorded (keys of older versions that no longer exist are ignored)."""
-        return cls(**{k: v for k, v in d.items() if k in _FIELDS})
+        """The spec a study recorded (keys of older versions that no longer exist are ignored;
+        a name recorded before names were checked is kept as it was)."""
+        values = {k: v for k, v in d.items() if k in _FIELDS}
+        name = values.pop("name", "default")
+        spec = cls(**values)
+        spec.name = name
+        return spec
 
 
 _FIELDS = {f.name for f in dataclasses.fields(StudySpec)}
@@ -282,6 +294,42 @@ _MIN_VALUES = {
     "final_epochs": 1,
     "final_steps_per_epoch": 1,
 }
+
+
+# upper bounds of sanity: a typo of a few zeros is refused instead of running for years
+_MAX_VALUES = {
+    "trials": 100_000,
+    "teacher_epochs": 1_000,
+    "teacher_max_steps": 10_000_000,
+    "teacher_batch_size": 65_536,
+    "recovery_steps": 10_000_000,
+    "recovery_batch_size": 65_536,
+    "latency_runs": 1_000_000,
+    "gate_images": 10_000_000,
+    "workers": 256,
+    "threads": 1_024,
+    "heartbeat_s": 86_400,
+    "screen_images": 10_000_000,
+    "final_points": 1_000,
+    "final_epochs": 1_000,
+    "image_size": 4_096,
+    "resize": 4_096,
+}
+
+# a study name is a label, one path component of safe characters (it names studies/runs/NAME)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_study_name(name: object) -> str:
+    """``name`` if it is a valid study name (1-100 of ``A-Z a-z 0-9 . _ -``, starting with a
+    letter or digit: one folder under ``studies/runs/``, never a path); else a UsageError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"name must be a study name of 1-100 letters, digits, '.', '_' or '-' that starts "
+            f"with a letter or digit (it names the folder studies/runs/NAME); got {name!r}: "
+            "pass e.g. --name my-study, and --out-dir to choose the folder"
+        )
+    return name
 
 
 def load_study_spec(path: str | Path | None = None, **overrides: Any) -> StudySpec:

@@ -165,8 +165,9 @@ def train_teacher(
             opt.step()
             sched.step()
             step += 1
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{val_acc:.4f}")
+            if i % 20 == 0:  # val accuracy is measured at the end of each epoch
+                shown = {"val_acc": f"{val_acc:.4f}"} if val_acc == val_acc else {}
+                bar.set_postfix(loss=f"{loss.item():.3f}", **shown)
         bs = recipe.batch_size
         sample = [perm[j : j + bs] for j in range(0, min(n, recipe.bn_batches * bs), bs)]
         recalibrate_bn(
@@ -267,6 +268,6 @@ def get_teacher(
     path = teacher_path(model_name, data, recipe)
     if path.is_file():
         return load_checkpoint(path, model_name, data)
-    if progress:
-        print(f"training teacher {model_name} on {data.name} (cached at {path})", file=sys.stderr)
+    # said even without progress bars: the longest phase of a first search
+    print(f"training teacher {model_name} on {data.name} (cached at {path})", file=sys.stderr)
     return train_teacher(model_name, data, recipe=recipe, progress=progress, save_to=path)

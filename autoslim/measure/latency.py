@@ -442,6 +442,16 @@ def file_input_shape(path: Path, given: tuple[int, ...] | None = None) -> tuple[
             "; give the .onnx file that `autoslim export` wrote"
         ) from e
     if given:
+        fixed = shape[1:]
+        if len(given) != len(fixed) or any(
+            isinstance(d, int) and d > 0 and d != g for d, g in zip(fixed, given, strict=False)
+        ):
+            declared = ",".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in fixed)
+            raise UsageError(
+                f"--input-shape {','.join(map(str, given))} does not fit {path}, whose input "
+                f"takes C,H,W = {declared} ('?': any); give a shape that fits it, or leave "
+                "--input-shape out to use the one the file declares"
+            )
         return tuple(given)
     dims = shape[1:]
     if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
@@ -475,6 +485,8 @@ def time_files(
         raise UsageError(f"rounds must be >= 1; got {rounds}")
     files = [Path(p) for p in paths]
     for f in files:
+        if f.is_dir():
+            raise UsageError(f"{f} is a folder; expected the path of an ONNX file in it")
         if not f.is_file():
             raise UsageError(f"no such file {f}; give the path of an ONNX file")
     digest = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
