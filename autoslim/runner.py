@@ -711,6 +711,13 @@ def _objective(task: Task, seed: int):
     seen: dict[str, int] = {}  # measured trials the predictor was last fitted on
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
+        try:
+            return run(trial)
+        except KeyboardInterrupt as e:  # SIGTERM or Ctrl-C: failed with why, and run again
+            _requeue_interrupted(trial, e, complete=len(trial.params) == len(task.space.dims))
+            raise
+
+    def run(trial: optuna.Trial) -> tuple[float, ...]:
         if _surplus(trial, spec.trials):  # other workers took the last trials of the budget
             trial.set_user_attr("surplus", True)
             trial.study.stop()
@@ -738,9 +745,6 @@ def _objective(task: Task, seed: int):
             res = evaluate(
                 task, config, spec.run_dir / "trials" / f"{trial.number:05d}", promote=fixed
             )
-        except KeyboardInterrupt as e:  # SIGTERM or Ctrl-C: failed with why, and run again
-            _requeue_interrupted(trial, e)
-            raise
         except CandidateFailed as e:
             trial.set_user_attr("fail_reason", one_line(str(e)))
             raise
@@ -787,14 +791,17 @@ def _objective(task: Task, seed: int):
     return objective
 
 
-def _requeue_interrupted(trial: optuna.Trial, e: KeyboardInterrupt) -> None:
-    """A trial stopped by SIGTERM or Ctrl-C: record why (Optuna then fails it) and queue the
-    same parameters again, so that the next run of the study (a resume) runs it first. Like a
-    killed trial, it does not use up a trial of the budget."""
+def _requeue_interrupted(trial: optuna.Trial, e: KeyboardInterrupt, *, complete: bool) -> None:
+    """A trial stopped by SIGTERM or Ctrl-C: record why (Optuna then fails it) and, once its
+    parameters were all sampled (``complete``), queue them again, so that the next run of the
+    study (a resume) runs it first. Like a killed trial, it does not use up the budget."""
     how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C (SIGINT)"
+    again = "queued again" if complete else "not started; nothing to queue again"
     try:
-        trial.set_user_attr("fail_reason", f"stopped by {how} before it finished; queued again")
+        trial.set_user_attr("fail_reason", f"stopped by {how} before it finished; {again}")
         trial.set_user_attr("killed", True)
+        if not complete:
+            return
         trial.study.add_trial(
             optuna.trial.create_trial(
                 state=optuna.trial.TrialState.WAITING,

@@ -26,11 +26,13 @@ import pytest
 from autoslim.errors import AutoslimError, UsageError
 from autoslim.measure import Latency, get_backend
 from autoslim.measure.auth import (
+    CONTENT_SHA256_HEADER,
     NONCE_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     AuthError,
     Verifier,
+    check_body,
     create_secret,
     load_secret,
     sign,
@@ -316,7 +318,255 @@ def test_verifier_forgets_old_nonces() -> None:
         v.verify("GET", "/v1/info", future, b"")
     lower = {k.lower(): val for k, val in sign(secret, "GET", "/", b"").items()}
     v.verify("GET", "/", lower, b"")  # header names are case-insensitive
-    assert {TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER} == set(sign(secret, "GET", "/", b""))
+    assert set(sign(secret, "GET", "/", b"")) == {
+        TIMESTAMP_HEADER,
+        NONCE_HEADER,
+        CONTENT_SHA256_HEADER,
+        SIGNATURE_HEADER,
+    }
+
+
+def test_verifier_authenticates_from_the_headers_alone() -> None:
+    """The signature covers the body's claimed SHA-256 (a header): the headers are checked
+    without the body, a nonce is used up only by a valid signature, and the body is checked
+    against the signed digest afterwards."""
+    secret = os.urandom(32)
+    v = Verifier(secret)
+    body = b"some body" * 100
+    headers = sign(secret, "PUT", "/v1/models/x", body)
+    assert headers[CONTENT_SHA256_HEADER] == sha(body)
+    # a wrong signature, a stale one and a bad digest use up nothing: the same nonce passes later
+    nonce = headers[NONCE_HEADER]
+    bad = {**headers, SIGNATURE_HEADER: "0" * 64}
+    stale = sign(secret, "PUT", "/v1/models/x", body, nonce=nonce, timestamp=time.time() - 300)
+    for refused, match in [
+        (bad, "bad signature"),
+        (stale, "clock"),
+        ({**headers, CONTENT_SHA256_HEADER: "xyz"}, "64 hex"),
+        ({**headers, CONTENT_SHA256_HEADER: sha(b"other")}, "bad signature"),  # claim is signed
+    ]:
+        with pytest.raises(AuthError, match=match) as e:
+            v.verify_headers("PUT", "/v1/models/x", refused)
+        assert "\n" not in str(e.value)
+    assert v._seen == set()
+    assert v.verify_headers("PUT", "/v1/models/x", headers) == sha(body)
+    assert v._seen == {nonce}
+    with pytest.raises(AuthError, match="replayed"):
+        v.verify_headers("PUT", "/v1/models/x", headers)
+    check_body(sha(body), sha(body).upper())
+    with pytest.raises(AuthError, match="not the signed") as e:
+        check_body(sha(body), sha(body + b"x"))
+    assert CONTENT_SHA256_HEADER in str(e.value)
+    # the whole-body form: a body other than the signed one still uses up its nonce (safe)
+    other = sign(secret, "PUT", "/p", body)
+    with pytest.raises(AuthError, match="not the signed"):
+        v.verify("PUT", "/p", other, body + b"x")
+    with pytest.raises(AuthError, match="replayed"):
+        v.verify("PUT", "/p", other, body)
+    # a signature over a precomputed digest is the same signature
+    fixed = {"timestamp": 1.0, "nonce": "n" * 16}
+    assert sign(secret, "PUT", "/p", body, **fixed) == sign(
+        secret, "PUT", "/p", b"", body_sha256=sha(body).upper(), **fixed
+    )
+    # an older client signed the same message but sent no digest header: told to upgrade
+    old = {k: val for k, val in sign(secret, "GET", "/v1/info", b"").items()}
+    del old[CONTENT_SHA256_HEADER]
+    with pytest.raises(AuthError, match="upgrade autoslim on the search host") as e:
+        v.verify_headers("GET", "/v1/info", old)
+    assert CONTENT_SHA256_HEADER in str(e.value)
+
+
+# -- authentication before the body -----------------------------------------------------------
+
+BIG_CHUNK = 2**20  # 1 MiB
+BIG_CHUNKS = 128  # a 128 MiB upload, under the default 256 MiB cap
+
+
+def memory_mib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) // 1024
+    return out
+
+
+class PeakRss:
+    """The peak RSS of a process over a ``with`` block: VmHWM after resetting it through
+    /proc/PID/clear_refs, else the largest VmRSS sampled every 5 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.start = pid, 0, 0
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def __enter__(self) -> PeakRss:
+        self.start = memory_mib(self.pid)["VmRSS"]
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        except OSError:
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.peak = max(self.peak, memory_mib(self.pid)["VmRSS"])
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._sampler is not None:
+            self._stop.set()
+            self._sampler.join(10)
+        else:
+            self.peak = memory_mib(self.pid)["VmHWM"]
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def raw_request(port: int, head: str, first: bytes, *, timeout: float = 15.0) -> bytes:
+    """Send a request's head and the first bytes of its body (not the rest) to 127.0.0.1, and
+    return what comes back until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head.encode("latin-1") + first)
+        answer = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:  # the body we sent was left unread: RST after the answer
+                break
+            if not data:
+                break
+            answer += data
+        return answer
+
+
+def test_unauthenticated_uploads_get_401_before_their_body_and_memory_stays_bounded(
+    tmp_path: Path,
+) -> None:
+    """Four concurrent 128 MiB uploads, unsigned, signed with another secret, stale, and signed
+    by an older client (no digest header), each get 401 from their headers alone: the agent
+    never reads their bodies (each client's generator is cut short) and its peak RSS grows far
+    less than one body. A raw socket that sends the head and 64 KiB of a 128 MiB body gets the
+    401 without sending the rest."""
+    a = start_agent(tmp_path / "flood")
+    try:
+        path = f"/v1/models/{'ab' * 32}"
+        signed = sign(a.secret, "PUT", path, b"not the body")
+        cases = {
+            "no headers": {},
+            "wrong secret": sign(os.urandom(32), "PUT", path, b"x"),
+            "stale": sign(a.secret, "PUT", path, b"x", timestamp=time.time() - 600),
+            "older client": {k: v for k, v in signed.items() if k != CONTENT_SHA256_HEADER},
+        }
+        expected = {
+            "no headers": "missing",
+            "wrong secret": "bad signature",
+            "stale": "clock",
+            "older client": "upgrade autoslim on the search host",
+        }
+        answers: dict[str, httpx.Response | BaseException] = {}
+        sent: dict[str, int] = {}
+        chunk = b"\0" * BIG_CHUNK
+
+        def upload(name: str, headers: dict[str, str]) -> None:
+            sent[name] = 0
+
+            def body() -> Iterator[bytes]:  # chunked: no Content-Length to refuse it by
+                for _ in range(BIG_CHUNKS):
+                    sent[name] += 1
+                    yield chunk
+
+            try:
+                answers[name] = httpx.put(a.url + path, content=body(), headers=headers, timeout=30)
+            except BaseException as e:  # noqa: BLE001 - handed to the test thread
+                answers[name] = e
+
+        with PeakRss(a.proc.pid) as rss:
+            threads = [threading.Thread(target=upload, args=kv) for kv in cases.items()]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads)
+            head = (
+                f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1:{a.port}\r\n"
+                f"Content-Length: {BIG_CHUNKS * BIG_CHUNK}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in cases["wrong secret"].items())
+                + "\r\n"
+            )
+            raw = raw_request(a.port, head, chunk[:65536])
+        for name, r in answers.items():
+            assert isinstance(r, httpx.Response), (name, r)
+            assert r.status_code == 401, (name, r.text)
+            error = r.json()["error"]
+            assert expected[name] in error and "\n" not in error, (name, error)
+            assert r.headers.get("connection") == "close"
+            assert sent[name] <= BIG_CHUNKS // 4, (name, sent[name])  # cut short, not read
+        status_line, _, rest = raw.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 401 Unauthorized", raw[:300]
+        assert b"bad signature" in rest
+        assert rss.growth < 64, (rss.start, rss.peak)  # 4 x 128 MiB were sent at it
+        assert a.files() == []
+        assert a.proc.poll() is None
+        data = onnx_model(11)  # and it still serves signed requests
+        assert a.request("PUT", f"/v1/models/{sha(data)}", data).status_code == 201
+    finally:
+        stop(a)
+
+
+def test_a_body_that_is_not_the_signed_one_gets_401_and_stores_nothing(agent: Agent) -> None:
+    """Valid headers, then a streamed body whose SHA-256 is not the signed one (changed, cut
+    short, longer): 401 after the body, nothing stored, and the nonce is used up, so the same
+    headers with the right body are a replay."""
+    data = onnx_model(12)
+    path = f"/v1/models/{sha(data)}"
+    before = agent.files()
+    changed = bytearray(data)
+    changed[len(changed) // 2] ^= 0xFF
+
+    def stream(body: bytes) -> Iterator[bytes]:
+        for i in range(0, len(body), 1000):
+            yield body[i : i + 1000]
+
+    headers = sign(agent.secret, "PUT", path, data)
+    for body in (bytes(changed), data[:-10], data + b"\0"):
+        fresh = sign(agent.secret, "PUT", path, data)
+        r = httpx.put(agent.url + path, content=stream(body), headers=fresh, timeout=30)
+        assert r.status_code == 401, r.text
+        error = r.json()["error"]
+        assert f"not the signed {CONTENT_SHA256_HEADER} {sha(data)}" in error
+        assert sha(body) in error and "\n" not in error
+    r = httpx.put(agent.url + path, content=stream(bytes(changed)), headers=headers, timeout=30)
+    assert r.status_code == 401 and "not the signed" in r.json()["error"]
+    assert agent.files() == before
+    r = httpx.put(agent.url + path, content=stream(data), headers=headers, timeout=30)
+    assert r.status_code == 401 and "replayed" in r.json()["error"]
+    assert agent.files() == before
+    assert agent.request("PUT", path, data).status_code == 201
+    assert (agent.store / f"{sha(data)}.onnx").read_bytes() == data
+
+
+def test_requests_other_than_uploads_take_small_bodies_only(agent: Agent) -> None:
+    """POST /v1/measure (a JSON request of ~200 bytes) and GET /v1/info take at most 64 KiB
+    (413 after authentication, declared or streamed); an upload takes up to --max-upload-mb."""
+    big = b" " * (65 * 1024)
+    for method, path in [("POST", "/v1/measure"), ("GET", "/v1/info")]:
+        r = agent.request(method, path, big)
+        assert r.status_code == 413, (method, r.text)
+        assert "JSON" in r.json()["error"] and str(64 * 1024) in r.json()["error"]
+        headers = sign(agent.secret, method, path, big)
+        streamed = httpx.request(
+            method, agent.url + path, content=iter([big[:40000], big[40000:]]), headers=headers
+        )
+        assert streamed.status_code == 413, streamed.text
+        assert agent.request(method, path, big, headers={}).status_code == 401  # auth first
+    assert agent.request("GET", "/v1/info").status_code == 200
 
 
 # -- uploads ----------------------------------------------------------------------------------
@@ -555,6 +805,72 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["--secret", str(tmp_path / "missing"), "--store", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 2 and "autoslim agent --init-secret" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("::ffff:127.0.0.1", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        ("192.168.1.5", False),
+        ("10.0.0.1", False),
+        ("device.example", False),
+        ("localhost.example", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    from autoslim.agent.server import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_a_host_other_than_loopback_needs_allow_remote(tmp_path: Path) -> None:
+    """`autoslim agent --host 0.0.0.0` without --allow-remote: exit 2 and one line on stderr
+    saying what was expected, what it got and how to fix it, before it reads its secret,
+    makes its store or binds a port."""
+    create_secret(tmp_path / "agent.secret")
+    store = tmp_path / "models"
+    with socket.socket() as held:  # were the agent to bind, this port would fail it otherwise
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        cmd = [sys.executable, "-m", "autoslim.cli", "agent", "--host", "0.0.0.0"]
+        cmd += ["--port", str(port), "--secret", str(tmp_path / "agent.secret")]
+        run = subprocess.run(
+            [*cmd, "--store", str(store)], capture_output=True, text=True, cwd=REPO, timeout=60
+        )
+    assert run.returncode == 2, run.stderr
+    assert run.stdout == "" and run.stderr.count("\n") == 1, run.stderr
+    err = run.stderr
+    assert err.startswith("autoslim agent: error: --host '0.0.0.0' is not a loopback address")
+    for part in ("expected 127.0.0.1", f"ssh -L {port}:127.0.0.1:{port}", "--allow-remote"):
+        assert part in err, err
+    assert "listening" not in err and not store.exists()
+
+
+def test_allow_remote_passes_the_host_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from autoslim.agent.server import main
+
+    missing = ["--secret", str(tmp_path / "missing"), "--store", str(tmp_path / "s")]
+    for host in ("::", "192.168.1.5", "device.example"):
+        assert main(["--host", host, *missing]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--allow-remote" in err and f"'{host}'" in err
+    # opted in: the host check passes (here the missing secret stops it, before binding)
+    assert main(["--host", "0.0.0.0", "--allow-remote", *missing]) == 2
+    err = capsys.readouterr().err
+    assert "--init-secret" in err and "--allow-remote" not in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
 
 
 def test_ctrl_c_exits_130_quietly(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import TINY_TRIALS, run_cli, tiny_study_file
 from PIL import Image
 
 from autoslim.cli import main
@@ -21,7 +21,12 @@ CASES = [
     ("unknown-command", "bogus", 2, "invalid choice: 'bogus'"),
     ("unknown-flag", "search --no-such-flag", 2, "unrecognized arguments: --no-such-flag"),
     ("trials-not-int", "search --trials many", 2, "--trials: expected an integer in [1, 100000]"),
-    ("trials-zero", "search --trials 0", 2, "--trials: expected an integer in [1, 100000]; got '0'"),
+    (
+        "trials-zero",
+        "search --trials 0",
+        2,
+        "--trials: expected an integer in [1, 100000]; got '0'",
+    ),
     ("recovery-steps-negative", "search --recovery-steps -1", 2, "--recovery-steps"),
     ("limit-train-zero", "search --limit-train 0", 2, "--limit-train"),
     ("seed-negative", "search --seed -1", 2, "--seed"),
@@ -95,6 +100,56 @@ CASES = [
     ("measure-shape-text", "measure {tmp}/garbage.pt --input-shape 1,x", 2, "--input-shape"),
     ("measure-not-onnx-shaped", "measure {tmp}/garbage.pt --input-shape 1,8,8", 2, "not an ONNX"),
     ("measure-rounds-zero", "measure {tmp}/garbage.pt --rounds 0", 2, "--rounds"),
+    # a study name is a label: one path component, never a way out of ./studies/runs/
+    ("name-escapes", "search --name ../../escape", 2, "name must be a study name"),
+    ("name-dot-dot", "search --name ..", 2, "name must be a study name"),
+    ("name-nested", "search --name a/b", 2, "name must be a study name"),
+    ("name-absolute", "search --name /tmp/x", 2, "name must be a study name"),
+    ("name-in-study-file", "search {tmp}/bad-name.toml", 2, "name must be a study name"),
+    # upper bounds of sanity
+    ("trials-huge", "search --trials 1000000000000", 2, "--trials: expected an integer in"),
+    ("study-trials-huge", "search {tmp}/trials-huge.toml", 2, "trials must be <= 100,000"),
+    ("workers-huge", "search --workers 100000", 2, "--workers"),
+    ("recovery-steps-huge", "search --recovery-steps 1000000000", 2, "--recovery-steps"),
+    ("refine-epochs-huge", "refine {study} --trial 0 --epochs 1000000000", 2, "--epochs"),
+    ("train-epochs-huge", "train --epochs 100000", 2, "--epochs"),
+    ("measure-rounds-huge", "measure {tmp}/garbage.pt --rounds 99999999", 2, "--rounds"),
+    # storage, folders and stores that cannot work: refused before anything is written
+    ("storage-sqlite-no-folder", "search --storage sqlite:////missing/x.db", 2, "does not exist"),
+    ("storage-sqlite-folder", "search --storage sqlite:///{tmp}/empty", 2, "is a folder"),
+    ("out-dir-under-a-file", "search --out-dir {tmp}/garbage.pt/run", 2, "is a file"),
+    ("out-dir-not-writable", "search --out-dir /proc/autoslim-run", 2, "cannot be written"),
+    ("artifacts-under-a-file", "search --artifacts {tmp}/garbage.pt/store", 2, "is a file"),
+    ("artifacts-is-a-file", "search --artifacts {tmp}/garbage.pt", 2, "is a file"),
+    ("artifacts-not-writable", "search --artifacts /proc/autoslim-store", 2, "cannot be written"),
+    ("artifacts-s3-prefix", "search --artifacts s3://bucket/key", 2, "s3://BUCKET"),
+    ("budget-unreachable", "search {tmp}/tiny.toml --budget 100B", 2, "cannot be met"),
+    # a refused search prints its error alone (no budget echo first)
+    ("budget-then-bad-backend", "search --budget 2MB --backend tpu", 2, "tpu"),
+    ("budget-then-bad-space", "search --budget 2MB --space nowhere", 2, "nowhere"),
+    # the read verbs name the storage kinds, as search does
+    ("status-storage-scheme", "status s --storage bogus://x", 2, "unknown database kind"),
+    ("status-storage-no-file", "status s --storage sqlite:///{tmp}/none.db", 2, "no such database"),
+    ("report-storage-scheme", "report s --storage bogus://x", 2, "unknown database kind"),
+    ("pick-storage-no-url", "pick s --storage nothing-like-a-url", 2, "not a database URL"),
+    # the user's model: their error, named as such
+    ("model-factory-raises", "train --model {tmp}/raises.py:build --max-steps 1", 2, "raised"),
+    ("model-wrong-classes", "train --model {tmp}/three.py:build --max-steps 1", 2, "per class"),
+    ("model-wrong-input", "train --model {tmp}/rgb.py:build --max-steps 1", 2, "fails on a batch"),
+    ("space-model-raises", "space check default --model {tmp}/raises.py:build", 2, "raised"),
+    # user data
+    (
+        "data-empty-class",
+        "train --dataset imagefolder:{tmp}/emptyclass",
+        2,
+        "holds no readable images",
+    ),
+    ("data-1px-images", "train --dataset imagefolder:{tmp}/onepixel", 2, "at least 8x8"),
+    # paths named for output or measurement
+    ("measure-a-folder", "measure {tmp}/empty", 2, "is a folder"),
+    ("measure-shape-mismatch", "measure {study}/teacher_fp32.onnx --input-shape 3,64,64", 2, "fit"),
+    ("export-under-a-file", "export {study} --trial 0 -o {tmp}/garbage.pt/m.onnx", 2, "is a file"),
+    ("refine-under-a-file", "refine {study} --trial 0 -o {tmp}/garbage.pt/m.onnx", 2, "is a file"),
 ]
 
 
@@ -116,6 +171,26 @@ def _make_inputs(tmp: Path, study: Path) -> dict[str, str]:
         for i in range(3):
             Image.new("L", (8, 8), 40 * i).save(tmp / "corrupt" / c / f"{i}.png")
     (tmp / "corrupt" / "b" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp / "bad-name.toml").write_text('name = "../outside"\n')
+    (tmp / "trials-huge.toml").write_text("trials = 1000000000000\n")
+    (tmp / "raises.py").write_text("def build(**kw):\n    raise RuntimeError('no weights here')\n")
+    (tmp / "three.py").write_text(
+        "import torch.nn as nn\n\ndef build():\n"
+        "    return nn.Sequential(nn.Flatten(1), nn.Linear(784, 3))\n"
+    )
+    (tmp / "rgb.py").write_text(
+        "import torch.nn as nn\n\ndef build(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(1), nn.LazyLinear(num_classes))\n"
+    )
+    for c in ("a", "b", "c"):
+        (tmp / "emptyclass" / c).mkdir(parents=True)
+    for c in ("a", "b"):
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(tmp / "emptyclass" / c / f"{i}.png")
+        (tmp / "onepixel" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (1, 1), (40 * i, 0, 0)).save(tmp / "onepixel" / c / f"{i}.png")
+    tiny_study_file(tmp, "tiny", TINY_TRIALS)  # {tmp}/tiny.toml: its teacher is cached
     corrupt = tmp / "corrupt-study"
     corrupt.mkdir()
     (corrupt / "study.db").write_bytes(b"SQLite format 3\x00" + b"\x13" * 4000)
@@ -139,7 +214,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_study) -> dict[str, st
 
 
 def test_the_table_is_large_enough() -> None:
-    assert len(CASES) >= 45
+    assert len(CASES) >= 100
     assert len({c[0] for c in CASES}) == len(CASES)
 
 
@@ -169,6 +244,9 @@ def test_bad_input_gets_one_line_and_changes_nothing(
     assert cap.out == ""
     assert _hashes(study) == before  # nothing stored changed or was added
     assert not any(tmp_path.iterdir())  # no half-made study folder
+    outside = Path(inputs["tmp"])
+    assert not (outside / "tiny").exists()  # the tiny study file's out_dir was never made
+    assert not Path("/missing").exists()
 
 
 @pytest.mark.parametrize(

@@ -141,6 +141,11 @@ def test_a_killed_search_leaves_no_running_trial_after_the_next_run(tmp_path: Pa
         assert p.returncode == 143, err
         assert err.strip().splitlines()[-1].startswith("autoslim: terminated"), err
         assert _states(db)[victim] == "FAIL"
+        stopped = open_existing(run)
+        assert "stopped by SIGTERM" in stopped.trials[victim].user_attrs["fail_reason"]
+        retry = [t for t in stopped.trials if t.user_attrs.get("retry_of") == victim]
+        assert len(retry) == 1 and retry[0].state.name == "WAITING"  # run first on resume
+        assert retry[0].params == stopped.trials[victim].params
     else:
         assert p.returncode == -signal.SIGKILL
         assert _states(db)[victim] == "RUNNING"  # what the next run must heal
@@ -155,8 +160,10 @@ def test_a_killed_search_leaves_no_running_trial_after_the_next_run(tmp_path: Pa
     reason = study.trials[victim].user_attrs.get("fail_reason", "")
     if sig == signal.SIGKILL:
         assert "died before the trial finished" in reason, reason
+    retried = [t for t in study.trials if t.user_attrs.get("retry_of") == victim]
+    assert [t.state.name for t in retried] == ["COMPLETE"], reason  # the same candidate, rerun
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(done) + 1 >= 3  # the study reached its trial count (the failed one counts)
+    assert len(done) >= 3  # the study reached its trial count (the stopped one does not count)
     assert study.user_attrs["baseline"] == baseline  # a resume re-times, never overwrites
 
 

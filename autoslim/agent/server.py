@@ -16,7 +16,10 @@ Endpoints (JSON; every error is ``{"error": "one line"}``):
   (``"retry": true``), 422 the measurement failed.
 
 Any request not signed with the secret, stale by more than 60 s or replayed gets 401 and
-changes nothing.
+changes nothing; the signature covers the body's SHA-256 (a signed header), so that 401 comes
+from the headers alone, before any of the body is read (then the connection is closed). A
+signed request's body is read under its cap (413 past it) and refused (401) unless it hashes to
+the signed SHA-256. ``--host`` other than loopback is refused unless ``--allow-remote``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import ipaddress
 import json
 import math
 import os
@@ -48,7 +52,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import AutoslimError, UsageError, one_line
-from ..measure.auth import DEFAULT_SECRET_FILE, AuthError, Verifier, create_secret, load_secret
+from ..measure.auth import (
+    DEFAULT_SECRET_FILE,
+    AuthError,
+    Verifier,
+    check_body,
+    create_secret,
+    load_secret,
+)
 from ..measure.latency import OPTIMIZATIONS, OrtBackend, host_identity
 
 __all__ = [
@@ -58,6 +69,7 @@ __all__ = [
     "DEFAULT_MAX_UPLOAD",
     "DEFAULT_THREADS",
     "create_app",
+    "is_loopback",
     "serve",
     "main",
 ]
@@ -70,6 +82,7 @@ DEFAULT_THREADS = 1  # intra-op threads of a measurement unless the request says
 MAX_RUNS = 100_000
 MAX_DIM = 65_536
 MAX_ELEMENTS = 2**27  # one float32 input of at most 512 MiB
+MAX_JSON_BODY = 64 * 2**10  # the body of any request but an upload (a measure request: ~200 B)
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _ENDPOINTS = "GET /v1/info, PUT /v1/models/SHA256, POST /v1/measure"
 
@@ -115,8 +128,10 @@ def temperature_c() -> float | None:
     return round(max(temps), 1) if temps else None
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": one_line(message), **extra}, status_code=status)
+def _error(status: int, message: str, *, close: bool = False, **extra: Any) -> JSONResponse:
+    """The JSON error answer; ``close``: and close the connection (a body left unread)."""
+    headers = {"Connection": "close"} if close else None
+    return JSONResponse({"error": one_line(message), **extra}, status_code=status, headers=headers)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -125,15 +140,23 @@ def _first_line(exc: BaseException) -> str:
 
 
 class _SignedBody:
-    """ASGI middleware: reads the body (at most ``max_upload`` bytes, else 413) and checks its
-    signature (else 401) before any endpoint runs; the endpoint then reads the same bytes."""
+    """ASGI middleware: authenticates every request from its headers alone (else 401) before
+    it receives one byte of the body; then reads the body under its cap (else 413), hashing it
+    as it comes, and refuses it (401) unless it is the body whose SHA-256 the headers signed.
+    Only then does an endpoint run, reading the same bytes.
+
+    A refusal sent before the body is read closes the connection, so the client stops sending
+    (what it already sent is dropped by the kernel, never buffered here)."""
 
     def __init__(self, app: ASGIApp, *, verifier: Verifier, max_upload: int) -> None:
         self.app, self.verifier, self.max_upload = app, verifier, max_upload
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # websockets are off in serve(); refuse any that comes
+            await send({"type": "websocket.close", "code": 1008})
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         method = scope["method"]
@@ -141,38 +164,47 @@ class _SignedBody:
         path = raw_path.decode("latin-1")
         if scope.get("query_string"):
             path += "?" + scope["query_string"].decode("latin-1")
-        if not self.verifier.has_headers(headers):  # refuse before reading any body
-            await self._refuse(scope, receive, send, method, path, headers, b"")
+        try:  # from the headers alone: no body is received before this passes
+            signed_sha256 = self.verifier.verify_headers(method, path, headers)
+        except AuthError as e:
+            await _error(401, str(e), close=True)(scope, receive, send)
             return
-        too_big = _error(
-            413,
-            f"request body over the agent's upload cap of {self.max_upload} bytes; expected a "
-            "smaller ONNX file, or restart the agent with a larger --max-upload-mb",
-        )
+        # an upload takes up to max_upload; any other request a small JSON body at most
+        if method == "PUT" and scope["path"].startswith("/v1/models/"):
+            cap, what = self.max_upload, "the agent's upload cap"
+            fix = "expected a smaller ONNX file, or restart the agent with a larger --max-upload-mb"
+        else:
+            cap, what = MAX_JSON_BODY, f"the agent's cap for {method} {scope['path'][:40]}"
+            fix = "expected a small JSON request (use autoslim's remote backend)"
+        too_big = _error(413, f"request body over {what} of {cap} bytes; {fix}", close=True)
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_upload:
+        if declared.isdigit() and int(declared) > cap:
             await too_big(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
+        digest = hashlib.sha256()
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_upload:
+            if size > cap:
                 await too_big(scope, receive, send)
                 return
+            digest.update(chunk)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
         try:
-            self.verifier.verify(method, path, headers, body)
-        except AuthError:
-            await self._refuse(scope, receive, send, method, path, headers, body)
+            check_body(signed_sha256, digest.hexdigest())
+        except AuthError as e:
+            await _error(401, str(e))(scope, receive, send)  # the body was read: keep-alive
             return
+        body = b"".join(chunks)
+        del chunks
+        scope.setdefault("state", {})["body_sha256"] = signed_sha256
         replayed = False
 
         async def replay() -> Message:
@@ -183,14 +215,6 @@ class _SignedBody:
             return await receive()
 
         await self.app(scope, replay, send)
-
-    async def _refuse(self, scope, receive, send, method, path, headers, body) -> None:
-        try:
-            self.verifier.verify(method, path, headers, body)
-            reason = "unauthenticated request"  # pragma: no cover - not reached
-        except AuthError as e:
-            reason = str(e)
-        await _error(401, reason)(scope, receive, send)
 
 
 class _Agent:
@@ -236,7 +260,9 @@ class _Agent:
             return _error(400, f"bad model id {sha[:80]!r}; expected 64 hex digits (sha256)")
         sha = sha.lower()
         body = await request.body()
-        got = hashlib.sha256(body).hexdigest()
+        got = request.scope.get("state", {}).get("body_sha256")  # checked by _SignedBody
+        if got is None:  # pragma: no cover - the app always runs behind _SignedBody
+            got = hashlib.sha256(body).hexdigest()
         if got != sha:
             return _error(
                 400,
@@ -459,6 +485,33 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only: 127.0.0.0/8, ::1 or ``localhost``."""
+    name = host.strip().strip("[]").lower()
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        address = ipaddress.ip_address(name.split("%")[0])
+    except ValueError:
+        return False  # another host name: it may resolve to any interface
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def check_host(host: str, port: int = DEFAULT_PORT, *, allow_remote: bool = False) -> None:
+    """Refuse (UsageError, exit 2) a ``host`` other than loopback unless ``allow_remote``."""
+    if allow_remote or is_loopback(host):
+        return
+    p = port or DEFAULT_PORT
+    raise UsageError(
+        f"--host {host!r} is not a loopback address (the agent would be reachable from other "
+        f"machines); expected 127.0.0.1 (or ::1, localhost), reached from the search host "
+        f"through `ssh -L {p}:127.0.0.1:{p} device` (or `adb forward tcp:{p} tcp:{p}`), or "
+        "pass --allow-remote to listen there anyway (requests are signed but not encrypted)"
+    )
+
+
 def serve(
     *,
     host: str = DEFAULT_HOST,
@@ -467,8 +520,12 @@ def serve(
     store: str | Path = DEFAULT_STORE,
     max_upload: int = DEFAULT_MAX_UPLOAD,
     optimization: str = "all",
+    allow_remote: bool = False,
 ) -> None:
-    """Serve the agent until Ctrl-C / SIGTERM (uvicorn, log level ``warning``)."""
+    """Serve the agent until Ctrl-C / SIGTERM (uvicorn, log level ``warning``). A ``host``
+    other than loopback is refused (UsageError, before anything is bound) unless
+    ``allow_remote``."""
+    check_host(host, port, allow_remote=allow_remote)
     secret = load_secret(secret_file)
     store = Path(store).expanduser()
     app = create_app(secret=secret, store=store, max_upload=max_upload, optimization=optimization)
@@ -480,7 +537,7 @@ def serve(
         file=sys.stderr,
         flush=True,
     )
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(host):  # --allow-remote
         print(
             "autoslim agent: warning: reachable from other machines; requests are signed but "
             f"not encrypted: prefer --host 127.0.0.1 and `ssh -L {bound}:127.0.0.1:{bound} "
@@ -488,7 +545,8 @@ def serve(
             file=sys.stderr,
             flush=True,
         )
-    config = uvicorn.Config(app, log_level="warning", lifespan="off")
+    # no websockets: every request is plain HTTP through _SignedBody
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="none")
     # Ctrl-C is a KeyboardInterrupt wherever it lands (exit 130): uvicorn shuts down gracefully
     # on it, then re-raises it into the handler it found; left to asyncio's runner, that one
     # only cancels the main task, and under load the interrupt was lost (exit 0)
@@ -536,7 +594,17 @@ def _parser() -> argparse.ArgumentParser:
             "(or `adb forward tcp:PORT tcp:PORT`) and use backend remote:127.0.0.1:PORT."
         ),
     )
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}); other than loopback needs --allow-remote",
+    )
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host other than loopback (127.0.0.0/8, ::1, localhost): the agent is "
+        "then reachable from other machines, signed but not encrypted; prefer ssh -L",
+    )
     p.add_argument(
         "--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})"
     )
@@ -598,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             store=args.store,
             max_upload=max(1, int(args.max_upload_mb * 2**20)),
             optimization=args.ort_optimization,
+            allow_remote=args.allow_remote,
         )
         return 0
     except KeyboardInterrupt:

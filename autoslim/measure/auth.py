@@ -1,13 +1,17 @@
 """Shared-secret request signing between the search host and a device agent (stdlib only).
 
 Both ends hold the same secret file (32 random bytes, hex, mode 0600). Every request carries
-three headers: a timestamp, a random nonce and an HMAC-SHA256 over::
+four headers: a timestamp, a random nonce, the SHA-256 of its body (hex, like AWS SigV4's
+``x-amz-content-sha256``) and an HMAC-SHA256 over::
 
-    METHOD\\nPATH\\nTIMESTAMP\\nNONCE\\nsha256(body).hexdigest()
+    METHOD\\nPATH\\nTIMESTAMP\\nNONCE\\nBODY_SHA256
 
-(``PATH`` with its query string, if any). The agent refuses a bad signature, a clock skew over
-:data:`SKEW_S` either way and a nonce it has already seen, so a captured request cannot be
-replayed. The secret is never sent, printed or put into a message.
+(``PATH`` with its query string, if any). The signature covers the body's claimed digest, not
+the body, so the agent authenticates a request from its headers alone
+(:meth:`Verifier.verify_headers`), before it reads one byte of the body, and then checks that
+the body it streams in hashes to the signed digest. The agent refuses a bad signature, a clock
+skew over :data:`SKEW_S` either way and a nonce it has already seen, so a captured request
+cannot be replayed. The secret is never sent, printed or put into a message.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ __all__ = [
     "SECRET_BYTES",
     "TIMESTAMP_HEADER",
     "NONCE_HEADER",
+    "CONTENT_SHA256_HEADER",
     "SIGNATURE_HEADER",
     "AuthError",
     "Verifier",
+    "check_body",
     "create_secret",
     "load_secret",
     "sign",
@@ -47,8 +53,11 @@ SKEW_S = 60  # the most seconds a request's timestamp may differ from the agent'
 SECRET_BYTES = 32
 TIMESTAMP_HEADER = "X-Autoslim-Timestamp"
 NONCE_HEADER = "X-Autoslim-Nonce"
+CONTENT_SHA256_HEADER = "X-Autoslim-Content-SHA256"  # the body's sha256 hex, signed
 SIGNATURE_HEADER = "X-Autoslim-Signature"
+_HEADERS = (TIMESTAMP_HEADER, NONCE_HEADER, CONTENT_SHA256_HEADER, SIGNATURE_HEADER)
 _NONCE = re.compile(r"[A-Za-z0-9_-]{8,128}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class AuthError(AutoslimError):
@@ -134,16 +143,31 @@ def sign(
     *,
     timestamp: float | None = None,
     nonce: str | None = None,
+    body_sha256: str | None = None,
 ) -> dict[str, str]:
-    """The three auth headers of a request (``path`` with its query string, if any)."""
+    """The four auth headers of a request (``path`` with its query string, if any).
+
+    ``body_sha256``: the body's SHA-256 hex when the caller already has it (``body`` is then
+    not hashed again)."""
     ts = f"{time.time() if timestamp is None else timestamp:.3f}"
     nonce = secrets.token_hex(16) if nonce is None else nonce
-    digest = hashlib.sha256(body).hexdigest()
+    digest = hashlib.sha256(body).hexdigest() if body_sha256 is None else body_sha256.lower()
     return {
         TIMESTAMP_HEADER: ts,
         NONCE_HEADER: nonce,
+        CONTENT_SHA256_HEADER: digest,
         SIGNATURE_HEADER: _mac(secret, _message(method, path, ts, nonce, digest)),
     }
+
+
+def check_body(signed_sha256: str, body_sha256: str) -> None:
+    """Raise :class:`AuthError` unless a body's SHA-256 is the one its headers signed."""
+    if not hmac.compare_digest(signed_sha256.lower().encode(), body_sha256.lower().encode()):
+        raise AuthError(
+            f"request body's sha256 is {body_sha256[:64]}, not the signed "
+            f"{CONTENT_SHA256_HEADER} {signed_sha256[:64]}; expected the body that was signed "
+            "(was it cut short or changed on the way?)"
+        )
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -156,7 +180,8 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 class Verifier:
     """Checks signed requests against one secret, remembering nonces for ``2 * skew`` seconds.
 
-    Thread-safe; memory holds only the nonces of the last ``2 * skew`` seconds.
+    Thread-safe; memory holds only the nonces of the last ``2 * skew`` seconds, and only those
+    of requests whose signature was valid (an unauthenticated client cannot fill it).
     """
 
     def __init__(self, secret: bytes, *, skew: float = SKEW_S) -> None:
@@ -172,30 +197,31 @@ class Verifier:
         return f"Verifier(skew={self.skew})"  # never the secret
 
     def has_headers(self, headers: Mapping[str, str]) -> bool:
-        """Whether all three auth headers are present (a cheap check before reading a body)."""
-        names = (TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER)
-        return all(_header(headers, n) for n in names)
+        """Whether all four auth headers are present."""
+        return all(_header(headers, n) for n in _HEADERS)
 
-    def verify(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> None:
-        """Accept the request or raise :class:`AuthError` saying why (one line)."""
-        ts_text = _header(headers, TIMESTAMP_HEADER)
-        nonce = _header(headers, NONCE_HEADER)
-        signature = _header(headers, SIGNATURE_HEADER)
-        missing = [
-            n
-            for n, v in (
-                (TIMESTAMP_HEADER, ts_text),
-                (NONCE_HEADER, nonce),
-                (SIGNATURE_HEADER, signature),
+    def verify_headers(self, method: str, path: str, headers: Mapping[str, str]) -> str:
+        """Authenticate a request from its headers alone, before its body is read: accept it
+        (its nonce is then used up) and return the body's signed SHA-256 (lowercase hex), or
+        raise :class:`AuthError` saying why (one line) and remember nothing.
+
+        The caller must then check the body it reads against the returned digest
+        (:func:`check_body`) before acting on it."""
+        values = {n: _header(headers, n) for n in _HEADERS}
+        missing = [n for n, v in values.items() if not v]
+        if missing == [CONTENT_SHA256_HEADER]:
+            raise AuthError(
+                f"request has no {CONTENT_SHA256_HEADER} header: it was signed by an older "
+                f"autoslim; expected the body's SHA-256 (hex) in a signed "
+                f"{CONTENT_SHA256_HEADER} header: upgrade autoslim on the search host "
+                "(pip install -U autoslim) to the agent's version"
             )
-            if not v
-        ]
         if missing:
             raise AuthError(
                 f"unauthenticated request: missing {', '.join(missing)}; expected a request "
                 "signed with the agent's secret (use autoslim's remote backend)"
             )
-        assert ts_text is not None and nonce is not None and signature is not None
+        ts_text, nonce, claimed, signature = (str(values[n]) for n in _HEADERS)
         try:
             ts = float(ts_text)
         except ValueError:
@@ -204,10 +230,14 @@ class Verifier:
             raise AuthError(f"bad {TIMESTAMP_HEADER} {ts_text[:40]!r}; expected Unix seconds")
         if not _NONCE.fullmatch(nonce):
             raise AuthError(f"bad {NONCE_HEADER}; expected 8-128 characters [A-Za-z0-9_-]")
-        expected = _mac(
-            self._secret,
-            _message(method, path, ts_text, nonce, hashlib.sha256(body).hexdigest()),
-        )
+        claimed = claimed.strip()
+        if not _SHA256_HEX.fullmatch(claimed):
+            raise AuthError(
+                f"bad {CONTENT_SHA256_HEADER} {claimed[:80]!r}; expected the body's SHA-256 "
+                "as 64 hex digits"
+            )
+        claimed = claimed.lower()
+        expected = _mac(self._secret, _message(method, path, ts_text, nonce, claimed))
         got = signature.strip().lower().encode("utf-8", "replace")
         if not hmac.compare_digest(expected.encode("ascii"), got):
             raise AuthError(
@@ -231,3 +261,11 @@ class Verifier:
                 )
             self._seen.add(nonce)
             self._order.append((now, nonce))
+        return claimed
+
+    def verify(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> None:
+        """Accept a request whose whole body is at hand or raise :class:`AuthError` saying why
+        (one line): :meth:`verify_headers`, then :func:`check_body`. A body that is not the
+        signed one still uses up the nonce."""
+        claimed = self.verify_headers(method, path, headers)
+        check_body(claimed, hashlib.sha256(body).hexdigest())

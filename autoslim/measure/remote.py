@@ -118,12 +118,16 @@ class RemoteBackend:
         *,
         content: bytes = b"",
         content_type: str | None = None,
+        content_sha256: str | None = None,
     ) -> httpx.Response:
-        """One signed request; a transport failure becomes an AgentError."""
+        """One signed request (its body's SHA-256, ``content_sha256`` when known, in a signed
+        header, so that the agent authenticates it before reading the body); a transport
+        failure becomes an AgentError."""
         headers = {"Content-Type": content_type} if content_type else {}
         request = self.client.build_request(method, path, content=content, headers=headers)
+        raw_path = request.url.raw_path.decode("ascii")
         request.headers.update(
-            sign(self._secret, method, request.url.raw_path.decode("ascii"), content)
+            sign(self._secret, method, raw_path, content, body_sha256=content_sha256)
         )
         what = f"{method} {path.split('?')[0][:40]}"
         try:
@@ -157,7 +161,7 @@ class RemoteBackend:
         except (ValueError, AttributeError):
             text = response.text[:200]
         hint = ""
-        if response.status_code == 401:
+        if response.status_code == 401 and "upgrade autoslim" not in text and "body" not in text:
             hint = (
                 f"; expected the agent's secret: point {SECRET_ENV} at a copy of its secret "
                 "file, and keep both clocks in sync"
@@ -237,7 +241,9 @@ class RemoteBackend:
                 "--max-upload-mb"
             )
         put = f"/v1/models/{sha}"
-        response = self._send("PUT", put, content=data, content_type="application/octet-stream")
+        response = self._send(
+            "PUT", put, content=data, content_type="application/octet-stream", content_sha256=sha
+        )
         if response.status_code not in (200, 201):
             raise self._failed("PUT", put, response)
         self._stored.add(sha)
