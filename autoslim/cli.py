@@ -358,6 +358,11 @@ def _report(a: argparse.Namespace) -> int:
     from .report import final_table, front_table, render_html, report_data, table_records
     from .runner import load_study
 
+    if a.images:  # before anything is written
+        from .report import check_folder
+
+        check_folder(Path(a.images), "--images")
+
     view = load_study(
         a.study, storage=a.storage, importance=a.format == "html", artifacts=a.artifacts
     )
@@ -507,6 +512,11 @@ def _refine(a: argparse.Namespace) -> int:
         if folder is not None:
             if folder.suffix == ".onnx":
                 raise UsageError(f"with --front, -o is a folder; got {folder}")
+            file = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+            if file.exists() and not file.is_dir():
+                raise UsageError(
+                    f"with --front, -o is a folder; {folder} cannot be one ({file} is a file)"
+                )
             folder.mkdir(parents=True, exist_ok=True)
         print(f"refining {len(trials)} front points: {trials}", file=sys.stderr)
         outs = [folder / f"model-t{t}.onnx" if folder else None for t in trials]

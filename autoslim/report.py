@@ -907,6 +907,17 @@ def write_outputs(view: Any, data: dict[str, Any] | None = None) -> dict[str, Pa
 IMAGE_TRIES = 3  # kaleido renders in a fresh Chromium tab; its start can race under load
 
 
+def check_folder(folder: Path, flag: str) -> None:
+    """``folder`` is, or can be made as, a folder: nothing on its path is a file."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(
+                    f"{flag} {folder} cannot be a folder: {p} is a file; pass a folder path"
+                )
+            return
+
+
 def write_images(data: dict[str, Any], df: pd.DataFrame, folder: Path) -> list[Path]:
     """Static PNG + SVG of the Pareto scatter (kaleido, with the system's Chromium). Optional."""
     try:
@@ -916,6 +927,7 @@ def write_images(data: dict[str, Any], df: pd.DataFrame, folder: Path) -> list[P
             "static images need kaleido: pip install 'autoslim[images]' (it drives the "
             "system's Chromium: apt-get install chromium)"
         ) from e
+    check_folder(folder, "--images")
     folder.mkdir(parents=True, exist_ok=True)
     fig = _scatter(data, df)
     out = []

@@ -201,13 +201,22 @@ def _stored_spec(spec: StudySpec) -> dict[str, Any]:
 
 
 def _wait_for(study: optuna.Study, key: str, seconds: float) -> Any:
-    """The study attribute ``key`` once another process has set it (None after ``seconds``)."""
+    """The study attribute ``key`` once another process has set it (None after ``seconds``,
+    or at once when the study's creator was a process of this machine that is gone)."""
     deadline = time.monotonic() + seconds
     while True:
-        value = study._storage.get_study_user_attrs(study._study_id).get(key)
-        if value is not None or time.monotonic() >= deadline:
+        attrs = study._storage.get_study_user_attrs(study._study_id)
+        value = attrs.get(key)
+        if value is not None or time.monotonic() >= deadline or _creator_died(attrs):
             return value
         time.sleep(0.5)
+
+
+def _creator_died(attrs: dict[str, Any]) -> bool:
+    """Whether the study's creator (``setup_owner``) was a process of this machine that is
+    gone (a creator on another machine cannot be seen from here: False)."""
+    owner = attrs.get("setup_owner")
+    return bool(owner) and owner.get("host") == platform.node() and not _alive(owner)
 
 
 def _first_line(e: BaseException) -> str:
@@ -334,6 +343,9 @@ def preflight(spec: StudySpec) -> None:
         from .store import store_location
 
         store_location(spec.artifacts)  # the s3:// form
+    existing = _existing_study(spec) if spec.artifacts else None
+    if existing is not None:  # a resume or a joiner: its store, found where it was told
+        open_store(existing, location=spec.artifacts, run_dir=spec.run_dir, create=False)
 
 
 def _existing_study(spec: StudySpec) -> optuna.Study | None:
@@ -884,13 +896,11 @@ def _wait_for_setup(study: optuna.Study, spec: StudySpec, say: Any) -> dict[str,
             f"to finish its set-up (at most {SETUP_WAIT_S // 60} min)"
         )
     deadline = time.monotonic() + SETUP_WAIT_S
-    host = platform.node()
     while True:
         attrs = study._storage.get_study_user_attrs(study._study_id)
         if attrs.get("baseline") is not None:
             return attrs["baseline"]
-        owner = attrs.get("setup_owner")
-        if owner and owner.get("host") == host and not _alive(owner):
+        if _creator_died(attrs):
             return None
         if time.monotonic() >= deadline:
             raise UsageError(
@@ -997,9 +1007,6 @@ def search(spec: StudySpec, *, progress: bool = True, outputs: bool = True) -> S
         log(
             f"budget: {spec.budget:,} bytes ({format_size(spec.budget)}; MB = 10^6 bytes, MiB = 2^20)"
         )
-    existing = _existing_study(spec)
-    if existing is not None:  # refuse a bad --artifacts before this process writes anything
-        open_store(existing, location=spec.artifacts, run_dir=spec.run_dir, create=False)
     study, creator = _open_or_create(
         spec, fingerprint=task.fingerprint(), sampler=None, storage=storage_of(spec)
     )

@@ -4,7 +4,11 @@ leaves every stored study byte-identical (a table of the inputs users give)."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,6 +154,9 @@ CASES = [
     ("measure-shape-mismatch", "measure {study}/teacher_fp32.onnx --input-shape 3,64,64", 2, "fit"),
     ("export-under-a-file", "export {study} --trial 0 -o {tmp}/garbage.pt/m.onnx", 2, "is a file"),
     ("refine-under-a-file", "refine {study} --trial 0 -o {tmp}/garbage.pt/m.onnx", 2, "is a file"),
+    ("refine-front-under-a-file", "refine {study} --front -o {tmp}/garbage.pt/out", 2, "is a file"),
+    ("report-images-under-a-file", "report {study} --images {tmp}/garbage.pt/img", 2, "is a file"),
+    ("report-output-under-a-file", "report {study} -o {tmp}/garbage.pt/r.html", 2, "--output"),
 ]
 
 
@@ -260,3 +267,65 @@ def test_a_real_process_prints_one_line_and_no_warnings(inputs: dict[str, str], 
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("autoslim: error: "), r.stderr
+
+
+def test_json_stdout_is_the_document_alone(tmp_path: Path) -> None:
+    """A user's model file that prints at import: under --json its words go to stderr and
+    stdout parses as the one JSON document."""
+    noisy = tmp_path / "noisy.py"
+    noisy.write_text(
+        "print('hello from the model file')\nfrom tiny_models import build  # noqa: F401\n"
+    )
+    env_path = str(Path(__file__).parent)
+    r = subprocess.run(
+        [sys.executable, "-m", "autoslim.cli", "train", "--model", f"{noisy}:build"]
+        + ["--max-steps", "2", "--val-size", "200", "--json"],
+        env={**os.environ, "PYTHONPATH": env_path},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)  # the whole of stdout
+    assert doc["steps"] == 2 and "val_accuracy" in doc
+    assert "hello from the model file" in r.stderr
+
+
+def _half_made(tmp: Path) -> Path:
+    """A study stopped during its set-up: created, its spec recorded, no baseline, no trial."""
+    import optuna
+
+    from autoslim.study import StudySpec
+
+    run = tmp / "half"
+    run.mkdir()
+    study = optuna.create_study(
+        study_name="half", storage=f"sqlite:///{run / 'study.db'}", directions=["maximize"] * 2
+    )
+    study.set_user_attr("spec", StudySpec(name="half", out_dir=str(run)).to_dict())
+    return run
+
+
+@pytest.mark.parametrize(
+    "args,code,says",
+    [
+        ("status {run}", 0, "0 of 25 trials counted"),
+        ("status {run} --json", 0, '"counted": 0'),
+        ("report {run} --format table", 0, "no trial yet"),
+        ("report {run} --format json", 0, "[]"),
+        ("report {run} --format csv", 0, "trial,state,status"),
+        ("report {run}", 0, "report: "),
+        ("pick {run}", 3, "no trial"),
+        ("export {run} --trial 0 -o {run}/m.onnx", 2, "trial 0"),
+    ],
+    ids=["status", "status-json", "table", "json", "csv", "html", "pick", "export"],
+)
+def test_every_read_verb_works_on_a_study_without_trials(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: str, code: int, says: str
+) -> None:
+    run = _half_made(tmp_path)
+    rc = main(args.format(run=run).split())
+    cap = capsys.readouterr()
+    assert rc == code, cap.err
+    assert "unexpected" not in cap.err and "Traceback" not in cap.err
+    assert says in cap.out + cap.err, cap.out + cap.err

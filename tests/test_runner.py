@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import platform
+import re
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -384,3 +389,106 @@ def test_a_streamed_224px_folder_is_searched_end_to_end(tmp_path: Path, two_thre
     art = load_study(spec.run_dir).fetch(int(ok["trial"].iloc[0]), tmp_path / "t.onnx")
     dims = onnx.load(str(art)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims[1:]] == [3, 224, 224]
+
+
+def _copy_of_tiny(tiny_study, tmp: Path) -> Path:
+    """A study file whose out_dir holds a copy of the finished tiny study (same fingerprint)."""
+    import shutil
+
+    f = tiny_study_file(tmp, "tiny", TINY_TRIALS)
+    shutil.copytree(tiny_study.run_dir, tmp / "tiny")
+    return f
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_refused_artifacts_leaves_no_trace_and_the_corrected_command_runs_at_once(
+    tiny_study, tmp_path: Path
+):
+    """A wrong --artifacts on an existing study is refused before this process writes a
+    thing (no phantom worker in status); the corrected command, with a larger --trials, runs
+    at once, and status counts against the budget in force."""
+    f = _copy_of_tiny(tiny_study, tmp_path)
+    before = _tree(tmp_path / "tiny")
+    (tmp_path / "elsewhere").mkdir()
+    r = run_cli("search", str(f), "--quiet", "--artifacts", str(tmp_path / "elsewhere"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr  # one line
+    assert "is not study 'tiny''s artifact store" in r.stderr
+    assert _tree(tmp_path / "tiny") == before  # nothing stored changed: no worker attribute
+    workers_before = {k for k in open_existing(tmp_path / "tiny").user_attrs if "worker:" in k}
+    t0 = time.monotonic()
+    r = run_cli("search", str(f), "--quiet", "--trials", str(TINY_TRIALS + 1), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 240  # not a joining worker waiting for a set-up
+    assert "trials: " in r.stderr and "counted" in r.stderr  # the closing summary
+    st = run_cli("status", str(tmp_path / "tiny"), "--json")
+    status = json.loads(st.stdout)
+    assert status["budget"] == TINY_TRIALS + 1  # the budget in force, not the first one
+    assert status["counted"] == TINY_TRIALS + 1
+    assert len(status["workers"]) == len(workers_before) + 1  # the corrected run alone
+
+
+def test_a_refused_artifacts_on_a_new_study_makes_no_folder(tmp_path: Path):
+    f = tiny_study_file(tmp_path, "fresh", trials=1)
+    r = run_cli("search", str(f), "--quiet", "--artifacts", "/proc/autoslim-store")
+    assert r.returncode == 2, r.stderr
+    assert "cannot be written" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_study_whose_creator_died_in_its_set_up_is_taken_over_at_once(tmp_path: Path):
+    """A half-made study (created, its creator killed before its baseline): the next search
+    of this machine sees the creator is gone and does the set-up itself, without waiting."""
+    import optuna
+
+    f = tiny_study_file(tmp_path, "half", trials=1)
+    run = tmp_path / "half"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study = optuna.create_study(
+        study_name="half",
+        storage=f"sqlite:///{run / 'study.db'}",
+        directions=["maximize", "minimize"],
+    )
+    owner = {"host": platform.node(), "pid": dead.pid, "start": "0"}
+    study.set_user_attr("setup_owner", owner)
+    t0 = time.monotonic()
+    r = run_cli("search", str(f), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "takes it over" in r.stderr
+    assert time.monotonic() - t0 < 200  # neither the 60 s fingerprint wait nor 30 min
+    done = open_existing(run)
+    assert "baseline" in done.user_attrs
+    assert [t.state.name for t in done.trials] == ["COMPLETE"]
+
+
+def test_a_budget_no_candidate_can_meet_is_refused_before_the_study_is_made(tmp_path: Path):
+    f = tiny_study_file(tmp_path, "tight", trials=2)
+    r = run_cli("search", str(f), "--budget", "500B")
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "cannot be met" in line and "smallest file" in line, r.stderr
+    smallest = int(re.search(r"about .* \(([\d,]+) bytes", line).group(1).replace(",", ""))
+    assert 500 < smallest < BUDGET
+    assert not (tmp_path / "tight").exists()
+
+
+def test_a_search_with_no_feasible_trial_names_the_binding_constraint(tiny_study):
+    from autoslim.report import front_table
+
+    view = load_study(tiny_study.run_dir)
+    spec = {**view.spec, "max_accuracy_drop": 0.0}
+    ok = view.trials[view.trials["status"] == "ok"]
+    better = ok["val_accuracy"] > view.baseline["val_accuracy"]
+    df = view.trials[~view.trials["trial"].isin(ok["trial"][better])].assign(front=False)
+    text = front_table(df, view.baseline, spec)
+    assert "outside the accuracy floor" in text, text
+    assert "raise --recovery-steps or --max-accuracy-drop" in text
+    best = (ok["val_accuracy"][~better].max() - view.baseline["val_accuracy"]) * 100
+    assert f"best {best:+.1f} pt" in text
+    small = front_table(df, view.baseline, {**view.spec, "budget": 10})
+    assert "outside the size budget" in small and "raise --budget" in small
