@@ -227,11 +227,11 @@ def _train(a: argparse.Namespace) -> int:
     _out(
         {**m, "path": str(t.path)},
         a.json,
-        f"teacher {m['model']} on {m['dataset']} (PyTorch fp32; `search` reports the same "
-        f"model's exported ONNX file, which may differ in the last digits): "
-        f"val {m['val_accuracy']:.4f}, test {m['test_accuracy']:.4f}, "
-        f"{m['size_bytes'] / 1e6:.1f} MB, "
-        f"trained in {m.get('train_seconds', float('nan'))} s\ncheckpoint: {t.path}",
+        f"teacher {m['model']} on {m['dataset']}: val {m['val_accuracy']:.4f}, "
+        f"test {m['test_accuracy']:.4f}, {m['size_bytes'] / 1e6:.1f} MB, "
+        f"trained in {m.get('train_seconds', float('nan'))} s\ncheckpoint: {t.path}\n"
+        "(accuracies of the PyTorch model; `search` reports its exported fp32 ONNX file, "
+        "whose float rounding can move the last digits)",
     )
     return 0
 

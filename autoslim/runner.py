@@ -359,6 +359,31 @@ def _existing_study(spec: StudySpec) -> optuna.Study | None:
         return None
 
 
+def smallest_estimate(task: Task, *, stop_at: int = 0) -> int:
+    """The estimated bytes of the smallest candidate of the space: every ratio at its largest,
+    every bit width at its lowest, then each rank dimension set, one at a time, to the choice
+    that shrinks the file most (factorising a thin layer can grow it). Stops once at or below
+    ``stop_at``."""
+    space = task.space
+
+    def size(params: dict[str, Any]) -> int:
+        return estimate(task, space.to_config(params))
+
+    params = space.smallest_params(factorise=False)
+    best = size(params)
+    for d in space.dims:
+        if best <= stop_at:
+            break
+        if d.kind != "rank" or d.knob.choices is None:
+            continue
+        for choice in d.knob.choices:
+            trial = {**params, d.name: choice}
+            got = size(trial)
+            if got < best:
+                best, params = got, trial
+    return best
+
+
 def check_reachable(task: Task) -> None:
     """Refuse, before the study is made, a size budget that no candidate of the space can
     meet: the size estimate of the space's smallest candidate (every ratio at its largest,
@@ -366,10 +391,7 @@ def check_reachable(task: Task) -> None:
     budget = task.spec.budget
     if budget is None:
         return
-    space = task.space
-    smallest = min(
-        estimate(task, space.to_config(space.smallest_params(factorise=f))) for f in (True, False)
-    )
+    smallest = smallest_estimate(task, stop_at=budget)
     if smallest > budget:
         raise UsageError(
             f"the budget {format_size(budget)} ({budget:,} bytes) cannot be met: the smallest "

@@ -105,7 +105,9 @@ def test_user_factory_from_package_module(tmp_path: Path, monkeypatch: pytest.Mo
         "    return nn.Sequential(nn.Flatten(1), nn.Linear(in_channels * 32 * 32, num_classes))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    m = build_model("userpkg_for_autoslim.nets.small:factory", in_channels=3, num_classes=4)
+    m = build_model(
+        "userpkg_for_autoslim.nets.small:factory", in_channels=3, num_classes=4, image_size=32
+    )
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 4)
 
 
