@@ -388,6 +388,9 @@ def _report(a: argparse.Namespace) -> int:
             out = Path(a.output)
             if out.suffix != ".html" or not out.parent.is_dir():
                 raise UsageError(f"--output must be an .html file in an existing folder; got {out}")
+            from .results import check_writable
+
+            check_writable(out.parent, "--output")
             path = render_html(data, df, out)
         else:  # the study folder's report.html, trials.csv and trials.parquet, refreshed
             from .report import write_outputs

@@ -331,7 +331,21 @@ def check_onnx_output(output: str | Path) -> Path:
         raise UsageError(
             f"output {out} is a folder, not a file; give a file name like {out}/model.onnx"
         )
+    check_writable(out.parent, "-o")
     return out
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """``folder`` (which exists) takes a new file: tried with a temp file, removed at once;
+    else a one-line UsageError naming ``flag``. Before any work whose result goes there."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".autoslim-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(
+            f"{flag}: cannot write in {folder} ({e.strerror}); give a path in a writable folder"
+        ) from None
 
 
 def sha256_file(path: Path) -> str:

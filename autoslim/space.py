@@ -187,6 +187,8 @@ def load_space(path: str | Path) -> SearchSpace:
     p = Path(path)
     if not p.exists() and not p.suffix and (SPACES_DIR / f"{p}.toml").exists():
         p = SPACES_DIR / f"{p}.toml"
+    if p.is_dir():
+        raise ConfigError(f"search space {path!r} is a folder; expected a TOML file")
     if not p.is_file():
         avail = sorted(x.stem for x in SPACES_DIR.glob("*.toml")) if SPACES_DIR.is_dir() else []
         raise ConfigError(f"search space {path!r} not found; give a TOML file or one of {avail}")

@@ -213,6 +213,8 @@ def _save(teacher: Teacher, path: Path) -> None:
 def load_checkpoint(path: str | Path, model_name: str, data: DataSplits) -> Teacher:
     """Load a checkpoint (a state dict, or autoslim's {state_dict, meta}) with weights_only=True."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"checkpoint {path} is a folder; expected a checkpoint file in it")
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist; train one with `autoslim train`")
     try:

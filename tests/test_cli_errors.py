@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,23 @@ CASES = [
     ("refine-front-under-a-file", "refine {study} --front -o {tmp}/garbage.pt/out", 2, "is a file"),
     ("report-images-under-a-file", "report {study} --images {tmp}/garbage.pt/img", 2, "is a file"),
     ("report-output-under-a-file", "report {study} -o {tmp}/garbage.pt/r.html", 2, "--output"),
+    ("export-not-writable", "export {study} --trial 0 -o /proc/m.onnx", 2, "cannot write in"),
+    ("report-not-writable", "report {study} -o /proc/r.html", 2, "cannot write in"),
+    ("refine-not-writable", "refine {study} --trial 0 -o /proc/m.onnx", 2, "cannot write in"),
+    ("measure-not-a-file", "measure /dev/null", 2, "not a regular file"),
+    ("teacher-a-folder", "search --teacher {tmp}/empty", 2, "is a folder"),
+    ("space-a-folder", "space check {tmp}/empty", 2, "is a folder"),
+    # the device agent's entry points
+    ("agent-unknown-flag", "agent --secret-file x", 2, "unrecognized arguments"),
+    ("agent-remote-host", "agent --secret {tmp}/agent.secret --host 0.0.0.0", 2, "--allow-remote"),
+    (
+        "agent-store-under-a-file",
+        "agent --secret {tmp}/agent.secret --store {tmp}/garbage.pt/s",
+        2,
+        "Not a directory",
+    ),
+    ("agent-secret-under-a-file", "agent --init-secret {tmp}/garbage.pt/s", 2, "cannot use"),
+    ("agent-secret-missing", "agent --secret {tmp}/none.secret", 2, "does not exist"),
 ]
 
 
@@ -178,6 +196,9 @@ def _make_inputs(tmp: Path, study: Path) -> dict[str, str]:
         for i in range(3):
             Image.new("L", (8, 8), 40 * i).save(tmp / "corrupt" / c / f"{i}.png")
     (tmp / "corrupt" / "b" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    from autoslim.measure.auth import create_secret
+
+    create_secret(tmp / "agent.secret")
     (tmp / "bad-name.toml").write_text('name = "../outside"\n')
     (tmp / "trials-huge.toml").write_text("trials = 1000000000000\n")
     (tmp / "raises.py").write_text("def build(**kw):\n    raise RuntimeError('no weights here')\n")
@@ -245,7 +266,7 @@ def test_bad_input_gets_one_line_and_changes_nothing(
     cap = capsys.readouterr()
     lines = cap.err.strip().splitlines()
     assert rc == code, cap.err
-    assert len(lines) == 1 and lines[0].startswith("autoslim: error: "), cap.err
+    assert len(lines) == 1 and re.match(r"autoslim( agent)?: error: ", lines[0]), cap.err
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in cap.err + cap.out
     assert cap.out == ""

@@ -585,8 +585,15 @@ def _megabytes(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) that names the help to read."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"autoslim agent: error: {message} (see `autoslim agent --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="autoslim agent",
         description=(
             "Measure the latency of ONNX files sent by an autoslim search, on this device. "
@@ -675,6 +682,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autoslim agent: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
+        if e.filename:  # a path given (--store, --secret, --init-secret) that cannot be used
+            print(
+                f"autoslim agent: error: cannot use {e.filename}: {e.strerror}; expected a path "
+                "this user can read and write (a folder for --store, a file for --secret): "
+                "fix it or pass another path",
+                file=sys.stderr,
+            )
+            return 2
         print(f"autoslim agent: error: {one_line(e)}", file=sys.stderr)
         return 1
 

@@ -487,6 +487,8 @@ def time_files(
     for f in files:
         if f.is_dir():
             raise UsageError(f"{f} is a folder; expected the path of an ONNX file in it")
+        if f.exists() and not f.is_file():
+            raise UsageError(f"{f} is not a regular file; expected the path of an ONNX file")
         if not f.is_file():
             raise UsageError(f"no such file {f}; give the path of an ONNX file")
     digest = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
