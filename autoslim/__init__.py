@@ -34,30 +34,30 @@ _LAZY = {
     "ExportError": ".errors",
     "LayerConfig": ".config",
     "ModelError": ".errors",
-    "NothingQualifies": ".results",
+    "NothingQualifies": ".results.selection",
     "Recovery": ".passes.distill",
-    "RefineRecipe": ".refinement",
-    "SearchResult": ".runner",
+    "RefineRecipe": ".results.refinement",
+    "SearchResult": ".workflow",
     "Split": ".data",
-    "StudySpec": ".study",
-    "StudyView": ".results",
+    "StudySpec": ".study.spec",
+    "StudyView": ".results.view",
     "Teacher": ".teacher",
     "TeacherRecipe": ".teacher",
     "UsageError": ".errors",
     "build_model": ".models",
     "compress": ".pipeline",
     "export": ".pipeline",
-    "export_trial": ".results",
+    "export_trial": ".results.export",
     "get_teacher": ".teacher",
     "list_datasets": ".data",
     "list_groups": ".passes.prune",
     "list_models": ".models",
     "load_dataset": ".data",
-    "load_study": ".runner",
-    "load_study_spec": ".study",
-    "pick": ".results",
-    "refine": ".refinement",
-    "search": ".runner",
+    "load_study": ".results.view",
+    "load_study_spec": ".study.spec",
+    "pick": ".results.selection",
+    "refine": ".results.refinement",
+    "search": ".workflow",
     "train_teacher": ".teacher",
 }
 
@@ -82,11 +82,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .passes.distill import Recovery
     from .passes.prune import list_groups
     from .pipeline import Compressed, compress, export
-    from .refinement import RefineRecipe, refine
-    from .results import NothingQualifies, StudyView, export_trial, pick
-    from .runner import SearchResult, load_study, search
-    from .study import StudySpec, load_study_spec
+    from .results.export import export_trial
+    from .results.refinement import RefineRecipe, refine
+    from .results.selection import NothingQualifies, pick
+    from .results.view import StudyView, load_study
+    from .study.spec import StudySpec, load_study_spec
     from .teacher import Teacher, TeacherRecipe, get_teacher, train_teacher
+    from .workflow import SearchResult, search
 
 __version__ = "0.1.0"
 

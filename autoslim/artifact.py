@@ -29,7 +29,7 @@ from torch import nn
 from .config import CompressionConfig, LayerConfig
 from .data import Split, batched
 from .errors import ExportError
-from .measure.latency import ort_session
+from .measure.ort import ort_session
 from .passes.quantize import QRANGE, act_qparams, layer_config, split_add_key
 
 __all__ = [

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import AutoslimError, Terminated, UsageError, one_line
+from .record import OK
 
 __all__ = ["main"]
 
@@ -246,9 +247,9 @@ def _models(a: argparse.Namespace) -> int:
 
 @_command("search")
 def _search(a: argparse.Namespace) -> int:
-    from .report import final_table, front_table
-    from .runner import search, summary_json
-    from .study import load_study_spec
+    from .report.text import final_table, front_table
+    from .study.spec import load_study_spec
+    from .workflow import search, summary_json
 
     objectives = None
     if a.objectives:
@@ -297,7 +298,7 @@ def _search(a: argparse.Namespace) -> int:
         final = final_table(result.frame)
         if final:
             print(f"\n{final}")
-        n_ok = int((result.frame["status"] == "ok").sum()) if len(result.frame) else 0
+        n_ok = int((result.frame["status"] == OK).sum()) if len(result.frame) else 0
         print(
             f"\n{len(result.frame)} trials ({n_ok} measured); outputs: "
             + ", ".join(str(p) for p in result.outputs.values())
@@ -329,7 +330,7 @@ def _space(a: argparse.Namespace) -> int:
 
 @_command("status")
 def _status(a: argparse.Namespace) -> int:
-    from .runner import study_status
+    from .study.status import study_status
 
     st = study_status(a.study, storage=a.storage)
     if a.json:
@@ -355,11 +356,14 @@ def _status(a: argparse.Namespace) -> int:
 
 @_command("report")
 def _report(a: argparse.Namespace) -> int:
-    from .report import final_table, front_table, render_html, report_data, table_records
-    from .runner import load_study
+    from .report.data import report_data
+    from .report.html import render_html
+    from .report.text import final_table, front_table
+    from .results.table import table_records
+    from .results.view import load_study
 
     if a.images:  # before anything is written
-        from .report import check_folder
+        from .report.html import check_folder
 
         check_folder(Path(a.images), "--images")
 
@@ -373,7 +377,7 @@ def _report(a: argparse.Namespace) -> int:
         if final:  # the front of the finally-recovered models, as the search printed it
             print(f"\n{final}")
         if a.all and len(df):
-            from .report import TABLE_COLUMNS
+            from .results.table import TABLE_COLUMNS
 
             cols = [c for c in TABLE_COLUMNS if c not in ("config",)]
             print()
@@ -388,19 +392,19 @@ def _report(a: argparse.Namespace) -> int:
             out = Path(a.output)
             if out.suffix != ".html" or not out.parent.is_dir():
                 raise UsageError(f"--output must be an .html file in an existing folder; got {out}")
-            from .results import check_writable
+            from .results.export import check_writable
 
             check_writable(out.parent, "--output")
             path = render_html(data, df, out)
         else:  # the study folder's report.html, trials.csv and trials.parquet, refreshed
-            from .report import write_outputs
+            from .report.html import write_outputs
 
             outputs = write_outputs(view, data)
             path = outputs["html"]
             print("tables: " + ", ".join(str(outputs[k]) for k in ("csv", "parquet")))
         print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
         if a.images:
-            from .report import write_images
+            from .report.html import write_images
 
             for p in write_images(data, df, Path(a.images)):
                 print(f"image: {p}")
@@ -433,8 +437,8 @@ def _print_trial(view, r, prefix: str = "") -> None:
 
 @_command("pick")
 def _pick(a: argparse.Namespace) -> int:
-    from .results import pick
-    from .runner import load_study
+    from .results.selection import pick
+    from .results.view import load_study
     from .units import parse_latency_ms, parse_size
 
     view = load_study(a.study, storage=a.storage, artifacts=a.artifacts)
@@ -448,7 +452,7 @@ def _pick(a: argparse.Namespace) -> int:
         final=False if a.search_time else None,
     )
     if a.json:
-        from .report import table_records
+        from .results.table import table_records
 
         rec = table_records(r.to_frame().T)[0]
         _emit(json.dumps({**rec, "export_command": view.export_command(int(r.trial))}, indent=1))
@@ -460,8 +464,8 @@ def _pick(a: argparse.Namespace) -> int:
 
 @_command("export")
 def _export(a: argparse.Namespace) -> int:
-    from .results import export_trial
-    from .runner import load_study
+    from .results.export import export_trial
+    from .results.view import load_study
 
     view = load_study(a.study, storage=a.storage, artifacts=a.artifacts)
     # a trial the search finally recovered: its final file, unless asked for the search-time one
@@ -482,8 +486,8 @@ def _export(a: argparse.Namespace) -> int:
 
 @_command("refine")
 def _refine(a: argparse.Namespace) -> int:
-    from .refinement import RefineRecipe, refine
-    from .runner import load_study
+    from .results.refinement import RefineRecipe, refine
+    from .results.view import load_study
     from .units import parse_latency_ms, parse_size
 
     if (a.trial is None) == (not a.front):
@@ -501,7 +505,7 @@ def _refine(a: argparse.Namespace) -> int:
     )
     view = load_study(a.study, storage=a.storage, artifacts=a.artifacts)
     if a.front:
-        from .results import qualifying
+        from .results.selection import qualifying
 
         front = qualifying(
             view,

@@ -1,8 +1,8 @@
 """Search-space files: load, validate, bind to a model.
 
-Shipped spaces are package data in ``autoslim/resources/search_spaces/``.
+Shipped spaces are package data in ``search_spaces/``.
 
-Schema (documented with examples in ``autoslim/resources/search_spaces/README.md``)::
+Schema (documented with examples in ``search_spaces/README.md``)::
 
     skip = ["conv1", "fc"]          # layers/groups never touched (globs)
 
@@ -34,13 +34,13 @@ import json
 import re
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._files import shipped_dir
 from .config import ACT_BITS, WEIGHT_BITS, CompressionConfig, DistillConfig, LayerConfig
 from .errors import ConfigError
 from .passes.prune import groups_and_note
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 # shipped spaces: package data (importlib.resources), so an installed wheel has them
-SPACES_DIR = Path(str(resources.files("autoslim") / "resources" / "search_spaces"))
+SPACES_DIR = shipped_dir("search_spaces")
 _KNOBS = ("prune", "weight_bits", "act_bits", "rank")
 _RULE_KEYS = {"match", "regex", *_KNOBS, "share"}
 _TOP_KEYS = {"name", "description", "skip", "distill", "rules", "round_to", "importance"}

@@ -126,7 +126,7 @@ def searches(root: Path, out: Path, sizes: list[int], trials: int) -> None:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"search at {size} px failed ({proc.returncode})")
         rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)[1])
-        from autoslim.runner import open_existing
+        from autoslim.study.storage import open_existing
 
         st = open_existing(out / name)
         teacher = st.user_attrs.get("teacher", {})
@@ -143,7 +143,9 @@ def searches(root: Path, out: Path, sizes: list[int], trials: int) -> None:
 def kd(root: Path, out: Path, size: int, steps: int) -> None:
     import torch
 
-    from autoslim.study import build_task, evaluate, load_study_spec
+    from autoslim.study.evaluation import evaluate
+    from autoslim.study.spec import load_study_spec
+    from autoslim.study.task import build_task
 
     torch.set_num_threads(2)
     print(

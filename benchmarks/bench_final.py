@@ -8,7 +8,7 @@ On the default task (ResNet-18 teacher, Fashion-MNIST, ``--budget``, default 2MB
 - (b) by hand: the smallest uniform int8 pruning ratio (0.05 grid) whose size estimate fits,
   then the final recovery;
 - (c) sensitivity-greedy: per-stage pruning ratios chosen by the BN proxy, re-screened at every
-  step, until the estimate fits (:func:`autoslim.sensitivity.greedy_params` with
+  step, until the estimate fits (:func:`autoslim.study.sensitivity.greedy_params` with
   ``rescreen=True``), then the final recovery;
 - (d) the same search as (a) with ``--sampler random``.
 
@@ -50,9 +50,10 @@ import autoslim
 from autoslim.artifact import artifact_accuracy
 from autoslim.measure import time_files
 from autoslim.pareto import pareto_mask
-from autoslim.refinement import RefineRecipe, train_and_export
-from autoslim.sensitivity import greedy_params
-from autoslim.study import STUDIES_DIR, build_task, estimate, load_study_spec
+from autoslim.results.refinement import RefineRecipe, train_and_export
+from autoslim.study.sensitivity import greedy_params
+from autoslim.study.spec import STUDIES_DIR, load_study_spec
+from autoslim.study.task import build_task, estimate
 from autoslim.units import parse_size
 
 

@@ -44,8 +44,9 @@ from autoslim.measure.remote import RemoteBackend
 from autoslim.pareto import pareto_mask
 from autoslim.passes.distill import Recovery
 from autoslim.pipeline import compress, export
-from autoslim.runner import search
-from autoslim.study import build_task, load_study_spec, shape
+from autoslim.study.spec import load_study_spec
+from autoslim.study.task import build_task, shape
+from autoslim.workflow import search
 
 torch.set_num_threads(1)
 

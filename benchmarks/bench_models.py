@@ -12,7 +12,7 @@ Two parts, one process, one machine:
    validation images, the median latency of 3 x 200 runs of each file side by side, and the
    quantised-activation count. This decides which tensors the file may quantise.
 2. ``search``: per model, a teacher (short recipe, printed), then a ``--trials`` default search
-   (autoslim/resources/studies/default.toml) at a budget of a fifth of the model's uniform int8 size; prints
+   (studies/default.toml) at a budget of a fifth of the model's uniform int8 size; prints
    measured / over-budget / failed trials, the gate's agreement (min, median) and pass rate,
    and the front's most accurate point (val and test accuracy, bytes, latency ratio vs the fp32
    teacher file measured in the same study run).
@@ -38,8 +38,9 @@ from autoslim.artifact import artifact_accuracy
 from autoslim.measure import get_backend
 from autoslim.passes.distill import Recovery
 from autoslim.pipeline import compress, export
-from autoslim.runner import search
-from autoslim.study import build_task, estimate, load_study_spec
+from autoslim.study.spec import load_study_spec
+from autoslim.study.task import build_task, estimate
+from autoslim.workflow import search
 
 HERE = Path(__file__).resolve().parent
 REGNET = f"{HERE / 'user_models.py'}:regnet"

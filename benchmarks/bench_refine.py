@@ -27,10 +27,12 @@ from dataclasses import replace
 import autoslim
 from autoslim.artifact import artifact_accuracy
 from autoslim.measure import get_backend, time_files
-from autoslim.refinement import RefineRecipe, train_and_export
-from autoslim.runner import load_study, search
-from autoslim.study import StudySpec, build_task, estimate, load_study_spec
+from autoslim.results.refinement import RefineRecipe, train_and_export
+from autoslim.results.view import load_study
+from autoslim.study.spec import StudySpec, load_study_spec
+from autoslim.study.task import build_task, estimate
 from autoslim.units import parse_size
+from autoslim.workflow import search
 
 
 def main() -> int:

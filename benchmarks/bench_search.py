@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from autoslim.pareto import hypervolume
-from autoslim.runner import search
-from autoslim.study import load_study_spec
+from autoslim.study.spec import load_study_spec
+from autoslim.workflow import search
 
 
 def score(df: pd.DataFrame, refs: tuple[float, ...]) -> tuple[list[float], pd.DataFrame]:

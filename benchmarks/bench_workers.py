@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from pgserver import throwaway_postgres  # noqa: E402
 
-from autoslim.study import STUDIES_DIR  # noqa: E402
+from autoslim.study.spec import STUDIES_DIR  # noqa: E402
 
 
 def study_file(out: Path, teacher_epochs: int) -> Path:

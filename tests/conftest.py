@@ -19,7 +19,7 @@ import torch
 
 # The latency protocol times every file for at least 2 s (a shared machine's regimes); the
 # suite's timings check behaviour, not figures: no least duration here (nor in the CLI
-# processes and agents the tests start, which inherit it). tests/test_measure.py checks it.
+# processes and agents the tests start, which inherit it). tests/measure/test_measure.py checks it.
 os.environ["AUTOSLIM_LATENCY_MIN_S"] = "0"
 
 from autoslim import (  # noqa: E402
@@ -36,8 +36,8 @@ from autoslim import (  # noqa: E402
 )
 from autoslim.artifact import ExportResult  # noqa: E402
 from autoslim.pipeline import Compressed  # noqa: E402
-from autoslim.runner import SearchResult, search  # noqa: E402
-from autoslim.study import StudySpec, load_study_spec  # noqa: E402
+from autoslim.study.spec import StudySpec, load_study_spec
+from autoslim.workflow import SearchResult, search
 
 # One intra-op thread: on a small shared machine more threads spin against each other and make
 # every forward pass up to 100x slower. Latency is measured single-threaded anyway.

@@ -119,7 +119,7 @@ def test_train_and_search_name_the_split_seed_alike() -> None:
     """``train --split-seed 1`` then ``search --split-seed 1`` use one split, so the search finds
     that teacher (``--seed`` of search is the sampler's seed only)."""
     from autoslim.cli import _parser
-    from autoslim.study import load_study_spec
+    from autoslim.study.spec import load_study_spec
 
     t = _parser().parse_args(["train", "--split-seed", "1"])
     s = _parser().parse_args(["search", "--split-seed", "1", "--seed", "7"])

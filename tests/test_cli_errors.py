@@ -316,7 +316,7 @@ def _half_made(tmp: Path) -> Path:
     """A study stopped during its set-up: created, its spec recorded, no baseline, no trial."""
     import optuna
 
-    from autoslim.study import StudySpec
+    from autoslim.study.spec import StudySpec
 
     run = tmp / "half"
     run.mkdir()

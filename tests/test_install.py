@@ -84,9 +84,7 @@ def test_tiny_search_from_an_empty_folder(installed: Path, tmp_path: Path) -> No
 
 def test_the_shipped_default_study_is_read(installed: Path, tmp_path: Path) -> None:
     """No study file: the shipped default (with its accuracy floor), not dataclass defaults."""
-    code = (
-        "from autoslim.study import load_study_spec as f; s = f(None); print(s.max_accuracy_drop)"
-    )
+    code = "from autoslim.study.spec import load_study_spec as f; s = f(None); print(s.max_accuracy_drop)"
     out = subprocess.run(
         [str(installed / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True
     )  # fmt: skip

@@ -60,7 +60,8 @@ from ..measure.auth import (
     create_secret,
     load_secret,
 )
-from ..measure.latency import OPTIMIZATIONS, OrtBackend, host_identity
+from ..measure.latency import host_identity
+from ..measure.ort import OPTIMIZATIONS, OrtBackend
 
 __all__ = [
     "DEFAULT_HOST",

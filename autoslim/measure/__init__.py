@@ -6,18 +6,9 @@ Accuracy on a dataset split needs torch's data and lives with the exporter
 (:func:`autoslim.artifact.artifact_accuracy`).
 """
 
-from .latency import (
-    FileTiming,
-    Latency,
-    LatencyBackend,
-    OrtBackend,
-    get_backend,
-    host_identity,
-    list_backends,
-    ort_session,
-    time_files,
-    time_runs,
-)
+from .backends import FileTiming, get_backend, list_backends, time_files
+from .latency import Latency, LatencyBackend, host_identity, time_runs
+from .ort import OrtBackend, ort_session
 
 __all__ = [
     "FileTiming",

@@ -1,25 +1,4 @@
-"""Latency of the artifact file: one measurement protocol for every backend, local or remote.
-
-Imports numpy and onnxruntime only (never torch or optuna), so a device agent installs it alone.
-
-Protocol (what ONNX Runtime's perf test, TFLite's ``benchmark_model`` and MLPerf LoadGen
-report): the first, cold run is timed apart; warm-up of ``warmup`` runs and at least
-``WARMUP_S``; then timed blocks of ``BLOCK`` runs with the garbage collector off, for at least
-``MIN_S`` seconds and then until the 95% confidence interval of the median (distribution-free,
-from order statistics) is within ``+-CI_TARGET`` of it, or ``runs`` timed runs, or ``MAX_S``
-seconds. ``MIN_S`` (default 2 s; ``$AUTOSLIM_LATENCY_MIN_S``) is there because a shared machine
-runs in regimes of seconds: on the 2-vCPU machine of BENCHMARKS.md one 0.4 ms file timed
-for 0.2 s windows, paired with the teacher, gave ratios 1.45x apart (max/min of 6), for 3 s
-windows 1.14x; a short measurement lands wholly in one regime. Reported: n, median, p90,
-IQR, the CI, the cold run, the block medians, and ``noisy`` with its reasons (block medians
-spread > 5%, first-vs-last block drift > 5%, a loaded machine).
-
-Paired with a reference (``reference=`` the teacher's file): each timed block of the candidate
-is followed by a block of the reference of about the same wall time, and ``ratio`` is the
-median of the block-pair ratios. A shared machine has spells of seconds in which everything
-runs slower (up to 40% on the 2-vCPU machine of BENCHMARKS.md, on either core); both files of a
-pair run in the same spell, so the ratio is steady where either time alone is not.
-"""
+"""The latency protocol."""
 
 from __future__ import annotations
 
@@ -39,27 +18,28 @@ import numpy as np
 
 from ..errors import UsageError
 
-__all__ = [
-    "Latency",
-    "LatencyBackend",
-    "OrtBackend",
-    "get_backend",
-    "list_backends",
-    "host_identity",
-    "time_runs",
-    "ort_session",
-    "FileTiming",
-    "time_files",
-]
-
 WARMUP_S = 0.5  # warm-up lasts at least this long (caches, frequency ramp, ORT's arenas)
+
+
 BLOCK = 20  # timed runs per block
+
+
 MIN_BLOCKS = 3
+
+
 CI_TARGET = 0.02  # stop once the median's 95% CI is within +-2% of it
+
+
 MAX_S = 20.0  # time cap of the timed blocks
+
+
 # least seconds of timed blocks (0: stop on the CI or ``runs`` at once, as the test suite does)
 MIN_S = float(os.environ.get("AUTOSLIM_LATENCY_MIN_S", "2.0"))
+
+
 NOISY_SPREAD = 0.05  # block medians' coefficient of variation above this: noisy
+
+
 NOISY_DRIFT = 0.05  # last vs first block median
 
 
@@ -239,9 +219,6 @@ def _warm(fn: Callable[[], object], runs: int, seconds: float) -> float:
     return (time.perf_counter() - start) * 1e3 / max(done, 1)
 
 
-OPTIMIZATIONS = ("all", "extended", "basic", "disabled")  # ONNX Runtime graph optimisation levels
-
-
 @contextlib.contextmanager
 def host_lock():
     """Hold this host's measurement lock (``flock`` on a file in the temp folder): workers,
@@ -262,35 +239,6 @@ def host_lock():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ort_session(
-    path: str | Path,
-    *,
-    threads: int = 1,
-    providers: list[str] | None = None,
-    optimization: str = "all",
-):
-    """An ONNX Runtime session on the artifact (1 thread by default: deployable latency).
-
-    ``optimization``: the graph optimisation level; below ``extended`` ONNX Runtime does not
-    fuse QuantizeLinear/DequantizeLinear pairs into its int8 kernels, so an int8 file runs as
-    fp32 compute plus conversions: what a runtime or chip without int8 kernels does."""
-    import onnxruntime as ort
-
-    if optimization not in OPTIMIZATIONS:
-        raise UsageError(f"optimization must be one of {OPTIMIZATIONS}; got {optimization!r}")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[optimization]
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
-
-
 class LatencyBackend(Protocol):
     name: str
 
@@ -305,210 +253,3 @@ class LatencyBackend(Protocol):
         warmup: int = 20,
         reference: Path | None = None,
     ) -> Latency: ...
-
-
-class OrtBackend:
-    """ONNX Runtime on the artifact file, batch 1, ``threads`` intra-op threads.
-
-    On CUDA the input and output live on the device through IO binding, so the timed run is
-    the model, not host/device copies."""
-
-    def __init__(
-        self, provider: str = "CPUExecutionProvider", threads: int = 1, optimization: str = "all"
-    ) -> None:
-        self.provider, self.threads, self.optimization = provider, threads, optimization
-        self.name = "onnxruntime-cuda" if provider.startswith("CUDA") else "onnxruntime-cpu"
-
-    def available(self) -> bool:
-        import onnxruntime as ort
-
-        return self.provider in ort.get_available_providers()
-
-    def measure(
-        self,
-        artifact: Path,
-        *,
-        input_shape: tuple[int, ...],
-        runs: int = 200,
-        warmup: int = 20,
-        reference: Path | None = None,
-    ) -> Latency:
-        """Time ``artifact`` by the protocol; with ``reference``, paired with that file. One
-        measurement at a time per host (:func:`host_lock`), whichever process asks."""
-        run = self._runner(artifact, input_shape)
-        ref = self._runner(reference, input_shape) if reference is not None else None
-        with host_lock():
-            return time_runs(run, backend=self.name, runs=runs, warmup=warmup, reference=ref)
-
-    def _runner(self, artifact: Path, input_shape: tuple[int, ...]) -> Callable[[], None]:
-        """One batch-1 inference of ``artifact`` (a session made once, the input bound)."""
-        sess = ort_session(
-            artifact,
-            threads=self.threads,
-            providers=[self.provider],
-            optimization=self.optimization,
-        )
-        inp = sess.get_inputs()[0]
-        x = np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)
-        if self.provider.startswith("CUDA"):
-            import onnxruntime as ort
-
-            binding = sess.io_binding()
-            binding.bind_ortvalue_input(inp.name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
-            for out in sess.get_outputs():
-                binding.bind_output(out.name, "cuda", 0)
-
-            def run() -> None:
-                sess.run_with_iobinding(binding)
-                binding.synchronize_outputs()
-
-            return run
-
-        def run() -> None:
-            sess.run(None, {inp.name: x})
-
-        return run
-
-
-_BACKENDS = {
-    "onnxruntime-cpu": lambda: OrtBackend("CPUExecutionProvider"),
-    "onnxruntime-cuda": lambda: OrtBackend("CUDAExecutionProvider"),
-}
-
-
-def list_backends() -> list[str]:
-    """Local backend names (a device agent is ``remote:HOST:PORT``)."""
-    return sorted(_BACKENDS)
-
-
-def get_backend(
-    name: str = "onnxruntime-cpu", *, secret_file: str | Path | None = None
-) -> LatencyBackend:
-    """The latency backend ``name``: a local one, or ``remote:HOST:PORT`` (a device agent,
-    signed with the secret in ``secret_file``, else ``$AUTOSLIM_AGENT_SECRET``'s file)."""
-    if name.startswith("remote:"):
-        from .remote import RemoteBackend
-
-        return RemoteBackend.from_name(name, secret_file=secret_file)
-    if name not in _BACKENDS:
-        raise UsageError(
-            f"unknown latency backend {name!r}; expected one of {list_backends()} or "
-            "remote:HOST:PORT (a device agent)"
-        )
-    backend = _BACKENDS[name]()
-    if not backend.available():
-        raise UsageError(
-            f"latency backend {name!r} is not available on this machine "
-            "(onnxruntime-cuda needs onnxruntime-gpu and a GPU); use onnxruntime-cpu"
-        )
-    return backend
-
-
-@dataclass(frozen=True)
-class FileTiming:
-    """One file timed side by side with others by :func:`time_files`."""
-
-    path: Path
-    size_bytes: int
-    sha256: str
-    median_ms: float  # median of the rounds' medians
-    ratio: float  # median_ms / the first file's median_ms
-    rounds: list[Latency]  # each round's measurement, in order
-
-    @property
-    def noisy(self) -> bool:
-        return any(r.noisy for r in self.rounds)
-
-    def to_dict(self) -> dict:
-        return {
-            "path": str(self.path),
-            "size_bytes": self.size_bytes,
-            "sha256": self.sha256,
-            "median_ms": self.median_ms,
-            "ratio": self.ratio,
-            "noisy": self.noisy,
-            "rounds": [r.to_dict() for r in self.rounds],
-        }
-
-
-def file_input_shape(path: Path, given: tuple[int, ...] | None = None) -> tuple[int, ...]:
-    """The per-image input shape (``C, H, W``) an ONNX file declares, batch dimension left out,
-    or ``given`` in its place; either way the file must be one ONNX Runtime loads."""
-    try:
-        shape = ort_session(path).get_inputs()[0].shape
-    except Exception as e:  # noqa: BLE001 - ORT's load errors have no common type
-        raise UsageError(
-            f"{path} is not an ONNX model ONNX Runtime can load ({' '.join(str(e).split())[:200]})"
-            "; give the .onnx file that `autoslim export` wrote"
-        ) from e
-    if given:
-        fixed = shape[1:]
-        if len(given) != len(fixed) or any(
-            isinstance(d, int) and d > 0 and d != g for d, g in zip(fixed, given, strict=False)
-        ):
-            declared = ",".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in fixed)
-            raise UsageError(
-                f"--input-shape {','.join(map(str, given))} does not fit {path}, whose input "
-                f"takes C,H,W = {declared} ('?': any); give a shape that fits it, or leave "
-                "--input-shape out to use the one the file declares"
-            )
-        return tuple(given)
-    dims = shape[1:]
-    if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
-        raise UsageError(
-            f"{path}'s input has no fixed per-image shape (got {shape}); give it with "
-            "--input-shape C,H,W"
-        )
-    return tuple(dims)
-
-
-def time_files(
-    paths: list[str | Path],
-    *,
-    backend: str = "onnxruntime-cpu",
-    secret_file: str | Path | None = None,
-    rounds: int = 5,
-    runs: int = 200,
-    input_shape: tuple[int, ...] | None = None,
-) -> list[FileTiming]:
-    """Time ONNX files side by side on one backend: ``rounds`` rounds, each timing every
-    distinct file once by the protocol, in the given order; each file's number is the median of
-    its rounds' medians, its ratio that over the first file's (say, the fp32 teacher's).
-    Interleaving puts every file through the same spells of a shared machine; byte-identical
-    files are timed once per round and share their numbers. ``input_shape`` (``C, H, W``):
-    default, the one each file declares."""
-    import hashlib
-
-    if not paths:
-        raise UsageError("time_files needs at least one ONNX file; got none")
-    if rounds < 1:
-        raise UsageError(f"rounds must be >= 1; got {rounds}")
-    files = [Path(p) for p in paths]
-    for f in files:
-        if f.is_dir():
-            raise UsageError(f"{f} is a folder; expected the path of an ONNX file in it")
-        if f.exists() and not f.is_file():
-            raise UsageError(f"{f} is not a regular file; expected the path of an ONNX file")
-        if not f.is_file():
-            raise UsageError(f"no such file {f}; give the path of an ONNX file")
-    digest = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
-    unique = {d: files[digest.index(d)] for d in dict.fromkeys(digest)}  # one file per content
-    shape = {d: file_input_shape(f, input_shape) for d, f in unique.items()}
-    meter = get_backend(backend, secret_file=secret_file)
-    got: dict[str, list[Latency]] = {d: [] for d in unique}
-    for _ in range(rounds):
-        for d, f in unique.items():
-            got[d].append(meter.measure(f, input_shape=shape[d], runs=runs))
-    med = {d: statistics.median(r.median_ms for r in got[d]) for d in unique}
-    first = med[digest[0]]
-    return [
-        FileTiming(
-            path=f,
-            size_bytes=f.stat().st_size,
-            sha256=d,
-            median_ms=med[d],
-            ratio=med[d] / first,
-            rounds=got[d],
-        )
-        for f, d in zip(files, digest, strict=True)
-    ]

@@ -17,8 +17,9 @@ from conftest import BUDGET, SHUFFLENET, TINY_TRIALS, XDIST, run_cli, start_cli,
 
 from autoslim.errors import UsageError
 from autoslim.models import list_models
-from autoslim.runner import load_study, open_existing, open_study
-from autoslim.study import load_study_spec
+from autoslim.results.view import load_study
+from autoslim.study.spec import load_study_spec
+from autoslim.study.storage import _open_or_create, open_existing
 
 
 def test_tiny_study_front_meets_budget(tiny_study, tmp_path: Path):
@@ -52,8 +53,11 @@ def test_rejected_candidates_are_free_up_to_a_bound(tmp_path: Path):
     trials, so a sampler that proposes many over-budget ones still trains its share; up to
     FREE_REJECTS per trial, so that a budget hardly anything fits still ends. `status` tells
     them apart. (A budget nothing fits is refused before the study is made.)"""
-    from autoslim.runner import FREE_REJECTS, search, smallest_estimate, study_status
-    from autoslim.study import build_task
+    from autoslim.study.run import smallest_estimate
+    from autoslim.study.status import study_status
+    from autoslim.study.task import build_task
+    from autoslim.study.workers import FREE_REJECTS
+    from autoslim.workflow import search
 
     f = tiny_study_file(tmp_path, "tight", trials=3)
     smallest = smallest_estimate(build_task(load_study_spec(f), progress=False))
@@ -104,16 +108,16 @@ def test_interrupted_search_resumes_with_trials_kept(tmp_path: Path):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
-    kept = _completed(db)
-    assert 2 <= kept < 4
+    from autoslim.study.status import study_status
+
+    kept = study_status(db.parent)["counted"]
+    assert 1 <= kept < 4
     before = {t.number: t.values for t in open_existing(db.parent).trials if t.values}
     r = run_cli("search", str(f), "--quiet")
     assert r.returncode == 0, r.stderr
-    assert f"{kept} trials stored" in r.stderr or "trials stored" in r.stderr
-    study = open_existing(db.parent)
-    done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(done) >= 4
-    after = {t.number: t.values for t in study.trials if t.values}
+    assert f"{kept} trials stored, {4 - kept} to run" in r.stderr  # only the rest is run
+    assert study_status(db.parent)["counted"] == 4  # not one more, not the whole budget again
+    after = {t.number: t.values for t in open_existing(db.parent).trials if t.values}
     assert all(after[n] == v for n, v in before.items())  # completed trials untouched
 
 
@@ -197,7 +201,7 @@ def test_a_calibrated_predictor_rejects_candidates_over_the_latency_limit_untrai
     even at its optimistic bound is not trained, like an over-budget one; the calibration is
     stored and printed in the report, and the front holds measured latencies only."""
     from autoslim.measure import predictor
-    from autoslim.runner import search
+    from autoslim.workflow import search
 
     monkeypatch.setattr(predictor, "MIN_POINTS", 3)
     monkeypatch.setattr(predictor, "MIN_RHO", -1.0)
@@ -224,8 +228,8 @@ def test_a_candidate_a_measured_trial_beats_is_not_timed(tiny_study, tmp_path: P
     predictor's optimistic latency is not timed: its latency is the prediction, marked so;
     otherwise it is timed on the backend."""
     from autoslim.measure import predictor
-    from autoslim.runner import refresh_predictor
-    from autoslim.study import evaluate
+    from autoslim.study.evaluation import evaluate
+    from autoslim.study.trial import refresh_predictor
 
     monkeypatch.setattr(predictor, "MIN_POINTS", 3)
     monkeypatch.setattr(predictor, "MIN_RHO", -1.0)
@@ -253,10 +257,12 @@ def test_a_candidate_a_measured_trial_beats_is_not_timed(tiny_study, tmp_path: P
 def test_fingerprint_mismatch_refuses_to_resume(tmp_path: Path):
     spec = load_study_spec(None, name="fp", out_dir=str(tmp_path / "fp"))
     fp = {"model": "resnet18", "teacher_hash": "aaa", "space": "s1"}
-    open_study(spec, fingerprint=fp)
-    open_study(spec, fingerprint=dict(fp))  # same fingerprint: resumes
+    _open_or_create(spec, fingerprint=fp, sampler=None, storage=None)
+    _open_or_create(
+        spec, fingerprint=dict(fp), sampler=None, storage=None
+    )  # same fingerprint: resumes
     with pytest.raises(UsageError, match="teacher_hash") as e:
-        open_study(spec, fingerprint={**fp, "teacher_hash": "bbb"})
+        _open_or_create(spec, fingerprint={**fp, "teacher_hash": "bbb"}, sampler=None, storage=None)
     assert "refusing to resume" in str(e.value)
     assert e.value.exit_code == 2
 
@@ -266,7 +272,7 @@ def test_a_trial_failing_inside_onnx_runtime_fails_alone(tmp_path: Path, monkeyp
     session opens it: ORT's own protobuf error) fails that trial with the reason in one line;
     the other trials run and the study reaches its trial count."""
     from autoslim import measure
-    from autoslim.runner import search
+    from autoslim.workflow import search
 
     real = measure.OrtBackend.measure
     calls = {"n": 0}
@@ -324,7 +330,7 @@ def test_every_registered_model_gives_a_measured_int8_trial(tmp_path: Path, mode
     """A one-trial default search (per-stage int8 space; the first trial is uniform int8) on
     each registered model stores a measured trial that passed the gate: the artifact's top-1
     predictions agree with the trained PyTorch model's, and the file is int8-small."""
-    from autoslim.runner import search
+    from autoslim.workflow import search
 
     spec = load_study_spec(_model_study(tmp_path, "m", model, trials=1))
     res = search(spec, progress=False)
@@ -340,7 +346,7 @@ def test_every_registered_model_gives_a_measured_int8_trial(tmp_path: Path, mode
 def test_unprunable_model_is_still_searched_over_bits_and_ranks(tmp_path: Path, two_threads):
     """ShuffleNetV2's channel shuffle defeats Torch-Pruning: the study says so in one line and
     still measures an int8 candidate (no pruning dimension)."""
-    from autoslim.runner import search
+    from autoslim.workflow import search
 
     spec = load_study_spec(_model_study(tmp_path, "shuffle", SHUFFLENET, trials=1))
     res = search(spec, progress=False)
@@ -372,7 +378,7 @@ def test_a_streamed_224px_folder_is_searched_end_to_end(tmp_path: Path, two_thre
     """A user's photos at 224 px (torchvision's own stem, no small-image adaptation), decoded
     per batch from the files: the teacher trains, a candidate is recovered, exported at 224 px,
     gated and measured."""
-    from autoslim.runner import search
+    from autoslim.workflow import search
 
     root = _photo_folder(tmp_path / "photos")
     f = tmp_path / "photos.toml"
@@ -483,7 +489,7 @@ def test_a_budget_no_candidate_can_meet_is_refused_before_the_study_is_made(tmp_
 
 
 def test_a_search_with_no_feasible_trial_names_the_binding_constraint(tiny_study):
-    from autoslim.report import front_table
+    from autoslim.report.text import front_table
 
     view = load_study(tiny_study.run_dir)
     spec = {**view.spec, "max_accuracy_drop": 0.0}
@@ -497,3 +503,47 @@ def test_a_search_with_no_feasible_trial_names_the_binding_constraint(tiny_study
     assert f"best {best:+.1f} pt" in text
     small = front_table(df, view.baseline, {**view.spec, "budget": 10})
     assert "outside the size budget" in small and "raise --budget" in small
+
+
+@pytest.mark.parametrize(
+    "flag,value,part",
+    [("--budget", "29000B", "budget"), ("--objectives", "accuracy,size", "objectives"),
+     ("--recovery-steps", "11", "recovery"), ("--split-seed", "3", "data_split")],
+    ids=["budget", "objectives", "recovery", "split"],
+)  # fmt: skip
+def test_a_study_rerun_with_another_setting_is_refused_naming_it(
+    tiny_study, tmp_path: Path, flag: str, value: str, part: str
+):
+    """Re-running a finished study with a flag that changes what it measures: refused in
+    one line naming the part of the fingerprint that differs; nothing stored changes."""
+    f = _copy_of_tiny(tiny_study, tmp_path)
+    before = _tree(tmp_path / "tiny")
+    r = run_cli("search", str(f), "--quiet", flag, value, timeout=300)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "refusing to resume" in line and f"different {part}" in line, r.stderr
+    assert _tree(tmp_path / "tiny") == before
+
+
+def test_a_dead_workers_trial_is_queued_again_at_most_twice(tmp_path: Path):
+    """heal_dead_trials: a trial a dead process of this host left RUNNING is failed with a
+    reason and its parameters queued again, up to MAX_RETRIES times; then it stays failed."""
+    import optuna
+
+    from autoslim.study.workers import MAX_RETRIES, heal_dead_trials
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="h")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = {"host": platform.node(), "pid": dead.pid, "start": "0"}
+    for retries in range(MAX_RETRIES + 1):
+        t = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        t.set_user_attr("owner", owner)
+        t.set_user_attr("retries", retries)
+    assert heal_dead_trials(study, tmp_path) == [0, 1, 2]
+    trials = study.get_trials()
+    assert [t.state.name for t in trials[:3]] == ["FAIL"] * 3
+    assert all("died before the trial finished" in t.user_attrs["fail_reason"] for t in trials[:3])
+    queued = [t for t in trials if t.state.name == "WAITING"]
+    assert [(t.user_attrs["retry_of"], t.user_attrs["retries"]) for t in queued] == [(0, 1), (1, 2)]
+    assert all(q.params == trials[q.user_attrs["retry_of"]].params for q in queued)

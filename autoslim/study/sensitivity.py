@@ -1,36 +1,10 @@
-"""Per-stage sensitivity from the BN proxy, and widths chosen by it under a size budget.
-
-A stage's sensitivity is what the BN proxy (:func:`autoslim.study.screen`: pruned and
-quantised, BN statistics re-estimated, no training) loses when only that stage is pruned,
-against the uniform int8 model with nothing pruned. :func:`greedy_params` then prunes, step by
-step, the stage that costs the least proxy accuracy per unit saved until the analytic size
-estimate fits the budget (as AMC and NVIDIA ModelOpt's FastNAS rank layers by a cheap proxy).
-What is saved: bytes, as shares of the unpruned int8 model's; in a latency study, bytes plus
-multiply-accumulates (each as a share), since the late stages hold the bytes and the early
-ones the compute (measured in BENCHMARKS.md "Final front": by bytes alone both the seed and
-the greedy baseline were the slowest models of their runs):
-
-- ``rescreen=False`` (the search's seed, ~10 screens): a linear model of the per-stage
-  sensitivities measured once at ``probe``;
-- ``rescreen=True`` (the sensitivity-greedy baseline of ``make bench-final``): every step
-  re-screens each stage's next step, so interactions between stages are seen.
-
-With ``low_rank=True`` a step may also factorise a stage (its low-rank choice, "off" to the
-next ratio of the space), scored the same way: the search's second seed, so that the sampler
-starts with a measured factorised point (measured in BENCHMARKS.md "Final front": TPE, seeded
-with unfactorised points only, stopped proposing factorised ones, while random search's
-factorised finals were the run's most accurate models).
-
-Plain data in, plain data out; no Optuna (the runner enqueues the result as a seed trial).
-"""
+"""Per-stage sensitivity by the BN proxy and the greedy seeds it gives the search."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .study import Task, estimate, screen, shape
-
-__all__ = ["stage_sensitivity", "greedy_params", "can_factorise"]
+from .task import Task, estimate, screen, shape
 
 
 def _step_dims(task: Task, low_rank: bool) -> list[Any]:

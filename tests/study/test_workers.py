@@ -13,8 +13,9 @@ import optuna
 import pytest
 from conftest import TINY, continuous_prune_space, run_cli, start_cli
 
-from autoslim.runner import search, storage_of
-from autoslim.study import load_study_spec
+from autoslim.study.spec import load_study_spec
+from autoslim.study.storage import storage_of
+from autoslim.workflow import search
 
 # continuous pruning ratios: two workers proposing the same parameters can only be lockstep
 SPACE = continuous_prune_space("8")

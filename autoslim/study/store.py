@@ -1,20 +1,4 @@
-"""The study's artifact store: trial and refined ONNX files any machine of a sweep can read.
-
-Files go through :mod:`optuna.artifacts` (the storage records each file's id on its trial or
-study; the bytes live in the store): a :class:`~optuna.artifacts.FileSystemArtifactStore` on a
-folder (the default is ``STUDY/artifacts``; give workers on several machines one shared path),
-or ``s3://BUCKET`` through :class:`~optuna.artifacts.Boto3ArtifactStore` (needs ``boto3`` and
-AWS credentials in the environment). Every download is verified against the SHA-256 the study
-recorded at upload, so a changed or truncated file is refused, never used.
-
-The creator of a study writes a marker into the store (``autoslim-store.json``, a token also
-kept as the study attribute ``artifact_store``): a process that opens the study checks the
-marker, so a worker on a machine where the shared path is not mounted (or is some other
-folder) stops with one line instead of writing files no other machine can read.
-
-This module is part of the Optuna side of the package (with :mod:`autoslim.runner`); what
-reads files through it (export, refine) sees only :class:`TrialStore`'s plain methods.
-"""
+"""The study's artifact store (optuna.artifacts): trial and refined files, checked by SHA-256."""
 
 from __future__ import annotations
 
@@ -35,12 +19,13 @@ from optuna.artifacts import (
 )
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from .errors import ExportError, UsageError
-from .results import REFINED_PREFIX, sha256_file
-
-__all__ = ["TrialStore", "open_store", "store_location", "MARKER"]
+from .._files import sha256_file
+from ..errors import ExportError, UsageError
+from ..record import REFINED_PREFIX
 
 MARKER = "autoslim-store.json"
+
+
 DEFAULT = "artifacts"  # inside the study folder
 
 

@@ -15,11 +15,12 @@ import pytest
 from conftest import continuous_prune_space, run_cli, start_cli, tiny_study_file
 
 import autoslim
+from autoslim._files import sha256_file
 from autoslim.cli import main
 from autoslim.config import CompressionConfig, LayerConfig
 from autoslim.pareto import crowding_distances, nondominated_ranks, promoted
-from autoslim.results import pick, sha256_file
-from autoslim.runner import final_picks, open_existing
+from autoslim.results.selection import final_picks, pick
+from autoslim.study.storage import open_existing
 
 FIDELITY = (
     "[fidelity]\nscreen_images = 200\npromote = 0.34\n"
@@ -211,8 +212,8 @@ def test_a_search_screens_promotes_and_ends_with_final_models(tmp_path: Path, ca
 def test_sensitivity_greedy_widths_fit_the_budget(tiny_study) -> None:
     """Per-stage widths chosen by BN-proxy sensitivity (the search's seed, and the re-screening
     greedy baseline of bench-final) fit a budget the unpruned int8 model does not."""
-    from autoslim.sensitivity import greedy_params, stage_sensitivity
-    from autoslim.study import build_task, estimate
+    from autoslim.study.sensitivity import greedy_params, stage_sensitivity
+    from autoslim.study.task import build_task, estimate
 
     task = build_task(tiny_study.spec, progress=False)
     sens = stage_sensitivity(task)
@@ -232,8 +233,9 @@ def test_sensitivity_greedy_factorises_when_pruning_alone_cannot_fit(
     """With ``low_rank`` the greedy may factorise a stage (the search's second seed): a budget
     that the most pruned unfactorised model misses is met, by a valid low-rank choice, and a
     search of that budget starts from it."""
-    from autoslim.sensitivity import can_factorise, greedy_params, stage_sensitivity
-    from autoslim.study import build_task, estimate, load_study_spec
+    from autoslim.study.sensitivity import can_factorise, greedy_params, stage_sensitivity
+    from autoslim.study.spec import load_study_spec
+    from autoslim.study.task import build_task, estimate
 
     f = tiny_study_file(tmp_path, "lowrank", 2)
     (tmp_path / "space.toml").write_text(

@@ -17,8 +17,8 @@ import autoslim
 from autoslim.artifact import onnx_predict, ort_session
 from autoslim.cli import main
 from autoslim.errors import ExportError, UsageError
-from autoslim.refinement import RefineRecipe, refine
-from autoslim.results import StudyView
+from autoslim.results.refinement import RefineRecipe, refine
+from autoslim.results.view import StudyView
 
 QUICK = RefineRecipe(epochs=2, max_steps_per_epoch=8, batch_size=64)
 

@@ -1,14 +1,4 @@
-"""Refine a picked trial into the final model: a longer distillation recovery, same artifact form.
-
-A search affords only a short recovery per trial. :func:`refine` rebuilds the trial's compressed
-model from its recorded config (same teacher, same pruning and factorisation), distils it from the
-teacher for whole epochs over the training split (the last 30% of the steps quantization-aware
-for the layers the config quantizes), exports the artifact and measures it exactly as search trials are
-measured. The result is recorded on the study (``refined:NNNNN``) and its artifact goes to the
-study's store (:mod:`autoslim.store`), so any machine can export it; the search-time record is
-never changed. A checkpoint after every epoch (in ``STUDY/refined/NNNNN/``, on this machine) makes
-an interrupted refine continue where it stopped.
-"""
+"""Refine: a longer distillation + QAT of a picked trial, resumable, stored in the study."""
 
 from __future__ import annotations
 
@@ -16,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,12 +15,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import artifact_accuracy
-from .config import CompressionConfig, DistillConfig
-from .errors import ExportError, RecoveryError, UsageError
-from .passes.distill import Recovery, distill, recalibrate_bn
-from .passes.quantize import act_ranges_of, calibrate, snap_biases
-from .pipeline import (
+from .._files import _atomic_copy, _atomic_json, sha256_file
+from ..artifact import artifact_accuracy
+from ..config import CompressionConfig, DistillConfig
+from ..errors import ExportError, RecoveryError, UsageError
+from ..passes.distill import Recovery, distill, recalibrate_bn
+from ..passes.quantize import act_ranges_of, calibrate, snap_biases
+from ..pipeline import (
     Compressed,
     build_student,
     cached_teacher_logits,
@@ -39,10 +29,9 @@ from .pipeline import (
     is_quantized,
     to_fake_quant,
 )
-from .results import StudyView, check_onnx_output, sha256_file
-from .teacher import evaluate_accuracy
-
-__all__ = ["RefineRecipe", "refine", "train_and_export"]
+from ..teacher import evaluate_accuracy
+from .export import check_onnx_output
+from .view import StudyView
 
 CALIB_SIZE = 256  # images used to calibrate activation ranges (as in the search)
 
@@ -105,18 +94,6 @@ class RefineRecipe:
             temperature=own.temperature if self.temperature is None else self.temperature,
             alpha=own.alpha if self.alpha is None else self.alpha,
         )
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def train_and_export(
@@ -280,7 +257,8 @@ def refine(
     ``restart`` discards both. The refined artifact must have the trial's exact size, else
     :class:`ExportError` and nothing is recorded.
     """
-    from .study import StudySpec, build_task, time_candidate, time_teacher
+    from ..study.spec import StudySpec
+    from ..study.task import build_task, time_candidate, time_teacher
 
     recipe = recipe or RefineRecipe()
     out = check_onnx_output(output) if output is not None else None

@@ -39,7 +39,7 @@ from autoslim.measure.auth import (
 )
 from autoslim.measure.remote import AgentError, RemoteBackend
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 
 
 def onnx_model(seed: int = 0, channels: int = 16) -> bytes:
@@ -223,7 +223,7 @@ def test_a_study_names_the_secret_file_and_never_stores_the_secret(
 ) -> None:
     """``agent_secret = PATH`` in a study file (``--agent-secret``) wins over the environment;
     the study stores the path, never the secret's bytes."""
-    from autoslim.study import load_study_spec
+    from autoslim.study.spec import load_study_spec
 
     monkeypatch.setenv("AUTOSLIM_AGENT_SECRET", str(tmp_path / "missing"))
     backend = get_backend(f"remote:127.0.0.1:{agent.port}", secret_file=agent.secret_file)
@@ -889,8 +889,8 @@ def test_a_search_measures_its_trials_on_the_agent(
     SHA-256), and the agent's identity is part of the study fingerprint."""
     from conftest import tiny_study_file
 
-    from autoslim.runner import search
-    from autoslim.study import load_study_spec
+    from autoslim.study.spec import load_study_spec
+    from autoslim.workflow import search
 
     monkeypatch.setenv("AUTOSLIM_AGENT_SECRET", str(agent.secret_file))
     before = set(agent.files())

@@ -12,7 +12,7 @@ import pytest
 
 from autoslim.cli import main
 
-FIXTURE = Path(__file__).parent / "fixtures" / "old_study"
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "old_study"
 
 
 @pytest.fixture

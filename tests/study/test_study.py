@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from autoslim.cli import main
-from autoslim.study import Task, load_study_spec
+from autoslim.study.spec import load_study_spec
+from autoslim.study.task import Task
 
 
 def test_default_study_has_an_accuracy_floor_that_a_flag_changes_or_lifts() -> None:

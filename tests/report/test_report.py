@@ -14,7 +14,8 @@ import pytest
 
 import autoslim
 from autoslim.cli import main
-from autoslim.report import layer_knobs, render_html, report_data
+from autoslim.report.data import layer_knobs, report_data
+from autoslim.report.html import render_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None and os.environ.get("AUTOSLIM_REQUIRE_BROWSER"):
@@ -160,7 +161,7 @@ def test_static_images_with_kaleido(view, tmp_path) -> None:
     pytest.importorskip("kaleido", reason="optional: pip install 'autoslim[images]'")
     if CHROMIUM is None:
         pytest.skip("kaleido drives the system's chromium")
-    from autoslim.report import write_images
+    from autoslim.report.html import write_images
 
     paths = write_images(report_data(view), view.trials, tmp_path / "img")
     assert [p.suffix for p in paths] == [".png", ".svg"]

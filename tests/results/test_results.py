@@ -11,9 +11,12 @@ import pandas as pd
 import pytest
 
 import autoslim
+from autoslim._files import sha256_file
 from autoslim.cli import main
 from autoslim.errors import ExportError, UsageError
-from autoslim.results import NothingQualifies, StudyView, export_trial, pick, sha256_file
+from autoslim.results.export import export_trial
+from autoslim.results.selection import NothingQualifies, pick
+from autoslim.results.view import StudyView
 
 
 def _view(rows: list[dict]) -> StudyView:

@@ -1,0 +1,260 @@
+"""The task a study searches: data, teacher, bound space, backend, baseline, size glue, the BN-proxy screen."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifact import (
+    SizeCalibration,
+    artifact_accuracy,
+    calibrate_size,
+    estimate_size,
+    export_onnx,
+    latency_features,
+)
+from ..config import CompressionConfig
+from ..data import DataSplits
+from ..errors import AutoslimError
+from ..measure import Latency, LatencyBackend, get_backend, host_identity
+from ..measure.predictor import LatencyPredictor
+from ..models import stem_and_classifier
+from ..passes.distill import Recovery
+from ..passes.lowrank import factorize_model
+from ..passes.prune import prune_model
+from ..pipeline import compress, export
+from ..space import BoundSpace, load_space
+from ..teacher import Teacher, TeacherRecipe, evaluate_accuracy, get_teacher
+from .spec import StudySpec
+
+
+@dataclass
+class Task:
+    """What a trial needs: data, teacher, bound space, backend and baseline measurements."""
+
+    spec: StudySpec
+    data: DataSplits
+    teacher: Teacher
+    space: BoundSpace
+    classifier: str | None
+    stem: str | None
+    baseline: dict[str, float] = field(default_factory=dict)
+    # the teacher's latency measured by this process, with its host (see time_teacher)
+    teacher_timing: dict[str, Any] = field(default_factory=dict)
+    size_calibration: SizeCalibration | None = None  # see size_calibration(task)
+    backend: LatencyBackend | None = None  # the study's latency backend (local or an agent)
+    # set by the search runner from the measured trials; only a calibrated (usable) predictor
+    predictor: LatencyPredictor | None = None
+    store: Any = (
+        None  # the study's artifact store (autoslim.study.store.TrialStore, set by the runner)
+    )
+    # measured feasible trials as (objective name -> value; latency as a ratio to the teacher)
+    measured: list[dict[str, float]] = field(default_factory=list)
+    # every screened candidate so far (level 0: proxy accuracy, size estimate), set by the runner
+    screened: list[dict[str, float]] = field(default_factory=list)
+    shapes: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def latency(self) -> LatencyBackend:
+        """The backend every latency of this task is measured on (made once)."""
+        if self.backend is None:
+            self.backend = get_backend(self.spec.backend, secret_file=self.spec.agent_secret)
+        return self.backend
+
+    @property
+    def example(self) -> torch.Tensor:
+        return torch.zeros(1, *self.data.input_shape)
+
+    def fingerprint(self) -> dict[str, str]:
+        s = self.spec
+        recovery = dataclasses.asdict(s.recovery())
+        if not recovery["augment"]:  # studies stored before the option resume unchanged
+            del recovery["augment"]
+        fp = {
+            "model": s.model,
+            "teacher_hash": self.teacher.content_hash,
+            "data_split": self.data.fingerprint(),
+            "space": self.space.fingerprint(),
+            "objectives": ",".join(s.objectives),
+            "backend": s.backend,
+            "budget": str(s.budget),
+            "recovery": json.dumps(recovery, sort_keys=True),
+        }
+        device = getattr(self.latency, "device_identity", None)
+        if device is not None:  # a device agent: resuming on another device is another study
+            fp["device"] = json.dumps(device(), sort_keys=True)
+        # the other constraints only when set, so studies run without them still resume
+        for k in ("max_latency_ms", "max_accuracy_drop"):
+            if getattr(s, k) is not None:
+                fp[k] = str(getattr(s, k))
+        if s.screen_images:  # which candidates are trained (level 0); the final level is not
+            fp["screen"] = f"{s.screen_images} images, promote {s.promote}"
+        return fp
+
+
+def build_task(spec: StudySpec, *, progress: bool = True) -> Task:
+    """Load data, get (or train once) the teacher and bind the space to it."""
+    backend = get_backend(
+        spec.backend, secret_file=spec.agent_secret
+    )  # fail fast on an unavailable backend or agent, or a
+    space = load_space(spec.space)  # bad space file, before minutes of teacher training
+    data = spec.load_data()
+    recipe = TeacherRecipe(
+        epochs=spec.teacher_epochs,
+        max_steps=spec.teacher_max_steps,
+        batch_size=spec.teacher_batch_size,
+        max_lr=spec.teacher_max_lr,
+    )
+    teacher = get_teacher(
+        spec.model, data, recipe=recipe, checkpoint=spec.teacher_checkpoint, progress=progress
+    )
+    stem, classifier = stem_and_classifier(spec.model, teacher.model)
+    bound = space.bind(
+        teacher.model, torch.zeros(1, *data.input_shape), classifier=classifier, stem=stem
+    )
+    return Task(spec, data, teacher, bound, classifier, stem, backend=backend)
+
+
+def measure_baseline(task: Task, out_dir: Path) -> dict[str, float]:
+    """The teacher as an fp32 ONNX artifact: size, val/test accuracy, latency (same backend).
+
+    Also sets ``task.teacher_timing`` (the latency a trial's speed-up is computed against).
+    """
+    path = out_dir / "teacher_fp32.onnx"
+    res = export_onnx(copy.deepcopy(task.teacher.model), path, example=task.example)
+    task.baseline = {
+        "size_bytes": res.size_bytes,
+        "val_accuracy": artifact_accuracy(path, task.data.val)[0],
+        "test_accuracy": artifact_accuracy(path, task.data.test)[0],
+        "latency_ms": time_teacher(task, out_dir),
+    }
+    return task.baseline
+
+
+def time_teacher(task: Task, out_dir: Path) -> float:
+    """Time the teacher's fp32 file now, in this process, on the study's backend.
+
+    Exports ``out_dir/teacher_fp32.onnx`` if missing. The result, with the host it was measured
+    on, becomes ``task.teacher_timing``: the denominator of the speed-ups of the trials this
+    process runs next (timings of other runs or machines are never mixed in).
+    """
+    path = out_dir / "teacher_fp32.onnx"
+    if not path.is_file():
+        export_onnx(copy.deepcopy(task.teacher.model), path, example=task.example)
+    lat = task.latency.measure(
+        path,
+        input_shape=task.data.input_shape,
+        runs=task.spec.latency_runs,
+    )
+    # the device that timed it: this host, or the agent's (a remote backend fills lat.device)
+    task.teacher_timing = {"latency_ms": lat.median_ms, **(lat.device or host_identity())}
+    return lat.median_ms
+
+
+def time_candidate(task: Task, path: Path, *, run_dir: Path | None = None) -> tuple[Latency, float]:
+    """Time ``path`` on the study's backend paired with the teacher's fp32 file (blocks of the
+    two interleaved: see :mod:`autoslim.measure.latency`); return the measurement and the
+    latency of record: the paired ratio times the teacher's timing in this process
+    (``task.teacher_timing``), which a machine's slow spells move far less than either time."""
+    run_dir = run_dir or task.spec.run_dir
+    teacher = run_dir / "teacher_fp32.onnx"
+    if not task.teacher_timing or not teacher.is_file():
+        time_teacher(task, run_dir)
+    lat = task.latency.measure(
+        path, input_shape=task.data.input_shape, runs=task.spec.latency_runs, reference=teacher
+    )
+    return lat, (lat.ratio or lat.median_ms / lat.reference_ms) * task.teacher_timing["latency_ms"]
+
+
+def size_calibration(task: Task) -> SizeCalibration:
+    """The architecture's graph bytes, measured once per task on two files of the unpruned
+    teacher (fp32, and uniform int8 with no training): a few seconds, then cached. The fp32
+    file is the study's ``teacher_fp32.onnx`` where the baseline already wrote it."""
+    if task.size_calibration is None:
+        int8 = task.space.to_config(task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8))
+        with tempfile.TemporaryDirectory(prefix="autoslim-size-") as tmp:
+            f32, f8 = task.spec.run_dir / "teacher_fp32.onnx", Path(tmp) / "int8.onnx"
+            if not f32.is_file():
+                f32 = Path(tmp) / "fp32.onnx"
+                export_onnx(copy.deepcopy(task.teacher.model), f32, example=task.example)
+            c = compress(
+                task.teacher.model,
+                int8,
+                data=task.data,
+                recovery=Recovery(steps=0, bn_batches=0),
+                classifier=task.classifier,
+                stem=task.stem,
+            )
+            export(c, f8)
+            task.size_calibration = calibrate_size(
+                task.teacher.model, fp32_file=f32, int8_file=f8, int8_config=int8
+            )
+    return task.size_calibration
+
+
+def shape(task: Task, config: CompressionConfig) -> tuple[int, dict[str, float]]:
+    """The analytic artifact size of ``config`` and its latency features
+    (:func:`~autoslim.artifact.latency_features`), from a pruned and factorised copy of the
+    teacher (no training): ~0.5 s, memoised per config. The size is calibrated on the
+    architecture's own files (:func:`size_calibration`)."""
+    key = config.to_json()
+    if key not in task.shapes:
+        calibration = size_calibration(task)
+        m = copy.deepcopy(task.teacher.model)
+        prune_model(m, config, example=task.example, classifier=task.classifier)
+        rep = factorize_model(m, config, skip=(task.stem,) if task.stem else ())
+        factorized = {t["layer"] for t in rep.touched}
+        size = estimate_size(m, config, factorized=factorized, calibration=calibration)
+        feats = latency_features(m, config, example=task.example, factorized=factorized)
+        if len(task.shapes) > 256:
+            task.shapes.clear()
+        task.shapes[key] = (size, feats)
+    return task.shapes[key]
+
+
+def estimate(task: Task, config: CompressionConfig) -> int:
+    """Analytic artifact size of ``config`` in bytes (see :func:`shape`)."""
+    return shape(task, config)[0]
+
+
+def _dominated(task: Task, accuracy: float, size: int, ratio_low: float) -> bool:
+    """Whether a measured feasible trial is at least as good on every objective, and better on
+    one, with this candidate's latency (a ratio to the teacher) at its optimistic bound."""
+    objectives = task.spec.objectives
+    me = {"accuracy": -accuracy, "size": float(size), "latency": ratio_low}
+    for p in task.measured:
+        other = {"accuracy": -p["accuracy"], "size": p["size"], "latency": p["latency"]}
+        if all(other[o] <= me[o] for o in objectives) and any(other[o] < me[o] for o in objectives):
+            return True
+    return False
+
+
+class CandidateFailed(AutoslimError):
+    """A candidate could not be turned into a verified artifact (recorded, study continues)."""
+
+
+SCREEN_IMAGES = 1000
+
+
+def screen(task: Task, config: CompressionConfig) -> float:
+    """Level 0, the BN proxy: accuracy of the compressed candidate with no training (pruned,
+    factorised, BN statistics re-estimated, fake-quantised and calibrated) on the first
+    ``screen_images`` validation images (:data:`SCREEN_IMAGES` if the study screens none),
+    in PyTorch. A few seconds."""
+    c = compress(
+        task.teacher.model,
+        config,
+        data=task.data,
+        recovery=dataclasses.replace(task.spec.recovery(), steps=0),
+        classifier=task.classifier,
+        stem=task.stem,
+    )
+    n = task.spec.screen_images or SCREEN_IMAGES  # sensitivity probes on a study without level 0
+    return evaluate_accuracy(c.model, task.data.val.subset(n))
