@@ -212,8 +212,3 @@ def stem_and_classifier(name: str, model: nn.Module) -> tuple[str | None, str | 
     return (convs[0] if convs else None), (
         linears[-1] if linears else (convs[-1] if convs else None)
     )
-
-
-def example_input(model_input_shape: tuple[int, int, int], batch: int = 1) -> torch.Tensor:
-    """A zero batch of the model's input shape, for graph tracing and export."""
-    return torch.zeros(batch, *model_input_shape)

@@ -93,8 +93,8 @@ def layer_knobs(df: pd.DataFrame, columns_from: pd.DataFrame | None = None) -> d
 def report_data(view: Any) -> dict[str, Any]:
     """The pure data step of the report: everything the HTML shows, as plain data."""
     df = view.trials
-    spec = view.spec
-    objectives = spec.get("objectives", ["accuracy", "latency"])
+    spec = view.study_spec
+    objectives = spec.objectives
     ref = _hv_reference(df, objectives, view.baseline) if len(df) else []
     table = table_records(df) if len(df) else []
     details = {}
@@ -108,11 +108,11 @@ def report_data(view: Any) -> dict[str, Any]:
         "study": view.name,
         "cli_ref": view.cli_ref,
         "objectives": objectives,
-        "budget": spec.get("budget"),
-        "max_latency_ms": spec.get("max_latency_ms"),
+        "budget": spec.budget,
+        "max_latency_ms": spec.max_latency_ms,
         "accuracy_floor": (
-            view.baseline["val_accuracy"] - spec["max_accuracy_drop"]
-            if spec.get("max_accuracy_drop") is not None and view.baseline
+            view.baseline["val_accuracy"] - spec.max_accuracy_drop
+            if spec.max_accuracy_drop is not None and view.baseline
             else None
         ),
         "baseline": view.baseline,

@@ -54,10 +54,9 @@ def check_writable(folder: Path, flag: str) -> None:
 def _replay(view: StudyView, trial: int, out_dir: Path) -> Path:
     """Rebuild the trial's artifact from its recorded config and the study's recipe."""
     from ..study.evaluation import evaluate
-    from ..study.spec import StudySpec
     from ..study.task import build_task
 
-    spec = StudySpec.from_dict(view.spec)
+    spec = view.study_spec
     task = build_task(spec, progress=True)  # a missing teacher is retrained: show it
     if task.teacher.content_hash != view.teacher.get("content_hash", task.teacher.content_hash):
         raise ExportError(
@@ -92,7 +91,6 @@ def export_trial(
     recorded vs measured values.
     """
     from ..artifact import artifact_accuracy
-    from ..study.spec import StudySpec
 
     row = view.measured_row(trial)
     if refined:
@@ -121,7 +119,7 @@ def export_trial(
             path = _replay(view, trial, Path(tmp) / "replay")
             digest = sha256_file(path)
         if data is None:
-            data = StudySpec.from_dict(view.spec).load_data()
+            data = view.study_spec.load_data()
         size = path.stat().st_size
         val_acc = artifact_accuracy(path, data.val)[0]
         test_acc = artifact_accuracy(path, data.test)[0]

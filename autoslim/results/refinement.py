@@ -257,7 +257,6 @@ def refine(
     ``restart`` discards both. The refined artifact must have the trial's exact size, else
     :class:`ExportError` and nothing is recorded.
     """
-    from ..study.spec import StudySpec
     from ..study.task import build_task, time_candidate, time_teacher
 
     recipe = recipe or RefineRecipe()
@@ -279,7 +278,7 @@ def refine(
             view.fetch(trial, out, refined=True)
         return {**done, "reused": True, "output": str(out) if out else None}
     if task is None:  # ``task``: the study's, when the caller has it built (the search)
-        task = build_task(StudySpec.from_dict(view.spec), progress=progress)
+        task = build_task(view.study_spec, progress=progress)
     want = view.teacher.get("content_hash")
     if want and task.teacher.content_hash != want:
         raise UsageError(

@@ -18,7 +18,7 @@ from ..config import CompressionConfig
 from ..errors import ExportError, UsageError
 from ..pareto import OBJECTIVE_COLUMNS, OBJECTIVES
 from ..record import OK
-from ..study.spec import default_storage_url, runs_dir
+from ..study.spec import StudySpec, default_storage_url, runs_dir
 from ..study.storage import _locate, _open
 from ..study.store import TrialStore, open_store
 from .table import refined_records, trials_frame
@@ -63,8 +63,10 @@ class StudyView:
         return self.trials[self.trials["front"]] if len(self.trials) else self.trials
 
     @property
-    def budget(self) -> int | None:
-        return self.spec.get("budget")
+    def study_spec(self) -> StudySpec:
+        """The recorded spec, typed (``spec`` is the stored dict): fields absent from a study
+        recorded by an older autoslim take today's defaults, as when it resumes."""
+        return StudySpec.from_dict(self.spec)
 
     def row(self, trial: int) -> pd.Series:
         """The table row of trial number ``trial`` (UsageError naming the valid range if absent)."""

@@ -27,9 +27,7 @@ from ..measure import Latency, LatencyBackend, get_backend, host_identity
 from ..measure.predictor import LatencyPredictor
 from ..models import stem_and_classifier
 from ..passes.distill import Recovery
-from ..passes.lowrank import factorize_model
-from ..passes.prune import prune_model
-from ..pipeline import compress, export
+from ..pipeline import build_student, compress, export
 from ..space import BoundSpace, load_space
 from ..teacher import Teacher, TeacherRecipe, evaluate_accuracy, get_teacher
 from .spec import StudySpec
@@ -207,10 +205,14 @@ def shape(task: Task, config: CompressionConfig) -> tuple[int, dict[str, float]]
     key = config.to_json()
     if key not in task.shapes:
         calibration = size_calibration(task)
-        m = copy.deepcopy(task.teacher.model)
-        prune_model(m, config, example=task.example, classifier=task.classifier)
-        rep = factorize_model(m, config, skip=(task.stem,) if task.stem else ())
-        factorized = {t["layer"] for t in rep.touched}
+        # the pipeline's own passes, in its one order (prune, then low-rank), no training
+        m, _, factorized = build_student(
+            task.teacher.model,
+            config,
+            example=task.example,
+            classifier=task.classifier,
+            stem=task.stem,
+        )
         size = estimate_size(m, config, factorized=factorized, calibration=calibration)
         feats = latency_features(m, config, example=task.example, factorized=factorized)
         if len(task.shapes) > 256:

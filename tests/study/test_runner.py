@@ -507,9 +507,8 @@ def test_a_search_with_no_feasible_trial_names_the_binding_constraint(tiny_study
 
 @pytest.mark.parametrize(
     "flag,value,part",
-    [("--budget", "29000B", "budget"), ("--objectives", "accuracy,size", "objectives"),
-     ("--recovery-steps", "11", "recovery"), ("--split-seed", "3", "data_split")],
-    ids=["budget", "objectives", "recovery", "split"],
+    [("--budget", "29000B", "budget"), ("--split-seed", "3", "data_split")],
+    ids=["budget", "split"],
 )  # fmt: skip
 def test_a_study_rerun_with_another_setting_is_refused_naming_it(
     tiny_study, tmp_path: Path, flag: str, value: str, part: str
