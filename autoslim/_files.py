@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,19 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_probe(folder: Path) -> str | None:
+    """Whether ``folder`` (which exists) takes a new file: None, else why not (the OS's
+    words). Tried with a temp file removed at once, so that it holds for root too (where a
+    permission check does not bind) and for read-only file systems."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".autoslim-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
 
 
 def _atomic_json(obj: Any, path: Path) -> None:

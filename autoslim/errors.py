@@ -16,6 +16,7 @@ __all__ = [
     "RecoveryError",
     "Terminated",
     "one_line",
+    "first_line",
 ]
 
 
@@ -23,6 +24,13 @@ def one_line(text: object, limit: int = 500) -> str:
     """A message as one line of at most ``limit`` characters (errors, tables, reports, logs)."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (a database driver's own, where it
+    wraps one), as one line: libraries append backgrounds, links and tracebacks below it."""
+    lines = [x for x in str(getattr(exc, "orig", None) or exc).splitlines() if x.strip()]
+    return one_line(lines[0] if lines else type(exc).__name__)
 
 
 class Terminated(KeyboardInterrupt):

@@ -32,6 +32,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     names = zipfile.ZipFile(wheel).namelist()
     assert "autoslim/resources/studies/default.toml" in names
     assert "autoslim/resources/search_spaces/default.toml" in names
+    assert "autoslim/report/report.css" in names and "autoslim/report/report.js" in names
+    assert not [n for n in names if "/runs/" in n]  # studies/runs/ (outputs) never shipped
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     site = next((venv / "lib").glob("python3*/site-packages"))
@@ -77,7 +79,8 @@ def test_tiny_search_from_an_empty_folder(installed: Path, tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     run = tmp_path / "studies" / "runs" / "tiny"
     assert (run / "study.db").is_file() and (run / "report.html").is_file()
-    assert re.search(r"^1 trials \(\d measured\)", r.stdout, re.M), r.stdout
+    assert re.search(r"^1 trials \(1 measured\)", r.stdout, re.M), r.stdout  # trained, timed
+    assert "trials: 1 of 1 counted; 1 trained and measured" in r.stderr, r.stderr
     # the shipped default space was found as package data (no fallback, no "one of []")
     assert "not found" not in r.stderr
 
@@ -91,16 +94,35 @@ def test_the_shipped_default_study_is_read(installed: Path, tmp_path: Path) -> N
     assert out.stdout.strip() == "0.05", out.stderr
 
 
-def _agent_site(dest: Path) -> Path:
-    """Links to the distributions ``autoslim[agent]`` needs and theirs, from this venv: a
-    site folder with numpy, onnxruntime, starlette, uvicorn... and no torch, optuna or onnx."""
+def _wheel_requires(wheel: Path, extra: str) -> list[str]:
+    """The distributions the wheel itself says ``autoslim[extra]`` needs (its Requires-Dist:
+    the core ones and those of ``extra``), read from its METADATA."""
+    from email.parser import Parser
+
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        msg = Parser().parsestr(z.read(meta).decode())
+    out = []
+    for line in msg.get_all("Requires-Dist") or []:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": extra}):
+            out.append(req.name)
+    return out
+
+
+def _agent_site(dest: Path, wheel: Path) -> Path:
+    """Links to the distributions ``autoslim[agent]`` needs by the wheel's own Requires-Dist,
+    and theirs, from this venv: a site folder with no torch, optuna or onnx."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
     purelib = Path(sysconfig.get_paths()["purelib"])
-    todo, seen = ["numpy", "onnxruntime", "starlette", "uvicorn"], set()
+    todo, seen = _wheel_requires(wheel, "agent"), set()
+    assert {"numpy", "onnxruntime", "starlette", "uvicorn"} <= set(todo), todo
     dest.mkdir(parents=True)
     while todo:
         name = todo.pop()
@@ -127,7 +149,7 @@ def agent_only(tmp_path_factory: pytest.TempPathFactory, installed: Path) -> Pat
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     site = next((venv / "lib").glob("python3*/site-packages"))
-    (site / "agent-deps.pth").write_text(str(_agent_site(tmp / "deps")) + "\n")
+    (site / "agent-deps.pth").write_text(str(_agent_site(tmp / "deps", wheel)) + "\n")
     subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
         check=True, cwd=tmp, timeout=300,

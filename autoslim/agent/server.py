@@ -51,7 +51,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import AutoslimError, UsageError, one_line
+from ..errors import AutoslimError, UsageError, first_line, one_line
 from ..measure.auth import (
     DEFAULT_SECRET_FILE,
     AuthError,
@@ -133,11 +133,6 @@ def _error(status: int, message: str, *, close: bool = False, **extra: Any) -> J
     """The JSON error answer; ``close``: and close the connection (a body left unread)."""
     headers = {"Connection": "close"} if close else None
     return JSONResponse({"error": one_line(message), **extra}, status_code=status, headers=headers)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return one_line(lines[0] if lines else type(exc).__name__)
 
 
 class _SignedBody:
@@ -278,7 +273,7 @@ class _Agent:
         except Exception as e:
             return _error(
                 422,
-                f"onnxruntime cannot load the uploaded model: {_first_line(e)}; expected an "
+                f"onnxruntime cannot load the uploaded model: {first_line(e)}; expected an "
                 "ONNX file with its weights inside (no external data)",
             )
         await run_in_threadpool(_store, self.store, target, body)
@@ -318,7 +313,7 @@ class _Agent:
             return _error(
                 422,
                 f"measuring {req['sha256'][:12]} with input_shape {req['input_shape']} failed: "
-                f"{_first_line(e)}",
+                f"{first_line(e)}",
             )
         finally:
             self.lock.release()
@@ -430,7 +425,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     message = f"internal error in the agent on {request.method} {request.url.path}: "
-    return _error(500, message + f"{type(exc).__name__}: {_first_line(exc)}; see its log")
+    return _error(500, message + f"{type(exc).__name__}: {first_line(exc)}; see its log")
 
 
 def create_app(

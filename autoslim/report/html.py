@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,64 +30,10 @@ _DEVICE_KEYS = (
 )
 
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.6em}
-#details{background:#f6f6f6;border:1px solid #ddd;padding:.8em;white-space:pre-wrap;
- font-size:.85em;max-height:28em;overflow:auto}
-#export-cmd{display:block;background:#222;color:#eee;padding:.5em;margin:.4em 0;
- font-family:monospace}
-table{border-collapse:collapse;font-size:.82em}
-th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}
-th{background:#eee;cursor:pointer;position:sticky;top:0}
-td.text{text-align:left}
-tr.front td{background:#fde8e8}
-"""
+_CSS = (resources.files(__package__) / "report.css").read_text()  # a package file
 
 
-_JS = """
-const TRIALS = JSON.parse(document.getElementById('trial-data').textContent);
-function showTrial(n) {
-  const t = TRIALS[String(n)];
-  if (!t) return;
-  const cmd = t.export_command || '(no artifact: ' + (t.fail_reason || t.status) + ')';
-  document.getElementById('export-cmd').textContent = cmd;
-  const shown = Object.assign({}, t); delete shown.export_command;
-  document.getElementById('details').textContent = JSON.stringify(shown, null, 1);
-  document.getElementById('picked').textContent = 'trial ' + n;
-}
-function copyCmd() {
-  const c = document.getElementById('export-cmd').textContent;
-  if (navigator.clipboard) navigator.clipboard.writeText(c);
-}
-window.addEventListener('load', function () {
-  ['final', 'scatter'].forEach(function (id) {
-    const sc = document.getElementById(id);
-    if (sc && sc.on) sc.on('plotly_click', function (e) {
-      if (e.points.length && e.points[0].customdata !== undefined) showTrial(e.points[0].customdata);
-    });
-  });
-  document.querySelectorAll('#trials th').forEach(function (th, i) {
-    th.addEventListener('click', function () {
-      const body = document.querySelector('#trials tbody');
-      const rows = Array.from(body.rows);
-      const asc = th.dataset.dir !== 'asc';
-      th.dataset.dir = asc ? 'asc' : 'desc';
-      rows.sort(function (a, b) {
-        const x = a.cells[i].dataset.v, y = b.cells[i].dataset.v;
-        if (x === '' || y === '') return (x === '') - (y === '');  // blanks last either way
-        const nx = Number(x), ny = Number(y);
-        const c = (isNaN(nx) || isNaN(ny)) ? x.localeCompare(y) : nx - ny;
-        return asc ? c : -c;
-      });
-      rows.forEach(function (r) { body.appendChild(r); });
-    });
-  });
-  document.querySelectorAll('#trials tbody tr').forEach(function (tr) {
-    tr.addEventListener('click', function () { showTrial(tr.dataset.trial); });
-  });
-});
-"""
+_JS = (resources.files(__package__) / "report.js").read_text()  # a package file
 
 
 def _fmt(col: str, v: Any) -> str:

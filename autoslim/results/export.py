@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from .._files import sha256_file
+from .._files import sha256_file, write_probe
 from ..errors import ExportError, UsageError
 from ..record import OK
 from .selection import ACCURACY_TOLERANCE
@@ -41,14 +41,11 @@ def check_onnx_output(output: str | Path) -> Path:
 def check_writable(folder: Path, flag: str) -> None:
     """``folder`` (which exists) takes a new file: tried with a temp file, removed at once;
     else a one-line UsageError naming ``flag``. Before any work whose result goes there."""
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".autoslim-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
+    why = write_probe(folder)
+    if why is not None:
         raise UsageError(
-            f"{flag}: cannot write in {folder} ({e.strerror}); give a path in a writable folder"
-        ) from None
+            f"{flag}: cannot write in {folder} ({why}); give a path in a writable folder"
+        )
 
 
 def _replay(view: StudyView, trial: int, out_dir: Path) -> Path:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -11,7 +9,8 @@ from typing import Any
 
 import optuna
 
-from ..errors import UsageError
+from .._files import write_probe
+from ..errors import UsageError, first_line
 from ..pareto import OBJECTIVES
 from .spec import StudySpec, default_storage_url, runs_dir
 from .store import open_store
@@ -76,7 +75,7 @@ def _open_or_create(
     except Exception as e:  # a clash of names, a file that is not an Optuna database
         raise UsageError(
             f"cannot open study {spec.name!r} in {where}: {type(e).__name__}: "
-            f"{_first_line(e)}; use another --name or --storage"
+            f"{first_line(e)}; use another --name or --storage"
         ) from None
     if fingerprint is None:
         return study, creator
@@ -123,12 +122,6 @@ def _wait_for(study: optuna.Study, key: str, seconds: float) -> Any:
         if value is not None or time.monotonic() >= deadline or _creator_died(attrs):
             return value
         time.sleep(0.5)
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of a database error (SQLAlchemy appends its background and a link)."""
-    lines = str(getattr(e, "orig", None) or e).strip().splitlines()
-    return lines[0] if lines else repr(e)
 
 
 def redact(url: str) -> str:
@@ -196,7 +189,7 @@ def check_storage(url: str, *, write: bool = True) -> str:
             pass
     except sqlalchemy.exc.SQLAlchemyError as e:
         raise UsageError(
-            f"cannot reach the storage database {shown}: {_first_line(e)}; start "
+            f"cannot reach the storage database {shown}: {first_line(e)}; start "
             "the server or fix --storage"
         ) from None
     finally:
@@ -215,15 +208,12 @@ def _probe_writable(path: Path, what: str, flag: str) -> None:
             f"{what} {path} cannot be made: {base} is a file, not a folder; pass {flag} a path "
             "under a folder"
         )
-    try:
-        fd, probe = tempfile.mkstemp(dir=base, prefix=".autoslim-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
+    why = write_probe(base)
+    if why is not None:
         raise UsageError(
-            f"{what} {path} cannot be written: {base} is not writable ({e.strerror}); pass "
+            f"{what} {path} cannot be written: {base} is not writable ({why}); pass "
             f"{flag} a writable folder"
-        ) from None
+        )
 
 
 def preflight(spec: StudySpec) -> None:
@@ -291,7 +281,7 @@ def _open(url: str, name: str) -> optuna.Study:
         names = optuna.get_all_study_names(storage=url)
     except Exception as e:  # a bad URL or a file that is not an Optuna database
         raise UsageError(
-            f"cannot read study storage {redact(url)}: {type(e).__name__}: {_first_line(e)} "
+            f"cannot read study storage {redact(url)}: {type(e).__name__}: {first_line(e)} "
             "(is it an Optuna study database? pass the study folder or --storage URL it was "
             "run with)"
         ) from None
