@@ -74,6 +74,34 @@ def test_correctness_gate_refuses_and_leaves_no_file(tiny_teacher, fmnist, tmp_p
     assert list(out.parent.iterdir()) == []  # no temporary export directory either
 
 
+def test_the_default_gate_refuses_a_file_that_diverges_and_names_the_tensor(
+    tiny_teacher, fmnist, tmp_path
+) -> None:
+    """A file whose int8 scale of one activation is not the one training simulated (here 50x
+    too small: it clips): the default gate (99%) refuses it, names that tensor as the first
+    that diverges, and leaves no file. The same compression exported faithfully passes."""
+    import dataclasses
+
+    c = compress(
+        tiny_teacher.model,
+        CompressionConfig.uniform(weight_bits=8, act_bits=8),
+        data=fmnist,
+        recovery=Recovery(steps=0),
+    )
+    check = fmnist.val.subset(200)
+    good = export(c, tmp_path / "good.onnx", check=check)  # the default gate
+    assert good.agreement >= 0.99
+    key = "conv2:act"  # the second conv's (ReLU'd) output
+    lo, hi = c.act_ranges[key]
+    broken = dataclasses.replace(c, act_ranges={**c.act_ranges, key: [lo / 50, hi / 50]})
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match="correctness gate") as e:
+        export(broken, out, check=check)
+    assert "need >= 99.0%" in str(e.value)
+    assert "first diverging tensor: conv2:act" in str(e.value), str(e.value)
+    assert not out.exists()
+
+
 def test_recovery_lowers_the_distillation_loss(tiny_teacher, fmnist) -> None:
     """A few KD steps after pruning bring the student back towards the teacher."""
     cfg = CompressionConfig(prune={"conv2": 0.5})  # 32 -> 16 channels
