@@ -32,6 +32,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest parent that does (what a ``mkdir -p`` of
+    ``path`` would start from)."""
+    return next((p for p in (path, *path.parents) if p.exists()), path)
+
+
 def write_probe(folder: Path) -> str | None:
     """Whether ``folder`` (which exists) takes a new file: None, else why not (the OS's
     words). Tried with a temp file removed at once, so that it holds for root too (where a
@@ -45,13 +51,13 @@ def write_probe(folder: Path) -> str | None:
     return None
 
 
-def _atomic_json(obj: Any, path: Path) -> None:
+def atomic_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
 
 
-def _atomic_copy(src: Path, dst: Path) -> None:
+def atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from .errors import AutoslimError, Terminated, UsageError, one_line
 from .record import OK
+from .study.spec import MAX_VALUES  # torch-free: the agent's start-up stays light
 
 __all__ = ["main"]
 
@@ -138,10 +139,13 @@ _POS_INT = _number(int, low=1)
 _NONNEG_INT = _number(int, low=0)
 _POS_FLOAT = _number(float, low=0, strict=True)
 _FRACTION = _number(float, low=0, high=1)
-# upper bounds of sanity: a few zeros too many is refused at once, not run for years
-_EPOCHS = _number(int, low=1, high=1000)
-_BATCH = _number(int, low=1, high=65_536)
-_STEPS = _number(int, low=1, high=10_000_000)
+
+
+def _within(field: str, *, low: int) -> Callable[[str], int | float]:
+    """An integer flag with the study spec's upper bound of sanity for ``field`` (one bound,
+    whether the value comes from a flag or a study file): a few zeros too many is refused at
+    once, not run for years."""
+    return _number(int, low=low, high=MAX_VALUES[field])
 
 
 def _fraction_or_none(text: str) -> float | str:
@@ -363,7 +367,7 @@ def _report(a: argparse.Namespace) -> int:
     from .results.view import load_study
 
     if a.images:  # before anything is written
-        from .report.html import check_folder
+        from .results.export import check_folder
 
         check_folder(Path(a.images), "--images")
 
@@ -519,11 +523,9 @@ def _refine(a: argparse.Namespace) -> int:
         if folder is not None:
             if folder.suffix == ".onnx":
                 raise UsageError(f"with --front, -o is a folder; got {folder}")
-            file = next((p for p in (folder, *folder.parents) if p.exists()), folder)
-            if file.exists() and not file.is_dir():
-                raise UsageError(
-                    f"with --front, -o is a folder; {folder} cannot be one ({file} is a file)"
-                )
+            from .results.export import check_folder
+
+            check_folder(folder, "with --front, -o")
             folder.mkdir(parents=True, exist_ok=True)
         print(f"refining {len(trials)} front points: {trials}", file=sys.stderr)
         outs = [folder / f"model-t{t}.onnx" if folder else None for t in trials]
@@ -594,10 +596,15 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (or reuse the cached) teacher")
     t.add_argument("--model", default="resnet18")
     _add_data_args(t)
-    t.add_argument("--epochs", type=_EPOCHS, default=6)
-    t.add_argument("--batch-size", type=_BATCH, default=128)
+    t.add_argument("--epochs", type=_within("teacher_epochs", low=1), default=6)
+    t.add_argument("--batch-size", type=_within("teacher_batch_size", low=1), default=128)
     t.add_argument("--lr", type=_POS_FLOAT, default=0.1, help="one-cycle max learning rate")
-    t.add_argument("--max-steps", type=_STEPS, default=None, help="stop after N steps")
+    t.add_argument(
+        "--max-steps",
+        type=_within("teacher_max_steps", low=1),
+        default=None,
+        help="stop after N steps",
+    )
     t.add_argument("--force", action="store_true", help="retrain even if cached")
     t.add_argument("--json", action="store_true")
 
@@ -629,9 +636,7 @@ def _parser() -> argparse.ArgumentParser:
         help="max val accuracy drop below the teacher, 0.01 = 1 pt ('none' lifts the study's)",
     )
     s.add_argument("--objectives", help="comma list of accuracy,latency,size")
-    s.add_argument(
-        "--trials", type=_number(int, low=1, high=100_000), help="total trials in the study"
-    )
+    s.add_argument("--trials", type=_within("trials", low=1), help="total trials in the study")
     s.add_argument("--sampler", choices=["tpe", "nsga2", "random"])
     s.add_argument("--seed", type=_NONNEG_INT, help="sampler seed")
     s.add_argument("--split-seed", type=_NONNEG_INT, help="seed of the train/validation split")
@@ -650,12 +655,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--workers",
-        type=_number(int, low=1, high=256),
+        type=_within("workers", low=1),
         help="worker processes on this machine, all on one study (global --trials budget)",
     )
     s.add_argument(
         "--threads",
-        type=_number(int, low=1, high=1024),
+        type=_within("threads", low=1),
         help="torch threads per worker (default: cores / workers)",
     )
     _add_agent_secret_arg(s)
@@ -669,12 +674,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", help="your own trained checkpoint (state_dict)")
     s.add_argument(
         "--recovery-steps",
-        type=_number(int, low=0, high=10_000_000),
+        type=_within("recovery_steps", low=0),
         help="KD steps per trial (level 1)",
     )
     s.add_argument(
         "--screen-images",
-        type=_number(int, low=0, high=10_000_000),
+        type=_within("screen_images", low=0),
         help="level 0: screen every candidate by the BN proxy on N val images (0: off)",
     )
     s.add_argument(
@@ -682,10 +687,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--final-points",
-        type=_number(int, low=0, high=1000),
+        type=_within("final_points", low=0),
         help="level 2: final recovery of up to N level-1 front points after the trials (0: off)",
     )
-    s.add_argument("--final-epochs", type=_EPOCHS, help="level 2: epochs of the final recovery")
+    s.add_argument(
+        "--final-epochs",
+        type=_within("final_epochs", low=1),
+        help="level 2: epochs of the final recovery",
+    )
     s.add_argument("--limit-train", type=_POS_INT, help="use only N training images (quick runs)")
     _add_image_args(s, default=None)
     s.add_argument("--out-dir", help="output folder (default studies/runs/NAME)")
@@ -787,16 +796,25 @@ def _parser() -> argparse.ArgumentParser:
     rf.add_argument("--trial", type=_NONNEG_INT, help="trial number")
     rf.add_argument("--front", action="store_true", help="every feasible front point, resumable")
     rf.add_argument("-o", "--output", help=".onnx file (with --front: a folder)")
-    rf.add_argument("--epochs", type=_EPOCHS, default=5, help="KD epochs over the training split")
+    rf.add_argument(
+        "--epochs",
+        type=_within("final_epochs", low=1),
+        default=5,
+        help="KD epochs over the training split",
+    )
     rf.add_argument("--lr", type=_POS_FLOAT, default=0.01, help="peak learning rate (cosine decay)")
-    rf.add_argument("--batch-size", type=_BATCH, default=128)
+    rf.add_argument("--batch-size", type=_within("recovery_batch_size", low=1), default=128)
     rf.add_argument(
         "--qat-fraction",
         type=_FRACTION,
         default=0.3,
         help="last share of the steps quantization-aware (default 0.3)",
     )
-    rf.add_argument("--max-steps-per-epoch", type=_STEPS, help="cap an epoch (quick runs)")
+    rf.add_argument(
+        "--max-steps-per-epoch",
+        type=_within("recovery_steps", low=1),
+        help="cap an epoch (quick runs)",
+    )
     rf.add_argument(
         "--augment",
         action="store_true",

@@ -519,7 +519,8 @@ def _scan(
         )
     if not paths:
         raise DataError(f"imagefolder: no images under {d}; expected .png/.jpg files")
-    empty = [c for ci, c in enumerate(classes) if ci not in set(labels)]
+    seen = set(labels)
+    empty = [c for ci, c in enumerate(classes) if ci not in seen]
     if every_class and empty:  # a class without images would be dropped or never learned
         raise DataError(
             f"imagefolder: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} under "

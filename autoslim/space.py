@@ -469,10 +469,11 @@ class BoundSpace:
             out[d.name] = v
         return out
 
-    def smallest_params(self, *, factorise: bool = True) -> dict[str, Any]:
-        """Parameters of the smallest file the space can make: every pruning ratio at its
-        largest, every bit width at its lowest, every rank at its lowest (``factorise``) or
-        off; distillation knobs at their first value (they do not change the size)."""
+    def smallest_params(self) -> dict[str, Any]:
+        """A start for the smallest file the space can make: every pruning ratio at its
+        largest, every bit width at its lowest, ranks off where they may be (else their first
+        choice: factorising a thin layer can grow it, so ranks are for the caller to try);
+        distillation knobs at their first value (they do not change the size)."""
         out: dict[str, Any] = {}
         for d in self.dims:
             k = d.knob
@@ -485,10 +486,7 @@ class BoundSpace:
             elif d.kind in ("weight_bits", "act_bits"):
                 out[d.name] = min(k.choices)
             elif d.kind == "rank":
-                ranks = [c for c in k.choices if c != "off"]
-                out[d.name] = min(ranks) if factorise and ranks else k.choices[0]
-                if not factorise and "off" in k.choices:
-                    out[d.name] = "off"
+                out[d.name] = "off" if "off" in k.choices else k.choices[0]
             else:
                 out[d.name] = k.choices[0]
         return out

@@ -11,8 +11,9 @@ from typing import Any
 import optuna
 
 from .report.html import write_outputs
+from .results.refinement import RefineRecipe, refine
 from .results.selection import final_picks
-from .results.table import table_records
+from .results.table import final_numbers, table_records
 from .results.view import _view
 from .study.run import run_trials
 from .study.spec import StudySpec
@@ -64,8 +65,6 @@ def finalize(study: optuna.Study, task: Task, *, progress: bool) -> list[dict[st
     Each result is recorded on the study and its file stored like a refine's; a resumed
     study reuses the finished ones. Records which trials make up the final level (study
     attribute ``final``)."""
-    from .results.refinement import RefineRecipe, refine
-
     spec = task.spec
     claim = study.user_attrs.get("final_claim")
     me = _owner()
@@ -112,8 +111,6 @@ def summary_json(result: SearchResult) -> str:
     """The front (same columns as ``autoslim report --format json``), the final front (level 2:
     the finally-recovered models, their final numbers in the usual columns), outputs and
     baseline."""
-    from .results.table import final_numbers
-
     front = table_records(result.front) if len(result.front) else []
     df = result.frame
     final = df[df["final_front"]] if "final_front" in df.columns else df.iloc[:0]

@@ -196,10 +196,6 @@ class Verifier:
     def __repr__(self) -> str:
         return f"Verifier(skew={self.skew})"  # never the secret
 
-    def has_headers(self, headers: Mapping[str, str]) -> bool:
-        """Whether all four auth headers are present."""
-        return all(_header(headers, n) for n in _HEADERS)
-
     def verify_headers(self, method: str, path: str, headers: Mapping[str, str]) -> str:
         """Authenticate a request from its headers alone, before its body is read: accept it
         (its nonce is then used up) and return the body's signed SHA-256 (lowercase hex), or

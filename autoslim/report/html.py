@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UsageError, one_line
+from ..results.export import check_folder
 from .data import report_data
 from .figures import _final, _heatmap, _history, _importance, _parcoords, _scatter
 
@@ -170,17 +171,6 @@ def write_outputs(view: Any, data: dict[str, Any] | None = None) -> dict[str, Pa
 
 
 IMAGE_TRIES = 3  # kaleido renders in a fresh Chromium tab; its start can race under load
-
-
-def check_folder(folder: Path, flag: str) -> None:
-    """``folder`` is, or can be made as, a folder: nothing on its path is a file."""
-    for p in (folder, *folder.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise UsageError(
-                    f"{flag} {folder} cannot be a folder: {p} is a file; pass a folder path"
-                )
-            return
 
 
 def write_images(data: dict[str, Any], df: pd.DataFrame, folder: Path) -> list[Path]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from .._files import sha256_file, write_probe
+from .._files import nearest_existing, sha256_file, write_probe
 from ..errors import ExportError, UsageError
 from ..record import OK
 from .selection import ACCURACY_TOLERANCE
@@ -23,8 +23,8 @@ def check_onnx_output(output: str | Path) -> Path:
     if out.suffix != ".onnx":
         raise UsageError(f"output must be an .onnx file; got {str(out)!r} (e.g. -o model.onnx)")
     if not out.parent.is_dir():
-        above = next((p for p in out.parents if p.exists()), None)
-        if above is not None and not above.is_dir():
+        above = nearest_existing(out.parent)
+        if above.exists() and not above.is_dir():
             raise UsageError(
                 f"output {out} is under {above}, which is a file, not a folder; give a path "
                 "in a folder (e.g. -o model.onnx)"
@@ -36,6 +36,15 @@ def check_onnx_output(output: str | Path) -> Path:
         )
     check_writable(out.parent, "-o")
     return out
+
+
+def check_folder(folder: Path, flag: str) -> None:
+    """``folder`` is, or can be made as, a folder: nothing on its path is a file."""
+    above = nearest_existing(folder)
+    if above.exists() and not above.is_dir():
+        raise UsageError(
+            f"{flag} {folder} cannot be a folder: {above} is a file; pass a folder path"
+        )
 
 
 def check_writable(folder: Path, flag: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._files import _atomic_copy, _atomic_json, sha256_file
+from .._files import atomic_copy, atomic_json, sha256_file
 from ..artifact import artifact_accuracy
 from ..config import CompressionConfig, DistillConfig
 from ..errors import ExportError, RecoveryError, UsageError
@@ -29,6 +29,7 @@ from ..pipeline import (
     is_quantized,
     to_fake_quant,
 )
+from ..study.spec import MAX_VALUES
 from ..teacher import evaluate_accuracy
 from .export import check_onnx_output
 from .view import StudyView
@@ -62,8 +63,10 @@ class RefineRecipe:
     alpha: float | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= self.epochs <= 1000:
-            raise UsageError(f"--epochs must be in [1, 1000]; got {self.epochs}")
+        if not 1 <= self.epochs <= MAX_VALUES["final_epochs"]:  # the final level's bound
+            raise UsageError(
+                f"--epochs must be in [1, {MAX_VALUES['final_epochs']}]; got {self.epochs}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UsageError(f"--lr must be a positive number; got {self.lr}")
         if self.batch_size < 1:
@@ -325,11 +328,11 @@ def refine(
         result.pop("artifact")
         result = store.put_refined(trial, result, art)
     else:  # a study from before the store: beside the trial, as then
-        _atomic_json(result, rdir / "result.json")
+        atomic_json(result, rdir / "result.json")
     view.refined[trial] = result
     ckpt_path.unlink(missing_ok=True)
     if out is not None:
-        _atomic_copy(art, out)
+        atomic_copy(art, out)
     if store is not None:
         art.unlink()
     return {**result, "reused": False, "output": str(out) if out else None}

@@ -19,7 +19,7 @@ from ..errors import ExportError, UsageError
 from ..pareto import OBJECTIVE_COLUMNS, OBJECTIVES
 from ..record import OK
 from ..study.spec import StudySpec, default_storage_url, runs_dir
-from ..study.storage import _locate, _open
+from ..study.storage import _locate, _open, redact
 from ..study.store import TrialStore, open_store
 from .table import refined_records, trials_frame
 
@@ -172,8 +172,6 @@ class StudyView:
         default = (runs_dir() / self.name).resolve()
         ref = self.name if self.run_dir.resolve() == default else str(self.run_dir)
         if self.storage_url != default_storage_url(self.run_dir):
-            from ..study.storage import redact
-
             ref += f" --storage {redact(self.storage_url)}"
         return ref
 

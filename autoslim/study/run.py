@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from ..errors import Terminated, UsageError
 from ..record import OK, WORKER_PREFIX
 from ..units import format_size
+from .sensitivity import can_factorise, greedy_params, stage_sensitivity
 from .spec import StudySpec
-from .storage import _open_or_create, preflight, redact, storage_of
+from .storage import _open_or_create, _wait_for, preflight, redact, storage_of
 from .store import open_store
 from .task import CandidateFailed, Task, build_task, estimate, measure_baseline, time_teacher
 from .trial import _objective
@@ -69,7 +70,7 @@ def smallest_estimate(task: Task, *, stop_at: int = 0) -> int:
     def size(params: dict[str, Any]) -> int:
         return estimate(task, space.to_config(params))
 
-    params = space.smallest_params(factorise=False)
+    params = space.smallest_params()
     best = size(params)
     for d in space.dims:
         if best <= stop_at:
@@ -145,20 +146,14 @@ def _wait_for_setup(study: optuna.Study, spec: StudySpec, say: Any) -> dict[str,
             f"setup: waiting for the study's creator ({owner.get('host')}:{owner.get('pid')}) "
             f"to finish its set-up (at most {SETUP_WAIT_S // 60} min)"
         )
-    deadline = time.monotonic() + SETUP_WAIT_S
-    while True:
-        attrs = study._storage.get_study_user_attrs(study._study_id)
-        if attrs.get("baseline") is not None:
-            return attrs["baseline"]
-        if _creator_died(attrs):
-            return None
-        if time.monotonic() >= deadline:
-            raise UsageError(
-                f"study {spec.name!r} has no baseline after {SETUP_WAIT_S} s: the process that "
-                "created it did not finish its set-up (killed on another machine?); delete the "
-                "study or run one worker alone first"
-            )
-        time.sleep(0.5)
+    baseline = _wait_for(study, "baseline", SETUP_WAIT_S)
+    if baseline is None and not _creator_died(study._storage.get_study_user_attrs(study._study_id)):
+        raise UsageError(
+            f"study {spec.name!r} has no baseline after {SETUP_WAIT_S} s: the process that "
+            "created it did not finish its set-up (killed on another machine?); delete the "
+            "study or run one worker alone first"
+        )
+    return baseline
 
 
 def _setup(study: optuna.Study, task: Task, creator: bool, *, log: Any = None) -> None:
@@ -199,8 +194,6 @@ def _setup(study: optuna.Study, task: Task, creator: bool, *, log: Any = None) -
             for prune, wb, ab in _baselines(task)
         ]
         if spec.screen_images and spec.budget is not None:  # per-stage widths by sensitivity
-            from .sensitivity import can_factorise, greedy_params, stage_sensitivity
-
             factorise = can_factorise(task)
             say("setup: the sensitivity of each stage (BN-proxy screens) for the seed trials")
             sens = stage_sensitivity(task, low_rank=factorise)  # screened once for both seeds
@@ -231,9 +224,7 @@ def _spawn_workers(spec: StudySpec, threads: int) -> list:
 
 def _worker_main(spec_dict: dict[str, Any]) -> None:
     """Entry point of a worker process started by ``--workers K``."""
-    from .spec import StudySpec as Spec
-
-    run_trials(Spec.from_dict(spec_dict), progress=False, outputs=False)
+    run_trials(StudySpec.from_dict(spec_dict), progress=False, outputs=False)
 
 
 def run_trials(

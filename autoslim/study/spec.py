@@ -111,7 +111,7 @@ class StudySpec:
             v = getattr(self, k)
             if v is not None and not v >= low:
                 raise ConfigError(f"{k} must be >= {low}; got {v!r}")
-        for k, high in _MAX_VALUES.items():
+        for k, high in MAX_VALUES.items():
             v = getattr(self, k)
             if v is not None and v > high:
                 raise ConfigError(f"{k} must be <= {high:,}; got {v!r} (an upper bound of sanity)")
@@ -254,7 +254,7 @@ _MIN_VALUES = {
 
 
 # upper bounds of sanity: a typo of a few zeros is refused instead of running for years
-_MAX_VALUES = {
+MAX_VALUES = {
     "trials": 100_000,
     "teacher_epochs": 1_000,
     "teacher_max_steps": 10_000_000,

@@ -7,7 +7,7 @@ from typing import Any
 
 import optuna
 
-from ..record import WORKER_PREFIX
+from ..record import OK, OVER_BUDGET, OVER_LATENCY, SCREENED, WORKER_PREFIX
 from .storage import _locate, _open, redact
 from .workers import FREE_REJECTS, _counted, _counts
 
@@ -19,10 +19,10 @@ def trial_summary(study: optuna.Study, budget: int) -> str:
     status = [t.user_attrs.get("status") for t in trials]
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     parts = [
-        f"{status.count('ok')} trained and measured",
-        f"{status.count('screened')} screened and not trained (level 0)",
-        f"{status.count('over_budget')} rejected before training (size estimate over the budget)",
-        f"{status.count('over_latency')} rejected before training (predicted over --max-latency)",
+        f"{status.count(OK)} trained and measured",
+        f"{status.count(SCREENED)} screened and not trained (level 0)",
+        f"{status.count(OVER_BUDGET)} rejected before training (size estimate over the budget)",
+        f"{status.count(OVER_LATENCY)} rejected before training (predicted over --max-latency)",
         f"{sum(not t.user_attrs.get('killed') for t in failed)} failed as candidates",
         f"{sum(bool(t.user_attrs.get('killed')) for t in failed)} stopped or killed and queued "
         "again",

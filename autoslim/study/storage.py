@@ -9,11 +9,11 @@ from typing import Any
 
 import optuna
 
-from .._files import write_probe
+from .._files import nearest_existing, write_probe
 from ..errors import UsageError, first_line
 from ..pareto import OBJECTIVES
 from .spec import StudySpec, default_storage_url, runs_dir
-from .store import open_store
+from .store import open_store, store_location
 from .workers import MAX_RETRIES, _creator_died, _owner
 
 
@@ -160,15 +160,16 @@ def check_storage(url: str, *, write: bool = True) -> str:
     if u.get_backend_name() == "sqlite":
         db = u.database
         if db and db != ":memory:" and not db.startswith("file:"):
-            folder = Path(db).expanduser().absolute().parent
+            file = Path(db).expanduser()
+            folder = file.absolute().parent
             if not folder.is_dir():
                 raise UsageError(
                     f"storage {shown}: the folder {folder} does not exist (SQLite makes the "
                     "file, not its folder); create the folder or fix --storage"
                 )
-            if Path(db).is_dir():
+            if file.is_dir():
                 raise UsageError(f"storage {shown}: {db} is a folder; expected a database file")
-            if not write and not Path(db).expanduser().is_file():
+            if not write and not file.is_file():
                 raise UsageError(
                     f"storage {shown}: no such database file; pass the --storage URL the study "
                     "was run with"
@@ -200,9 +201,7 @@ def check_storage(url: str, *, write: bool = True) -> str:
 def _probe_writable(path: Path, what: str, flag: str) -> None:
     """``path`` can be made and written by this process (its nearest existing folder takes a
     file, tried with a temp file removed at once), or a one-line UsageError naming ``flag``."""
-    base = Path(path).absolute()
-    while not base.exists() and base != base.parent:
-        base = base.parent
+    base = nearest_existing(Path(path).absolute())
     if not base.is_dir():
         raise UsageError(
             f"{what} {path} cannot be made: {base} is a file, not a folder; pass {flag} a path "
@@ -236,8 +235,6 @@ def preflight(spec: StudySpec) -> None:
             )
         _probe_writable(where, "the artifact store", "--artifacts")
     elif spec.artifacts:
-        from .store import store_location
-
         store_location(spec.artifacts)  # the s3:// form
     existing = _existing_study(spec) if spec.artifacts else None
     if existing is not None:  # a resume or a joiner: its store, found where it was told
