@@ -31,6 +31,7 @@ from .data import Split, batched
 from .errors import ExportError
 from .measure.ort import ort_session
 from .passes.quantize import QRANGE, act_qparams, layer_config, split_add_key
+from .tasks import Classification, Task
 
 __all__ = [
     "ExportResult",
@@ -42,6 +43,8 @@ __all__ = [
     "ort_session",
     "onnx_predict",
     "artifact_accuracy",
+    "artifact_scores",
+    "artifact_predictions",
     "agreement",
     "diagnose_divergence",
     "OPSET",
@@ -319,6 +322,33 @@ def _simulated_adds(om: onnx.ModelProto, tensors: dict[str, str]) -> set[str]:
     return out
 
 
+def _float_outputs(om: onnx.ModelProto) -> None:
+    """Keep the graph's outputs float, in place: where ONNX Runtime's quantizer put a
+    Quantize/Dequantize pair on an output (a conv writing a segmentation model's logits; it
+    renames the producer's tensor ``NAME_QuantizeLinear_Input``), the pair is removed and the
+    producer writes the output again. Rounding the logits to 8 bits flips near-tied argmaxes
+    and saves no compute; training never simulates it."""
+    outputs = {o.name for o in om.graph.output}
+    dq = {n.output[0]: n for n in om.graph.node if n.op_type == "DequantizeLinear"}
+    q_by_out = {n.output[0]: n for n in om.graph.node if n.op_type == "QuantizeLinear"}
+    drop = []
+    for name in outputs:
+        d = dq.get(name)
+        q = q_by_out.get(d.input[0]) if d is not None else None
+        if q is None:
+            continue
+        producer = next((n for n in om.graph.node if q.input[0] in n.output), None)
+        if producer is None:
+            continue
+        readers = [n for n in om.graph.node if q.input[0] in n.input and n is not q]
+        if readers:  # the float tensor has other readers: leave the graph alone
+            continue
+        producer.output[list(producer.output).index(q.input[0])] = name
+        drop += [q, d]
+    for n in drop:
+        om.graph.node.remove(n)
+
+
 def _check_quantized_tensors(om: onnx.ModelProto, simulated: set[str]) -> None:
     """Refuse a file that quantises an activation training did not simulate (with its range)."""
     inits = {i.name for i in om.graph.initializer}
@@ -448,6 +478,7 @@ def export_onnx(
                     f"{len(static)} int8/int4 layers; try act_bits=32 or weight_bits=8 for them"
                 ) from e
             om = onnx.load(str(out))
+            _float_outputs(om)
             if strict:
                 _check_quantized_tensors(om, set(simulated))
             for name, bits in static.items():
@@ -720,14 +751,40 @@ def calibrate_size(
     )
 
 
+def artifact_predictions(
+    artifact: str | Path, split: Split, *, threads: int = 2, batch_size: int = 256
+) -> torch.Tensor:
+    """The split task's compact predictions of the ONNX file (run by ONNX Runtime) on
+    ``split``, batch by batch (in the file's own batch size if it is fixed)."""
+    session = ort_session(artifact, threads=threads)
+    inp = session.get_inputs()[0]
+    if isinstance(inp.shape[0], int) and inp.shape[0] > 0:
+        batch_size = inp.shape[0]
+    task = split.task
+    outs = [
+        task.predictions(torch.from_numpy(session.run(None, {inp.name: xb.numpy()})[0]))
+        for xb in batched(split, batch_size)
+    ]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def artifact_scores(
+    artifact: str | Path, split: Split, *, threads: int = 2
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Every metric of the split's task for the ONNX file on ``split``, and its predictions."""
+    pred = artifact_predictions(artifact, split, threads=threads)
+    return split.task.score(pred, split.y), pred
+
+
 def artifact_accuracy(
     artifact: str | Path, split: Split, *, threads: int = 2
 ) -> tuple[float, torch.Tensor]:
-    """Top-1 accuracy of the ONNX file (run by ONNX Runtime) on ``split``, and its predictions."""
-    pred = onnx_predict(ort_session(artifact, threads=threads), split).argmax(1)
-    return float((pred == split.y).float().mean()), pred
+    """The split task's metric of the ONNX file on ``split`` (top-1 accuracy for a classifier,
+    mIoU for segmentation), and its predictions."""
+    scores, pred = artifact_scores(artifact, split, threads=threads)
+    return scores[split.task.metric], pred
 
 
-def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Share of equal top-1 predictions."""
-    return float((a == b).float().mean())
+def agreement(a: torch.Tensor, b: torch.Tensor, task: Task | None = None) -> float:
+    """How far two prediction sets agree, by ``task`` (default: share of equal top-1)."""
+    return (task or Classification()).agreement(a, b)

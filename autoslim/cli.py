@@ -40,7 +40,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
         default="fashion-mnist",
-        help="fashion-mnist | cifar10 | imagefolder:PATH (default fashion-mnist)",
+        help="fashion-mnist | cifar10 | imagefolder:PATH | fashion-mnist-seg | maskfolder:PATH "
+        "(default fashion-mnist)",
     )
     p.add_argument("--data-dir", default=None, help="where the dataset files are")
     p.add_argument(
@@ -223,6 +224,7 @@ def _train(a: argparse.Namespace) -> int:
         in_channels=data.input_shape[0],
         num_classes=data.num_classes,
         image_size=data.input_shape[1],
+        task=data.task,
     )  # fail fast on a bad model name
     if a.force:
         t = train_teacher(a.model, data, recipe=recipe, save_to=teacher_path(a.model, data, recipe))
@@ -232,7 +234,8 @@ def _train(a: argparse.Namespace) -> int:
     _out(
         {**m, "path": str(t.path)},
         a.json,
-        f"teacher {m['model']} on {m['dataset']}: val {m['val_accuracy']:.4f}, "
+        f"teacher {m['model']} on {m['dataset']}: val {data.task.metric_label} "
+        f"{m['val_accuracy']:.4f}, "
         f"test {m['test_accuracy']:.4f}, {m['size_bytes'] / 1e6:.1f} MB, "
         f"trained in {m.get('train_seconds', float('nan'))} s\ncheckpoint: {t.path}\n"
         "(accuracies of the PyTorch model; `search` reports its exported fp32 ONNX file, "
@@ -243,9 +246,9 @@ def _train(a: argparse.Namespace) -> int:
 
 @_command("models")
 def _models(a: argparse.Namespace) -> int:
-    from .models import list_models
+    from .models import list_models, model_task
 
-    print("\n".join(list_models()))
+    print("\n".join(f"{n}  ({model_task(n)})" for n in list_models()))
     return 0
 
 
@@ -263,6 +266,7 @@ def _search(a: argparse.Namespace) -> int:
         name=a.name,
         model=a.model,
         dataset=a.dataset,
+        task=a.task,
         data_dir=a.data_dir,
         space=a.space,
         budget=a.budget,
@@ -320,11 +324,13 @@ def _space(a: argparse.Namespace) -> int:
 
     space = load_space(a.file)
     if a.dataset == "fashion-mnist" and a.data_dir is None:
-        shape, classes = (1, 28, 28), 10  # no need to read the data to bind a space
+        shape, classes, task = (1, 28, 28), 10, None  # no need to read the data to bind a space
     else:
         d = load_dataset(a.dataset, data_dir=a.data_dir, image_size=a.image_size, resize=a.resize)
-        shape, classes = d.input_shape, d.num_classes
-    model = build_model(a.model, in_channels=shape[0], num_classes=classes, image_size=shape[1])
+        shape, classes, task = d.input_shape, d.num_classes, d.task
+    model = build_model(
+        a.model, in_channels=shape[0], num_classes=classes, image_size=shape[1], task=task
+    )
     stem, cls = stem_and_classifier(a.model, model)
     bound = space.bind(model, torch.zeros(1, *shape), classifier=cls, stem=stem)
     print(f"{space.path} on {a.model}:")
@@ -622,6 +628,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="study name (output folder studies/runs/NAME)")
     s.add_argument("--model")
     s.add_argument("--dataset")
+    s.add_argument(
+        "--task",
+        help="what the model is for: classification | segmentation | path/to/file.py:factory "
+        "(a user's autoslim.tasks.Task; default: the dataset's own task)",
+    )
     s.add_argument("--data-dir")
     s.add_argument(
         "--space", help="search-space TOML or a shipped space name (default, prune-only, ...)"

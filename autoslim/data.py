@@ -19,6 +19,7 @@ The test split is only for final reports; search decisions use the validation sp
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 
 from .errors import DataError, UsageError, one_line
+from .segdata import fashion_mnist_seg, maskfolder
+from .tasks import Classification, Segmentation, Task
 
 __all__ = [
     "Split",
@@ -110,8 +113,9 @@ class Split(ABC):
     ``x`` materialises every image as float32 (small splits and tests only).
     """
 
-    y: torch.Tensor
+    y: torch.Tensor  # targets: class ids (N,), masks (N, H, W) uint8, or a task's own
     shape: tuple[int, int, int]  # (channels, height, width) of one served image
+    task: Task = Classification()  # what the targets are for (set by DataSplits)
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -191,11 +195,16 @@ class TensorSplit(Split):
     def subset(self, n: int | None) -> Split:
         if n is None or n >= len(self):
             return self
-        return TensorSplit(self.u8[:n], self.y[:n], self.mean, self.std)
+        out = TensorSplit(self.u8[:n], self.y[:n], self.mean, self.std)
+        out.task = self.task
+        return out
 
     def train_batches(
         self, index_batches: list[torch.Tensor], *, gen: torch.Generator, padding: int, flip: bool
     ) -> Iterator[torch.Tensor]:
+        if self.task.dense:  # a crop or flip would move the image and not its mask
+            yield from self.batches_at(index_batches)
+            return
         for idx in index_batches:
             yield pad_crop_flip(self.images(idx), padding=padding, flip=flip, gen=gen)
 
@@ -326,7 +335,7 @@ class FolderSplit(Split):
     def subset(self, n: int | None) -> Split:
         if n is None or n >= len(self):
             return self
-        return FolderSplit(
+        out = FolderSplit(
             self.paths[:n],
             self.y[:n],
             shape=self.shape,
@@ -336,6 +345,8 @@ class FolderSplit(Split):
             std=self.std,
             workers=self.workers,
         )
+        out.task = self.task
+        return out
 
     def images(self, idx: torch.Tensor | slice) -> torch.Tensor:
         keys = range(len(self))[idx] if isinstance(idx, slice) else [int(i) for i in idx]
@@ -373,6 +384,9 @@ class FolderSplit(Split):
     def train_batches(
         self, index_batches: list[torch.Tensor], *, gen: torch.Generator, padding: int, flip: bool
     ) -> Iterator[torch.Tensor]:
+        if self.task.dense:  # a crop or flip would move the image and not its mask
+            yield from self.batches_at(index_batches)
+            return
         keys = []
         for idx in index_batches:
             seeds = torch.randint(0, 2**31 - 1, (len(idx),), generator=gen)
@@ -393,6 +407,21 @@ class DataSplits:
     std: tuple[float, ...]
     seed: int
     meta: dict = field(default_factory=dict)
+    task: Task = field(default_factory=Classification)  # what the targets are for
+
+    def __post_init__(self) -> None:
+        for split in (self.train, self.val, self.test):
+            split.task = self.task
+
+    def with_task(self, task: Task) -> DataSplits:
+        """These splits for another task (a user's task on a built-in dataset), checked."""
+        wrong = task.check_data(self)
+        if wrong is not None:
+            raise DataError(
+                f"dataset {self.name} does not fit task {task.name}: expected {wrong}; pick a "
+                "dataset made for that task"
+            )
+        return dataclasses.replace(self, task=task)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -422,7 +451,7 @@ class DataSplits:
 
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
-    return ["fashion-mnist", "cifar10", "imagefolder:PATH"]
+    return ["fashion-mnist", "cifar10", "imagefolder:PATH", "fashion-mnist-seg", "maskfolder:PATH"]
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -606,9 +635,11 @@ def load_dataset(
     ``stream`` (imagefolder only): decode images from their files when served instead of
     holding them in memory; default: when their uint8 bytes exceed ``STREAM_ABOVE_BYTES``.
     """
-    if image_size is not None and not name.startswith("imagefolder:"):
+    sized = name.startswith(("imagefolder:", "maskfolder:")) or name == "fashion-mnist-seg"
+    if image_size is not None and not sized:
         raise DataError(
-            f"image_size applies to imagefolder: datasets; {name} has a fixed size (drop it)"
+            f"image_size applies to imagefolder:, maskfolder: and fashion-mnist-seg; {name} has "
+            "a fixed size (drop it)"
         )
     if stream and not name.startswith("imagefolder:"):
         raise DataError(f"stream applies to imagefolder: datasets; {name} is held in memory")
@@ -622,7 +653,14 @@ def load_dataset(
         raise DataError(f"limit_test must be >= 1 test images; got {limit_test}")
     dd = Path(data_dir) if data_dir else None
     files = None
-    if name == "fashion-mnist":
+    seg_classes = None  # a segmentation dataset's class count (its masks may hold 255)
+    if name == "fashion-mnist-seg":
+        xtr, ytr, xte, yte, seg_classes = fashion_mnist_seg(_fashion_mnist(dd), side=image_size)
+    elif name.startswith("maskfolder:"):
+        xtr, ytr, xte, yte, seg_classes = maskfolder(
+            name.split(":", 1)[1], seed=seed, image_size=image_size
+        )
+    elif name == "fashion-mnist":
         xtr, ytr, xte, yte = _fashion_mnist(dd)
     elif name == "cifar10":
         xtr, ytr, xte, yte = _cifar10(dd)
@@ -649,7 +687,10 @@ def load_dataset(
         train_idx = train_idx[:limit_train]
     if limit_test is not None:
         yte = yte[:limit_test]
-    num_classes = int(max(ytr.max(), yte.max())) + 1
+    if seg_classes is not None:
+        num_classes = seg_classes
+    else:
+        num_classes = int(max(ytr.max(), yte.max())) + 1
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(ytr).tobytes())
     h.update(np.ascontiguousarray(yte).tobytes())
@@ -663,6 +704,8 @@ def load_dataset(
     }
 
     def labels(a: np.ndarray) -> torch.Tensor:
+        if seg_classes is not None:  # masks stay uint8: a byte per pixel
+            return torch.from_numpy(np.array(a, dtype=np.uint8))
         return torch.from_numpy(np.array(a, dtype=np.int64))
 
     if files is not None:
@@ -723,4 +766,5 @@ def load_dataset(
         std=std,
         seed=seed,
         meta=meta,
+        task=Segmentation(num_classes=num_classes) if seg_classes is not None else Classification(),
     )

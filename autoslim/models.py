@@ -15,19 +15,21 @@ with keyword arguments ``num_classes`` and ``in_channels`` when it accepts them.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision
 from torch import nn
 
+from ._user import load_callable
 from .errors import ModelError
 
-__all__ = ["build_model", "list_models", "stem_and_classifier"]
+if TYPE_CHECKING:
+    from .tasks import Task
+
+__all__ = ["build_model", "list_models", "model_task", "stem_and_classifier", "UNetTiny"]
 
 _SMALL = 64  # images up to this size get the small-image stem
 
@@ -75,7 +77,70 @@ def _vgg11_bn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return m
 
 
+class _OutTensor(nn.Module):
+    """torchvision's segmentation models return ``{"out": logits}``; the exported file and the
+    task read one tensor, the logits at the input's resolution."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+def _tv_segmentation(name: str) -> Callable[[int, int, int], nn.Module]:
+    def build(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+        # both weights off: the backbone's default is ImageNet weights (a download)
+        m = torchvision.models.get_model(
+            name, weights=None, weights_backbone=None, num_classes=num_classes
+        )
+        m.backbone["0"][0] = _conv_like(m.backbone["0"][0], in_channels)
+        return _OutTensor(m)
+
+    return build
+
+
+def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNetTiny(nn.Module):
+    """A small encoder-decoder for segmentation (U-Net shape): three resolutions, skip
+    connections concatenated, bilinear upsampling, a 1x1 classifier at full resolution."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        c1, c2, c3 = width, 2 * width, 4 * width
+        self.enc1 = nn.Sequential(_cbr(in_channels, c1), _cbr(c1, c1))
+        self.enc2 = nn.Sequential(_cbr(c1, c2, 2), _cbr(c2, c2))
+        self.enc3 = nn.Sequential(_cbr(c2, c3, 2), _cbr(c3, c3))
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.dec2 = _cbr(c3 + c2, c2)
+        self.dec1 = _cbr(c2 + c1, c1)
+        self.classifier = nn.Conv2d(c1, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        d2 = self.dec2(torch.cat([self.up(e3), e2], 1))
+        d1 = self.dec1(torch.cat([self.up(d2), e1], 1))
+        return self.classifier(d1)
+
+
+def _unet_tiny(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    return UNetTiny(in_channels, num_classes)
+
+
 _REGISTRY: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "lraspp_mobilenet_v3_large": _tv_segmentation("lraspp_mobilenet_v3_large"),
+    "deeplabv3_mobilenet_v3_large": _tv_segmentation("deeplabv3_mobilenet_v3_large"),
+    "unet_tiny": _unet_tiny,
     "resnet18": _resnet("resnet18"),
     "resnet34": _resnet("resnet34"),
     "mobilenet_v2": _features0("mobilenet_v2"),
@@ -92,58 +157,57 @@ _STEM_CLASSIFIER = {
     "mobilenet_v3_small": ("features.0.0", "classifier.3"),
     "efficientnet_b0": ("features.0.0", "classifier.1"),
     "vgg11_bn": ("features.0", "classifier.2"),
+    # segmentation: every conv that writes class scores (LR-ASPP sums two of them)
+    "lraspp_mobilenet_v3_large": (
+        "model.backbone.0.0",
+        "model.classifier.low_classifier,model.classifier.high_classifier",
+    ),
+    "deeplabv3_mobilenet_v3_large": ("model.backbone.0.0", "model.classifier.4"),
+    "unet_tiny": ("enc1.0.0", "classifier"),
+}
+
+# what each built-in model is for (the others are classifiers)
+_TASK_OF = {
+    "lraspp_mobilenet_v3_large": "segmentation",
+    "deeplabv3_mobilenet_v3_large": "segmentation",
+    "unet_tiny": "segmentation",
 }
 
 
-def list_models() -> list[str]:
-    """Names of the built-in models."""
-    return sorted(_REGISTRY)
+def list_models(task: str | None = None) -> list[str]:
+    """Names of the built-in models (those for ``task``, a task name, when given)."""
+    return sorted(n for n in _REGISTRY if task is None or model_task(n) == task)
+
+
+def model_task(name: str) -> str | None:
+    """The task a built-in model is for (None for a user's model: any)."""
+    if name not in _REGISTRY:
+        return None
+    return _TASK_OF.get(name, "classification")
 
 
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr.isidentifier():
-        raise ModelError(
-            f"malformed model {spec!r}: expected a built-in name ({', '.join(list_models())}) "
-            "or 'package.module:factory' or 'path/to/file.py:factory'"
-        )
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise ModelError(f"model file {path} does not exist; give 'path/to/file.py:factory'")
-        mod_name = "autoslim_user_" + path.stem
-        spec_obj = importlib.util.spec_from_file_location(mod_name, path)
-        if spec_obj is None or spec_obj.loader is None:
-            raise ModelError(f"cannot import {path} as a Python module")
-        module = importlib.util.module_from_spec(spec_obj)
-        try:
-            spec_obj.loader.exec_module(module)
-        except Exception as e:  # the user's file: a syntax error, a failing import, ...
-            where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
-            raise ModelError(
-                f"cannot import model file {path}{where}: {type(e).__name__}: {e}; fix the file"
-            ) from None
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ModelError(
-                f"cannot import module {target!r} for model {spec!r}: {e}; check PYTHONPATH "
-                "or pass a file path 'path/to/file.py:factory'"
-            ) from e
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelError(
-            f"{target} has no callable {attr!r}; expected a function returning an nn.Module"
-        )
-    return factory
+    return load_callable(spec, what="model", error=ModelError, names=", ".join(list_models()))
 
 
 def build_model(
-    name: str, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28
+    name: str,
+    *,
+    in_channels: int = 1,
+    num_classes: int = 10,
+    image_size: int = 28,
+    task: Task | None = None,
 ) -> nn.Module:
-    """Build a fresh, untrained model for images of ``in_channels`` x ``image_size``^2."""
+    """Build a fresh, untrained model for images of ``in_channels`` x ``image_size``^2 and
+    ``task`` (default: classification); a user's model is checked on a batch of 2 images."""
     if name in _REGISTRY:
+        want = task.name if task is not None else "classification"
+        if model_task(name) != want:
+            raise ModelError(
+                f"model {name!r} is a {model_task(name)} model but the task is {want}; "
+                f"expected one of {', '.join(list_models(want)) or '(none built in)'} or a "
+                "user factory 'path/to/file.py:factory'"
+            )
         return _REGISTRY[name](in_channels, num_classes, image_size)
     if ":" not in name:
         raise ModelError(
@@ -168,12 +232,17 @@ def build_model(
         raise ModelError(
             f"factory {name!r} returned {type(model).__name__}; expected torch.nn.Module"
         )
-    _check_output(name, model, in_channels, num_classes, image_size)
+    _check_output(name, model, in_channels, num_classes, image_size, task)
     return model
 
 
 def _check_output(
-    name: str, model: nn.Module, in_channels: int, num_classes: int, image_size: int
+    name: str,
+    model: nn.Module,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    task: Task | None = None,
 ) -> None:
     """A user's model maps a batch of the data's images to one score per class, or is refused
     before any training (not an IndexError at the first loss)."""
@@ -191,21 +260,30 @@ def _check_output(
         ) from e
     finally:
         model.train(was_training)
+    if task is None:
+        from .tasks import Classification
+
+        task = Classification()
     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-    if got != (2, num_classes):
+    want = task.check_output(
+        out, batch=2, num_classes=num_classes, image_shape=(in_channels, image_size, image_size)
+    )
+    if want is not None:
         raise ModelError(
-            f"model {name!r} maps a batch of 2 images to {got}; expected one score per class, "
-            f"(2, {num_classes}), for this dataset's {num_classes} classes: give the factory a "
-            "num_classes argument or build its classifier with that many outputs"
+            f"model {name!r} maps a batch of 2 images to {got}; expected {want}: give the "
+            "factory a num_classes argument or build its classifier with that many outputs"
         )
 
 
 def stem_and_classifier(name: str, model: nn.Module) -> tuple[str | None, str | None]:
-    """Module names of the stem conv and the final classifier (guessed for user models)."""
+    """Module names of the stem conv and the final classifier (guessed for user models: the
+    last linear layer, else the last conv). A model whose class scores come from several
+    layers names them all, comma-separated."""
     mods = dict(model.named_modules())
-    if name in _STEM_CLASSIFIER and all(n in mods for n in _STEM_CLASSIFIER[name]):
+    if name in _STEM_CLASSIFIER:
         stem, cls = _STEM_CLASSIFIER[name]
-        if isinstance(mods[cls], nn.Linear):
+        heads = cls.split(",")
+        if stem in mods and all(isinstance(mods.get(h), (nn.Linear, nn.Conv2d)) for h in heads):
             return stem, cls
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -32,7 +32,7 @@ from .passes.quantize import (
     snap_biases,
     strip_fake_quant,
 )
-from .teacher import cache_dir, predict, state_hash
+from .teacher import cache_dir, predictions, state_hash
 
 __all__ = ["Compressed", "compress", "export", "GATE_AGREEMENT"]
 
@@ -101,8 +101,9 @@ def to_fake_quant(
 
 def cached_teacher_logits(
     teacher: nn.Module, split: Split, data: DataSplits, teacher_key: str | None
-) -> torch.Tensor:
-    """The teacher's logits on ``split``; cached on disk when ``teacher_key`` names the teacher."""
+) -> torch.Tensor | None:
+    """The teacher's outputs on ``split``; cached on disk when ``teacher_key`` names the
+    teacher; None where the task finds them too large to cache (run per batch instead)."""
     key = teacher_key or "anon-" + state_hash(teacher.state_dict())
     return teacher_logits(
         teacher,
@@ -207,10 +208,11 @@ def export(
 ) -> ExportResult:
     """Write the deployable ONNX file for ``compressed``; optionally gate it on ``check``.
 
-    The gate runs the file in ONNX Runtime on ``check`` and compares top-1 predictions with the
-    PyTorch model's; below ``min_agreement`` the file is removed and :class:`ExportError` says why.
+    The gate runs the file in ONNX Runtime on ``check`` and compares its predictions with the
+    PyTorch model's by the task's agreement (classification: top-1, segmentation: pixels);
+    below ``min_agreement`` the file is removed and :class:`ExportError` says why.
     """
-    ref = predict(compressed.model, check).argmax(1) if check is not None else None
+    ref = predictions(compressed.model, check) if check is not None else None
     float_model = strip_fake_quant(copy.deepcopy(compressed.model), snap=True)
     result = export_onnx(
         float_model,
@@ -222,8 +224,8 @@ def export(
         factorized=compressed.factorized,
     )
     if check is not None:
-        acc, pred = artifact_accuracy(result.path, check)
-        agree = agreement(pred, ref)
+        _, pred = artifact_accuracy(result.path, check)
+        agree = agreement(pred, ref, check.task)
         result.agreement = agree
         if agree < min_agreement:
             try:
@@ -235,6 +237,7 @@ def export(
             Path(result.path).unlink(missing_ok=True)
             raise ExportError(
                 f"correctness gate: the artifact agrees with the PyTorch model on {agree:.2%} of "
-                f"{len(check)} images (need >= {min_agreement:.1%}); {why}"
+                f"{'the pixels of ' if check.task.dense else ''}{len(check)} images (need >= "
+                f"{min_agreement:.1%}); {why}"
             )
     return result

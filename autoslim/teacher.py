@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,6 +33,8 @@ __all__ = [
     "get_teacher",
     "load_checkpoint",
     "evaluate_accuracy",
+    "evaluate",
+    "predictions",
     "cache_dir",
 ]
 
@@ -89,10 +90,28 @@ def predict(model: nn.Module, x: torch.Tensor | Split, batch_size: int = 512) ->
     return torch.cat(out) if out else torch.empty(0)
 
 
+@torch.no_grad()
+def predictions(model: nn.Module, split: Split, batch_size: int = 512) -> torch.Tensor:
+    """The split task's compact predictions (class ids, argmax maps, ...) of ``model`` on
+    ``split``, batch by batch: dense outputs are never all held at once."""
+    was_training = model.training
+    model.eval()
+    dev = device_of(model)
+    task = split.task
+    out = [task.predictions(model(xb.to(dev))).cpu() for xb in batched(split, batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> dict[str, float]:
+    """Every metric of the split's task for a PyTorch model on ``split``."""
+    return split.task.score(predictions(model, split, batch_size), split.y)
+
+
 def evaluate_accuracy(model: nn.Module, split: Split, batch_size: int = 512) -> float:
-    """Top-1 accuracy of a PyTorch model on a split."""
-    logits = predict(model, split, batch_size)
-    return float((logits.argmax(1) == split.y).float().mean())
+    """The split task's metric (top-1 accuracy for a classifier, mIoU for segmentation) of a
+    PyTorch model on ``split``."""
+    return evaluate(model, split, batch_size)[split.task.metric]
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -121,7 +140,9 @@ def train_teacher(
     recipe = recipe or TeacherRecipe()
     torch.manual_seed(recipe.seed)
     c, h, _ = data.input_shape
-    model = build_model(model_name, in_channels=c, num_classes=data.num_classes, image_size=h)
+    model = build_model(
+        model_name, in_channels=c, num_classes=data.num_classes, image_size=h, task=data.task
+    )
     dev = train_device()
     model.to(dev)
     gen = torch.Generator().manual_seed(recipe.seed)
@@ -159,7 +180,7 @@ def train_teacher(
         )
         for i, idx, x in zip(bar, order, batches, strict=False):
             x, y = x.to(dev, non_blocking=True), data.train.y[idx].to(dev, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = data.task.loss(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -187,6 +208,7 @@ def train_teacher(
         "dataset": data.name,
         "data_fingerprint": data.fingerprint(),
         "recipe": dataclasses.asdict(recipe),
+        "metric": data.task.metric,  # what val_accuracy/test_accuracy hold
         "val_accuracy": val_acc,
         "test_accuracy": evaluate_accuracy(model, data.test),
         "size_bytes": _model_size_bytes(model),
@@ -227,7 +249,9 @@ def load_checkpoint(path: str | Path, model_name: str, data: DataSplits) -> Teac
     state = obj["state_dict"] if isinstance(obj, dict) and "state_dict" in obj else obj
     meta = dict(obj.get("meta", {})) if isinstance(obj, dict) and "meta" in obj else {}
     c, h, _ = data.input_shape
-    model = build_model(model_name, in_channels=c, num_classes=data.num_classes, image_size=h)
+    model = build_model(
+        model_name, in_channels=c, num_classes=data.num_classes, image_size=h, task=data.task
+    )
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -249,6 +273,8 @@ def load_checkpoint(path: str | Path, model_name: str, data: DataSplits) -> Teac
 def teacher_path(model_name: str, data: DataSplits, recipe: TeacherRecipe) -> Path:
     """The cache path for (model, dataset split, recipe)."""
     key = f"{model_name}|{data.fingerprint()}|{recipe.key()}"
+    if data.task.name != "classification":  # classifiers' cached teachers keep their paths
+        key += f"|{data.task.key()}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in model_name)[-40:]
     return cache_dir() / "teachers" / f"{safe}-{data.name.split(':')[0]}-{digest}.pt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -10,6 +11,7 @@ from typing import Any
 
 import optuna
 
+from .errors import UsageError
 from .report.html import write_outputs
 from .results.refinement import RefineRecipe, refine
 from .results.selection import final_picks
@@ -20,6 +22,7 @@ from .study.spec import StudySpec
 from .study.status import trial_summary
 from .study.task import Task
 from .study.workers import _alive, _owner, heal_dead_trials
+from .tasks import Task as ModelTask
 
 
 class SearchResult:
@@ -33,11 +36,29 @@ class SearchResult:
         return self.frame[self.frame["front"]]
 
 
-def search(spec: StudySpec, *, progress: bool = True, outputs: bool = True) -> SearchResult:
+def search(
+    spec: StudySpec,
+    *,
+    progress: bool = True,
+    outputs: bool = True,
+    task: ModelTask | None = None,
+) -> SearchResult:
     """Run (or resume, or join) the study described by ``spec``: its trials until
     ``spec.trials`` are counted (:func:`autoslim.study.run.run_trials`, whichever processes run
     them), then the final level (``final_points``), then the outputs (tables, report) in the
-    study folder. ``outputs=False``: the trials only (a worker process of ``--workers K``)."""
+    study folder. ``outputs=False``: the trials only (a worker process of ``--workers K``).
+
+    ``task``: what the model is for, when it is none of the built-in tasks (an
+    :class:`autoslim.tasks.Task`; it may bring its own dataset). It is used in this process
+    only (``--workers K`` needs the task as a file: ``spec.task = "path/file.py:factory"``);
+    the study records ``task = "object:NAME"`` and a resume passes the object again."""
+    if task is not None:
+        if spec.workers > 1:
+            raise UsageError(
+                "a task object runs in this process only; with workers > 1 give the task as a "
+                "file (task = 'path/to/file.py:factory', --task)"
+            )
+        spec = dataclasses.replace(spec, task=f"object:{task.key()}", task_object=task)
     study, task = run_trials(spec, progress=progress, outputs=outputs)
     if spec.final_points and outputs:  # the worker processes of --workers K leave it to this one
         finalize(study, task, progress=progress)

@@ -36,7 +36,9 @@ def _one_error_line(err: str) -> str:
 
 def test_models_lists_the_builtins(capsys: pytest.CaptureFixture) -> None:
     assert main(["models"]) == 0
-    assert capsys.readouterr().out.split() == list_models()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_models()
+    assert "unet_tiny  (segmentation)" in lines and "resnet18  (classification)" in lines
 
 
 def test_missing_data_dir_exits_2(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
-"""Distillation recovery (our own code, small): Hinton KD from the uncompressed teacher.
+"""Distillation recovery (our own code, small): KD from the uncompressed teacher.
 
-Loss = ``alpha * T^2 * KL(softmax(s/T) || softmax(t/T)) + (1 - alpha) * CE(s, y)``. The
-teacher's logits for the fine-tune subset are computed once and cached (in memory and on disk,
-keyed by teacher hash and subset), since a teacher forward costs several times a pruned student's
-forward+backward. Batch-norm statistics are re-estimated after pruning.
+The loss is the task's (:meth:`autoslim.tasks.Task.distill_loss`); for a classifier
+``alpha * T^2 * KL(softmax(s/T) || softmax(t/T)) + (1 - alpha) * CE(s, y)``, for segmentation
+the same per pixel. The teacher's outputs for the fine-tune subset are computed once and cached
+(in memory and on disk, keyed by teacher hash and subset), since a teacher forward costs several
+times a pruned student's forward+backward; outputs the task finds too large to cache (dense
+maps over many images) are recomputed per batch instead. Batch-norm statistics are re-estimated
+after pruning.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import DistillConfig
 from ..data import Split, batched, consecutive, device_of, train_device
+from ..tasks import Classification, Task
 
 __all__ = ["Recovery", "kd_loss", "teacher_logits", "recalibrate_bn", "distill"]
 
@@ -42,16 +45,16 @@ class Recovery:
 
 
 def kd_loss(
-    student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, cfg: DistillConfig
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    y: torch.Tensor,
+    cfg: DistillConfig,
+    task: Task | None = None,
 ) -> torch.Tensor:
-    t = cfg.temperature
-    soft = F.kl_div(
-        F.log_softmax(student / t, 1),
-        F.log_softmax(teacher / t, 1),
-        reduction="batchmean",
-        log_target=True,
-    ) * (t * t)
-    return cfg.alpha * soft + (1 - cfg.alpha) * F.cross_entropy(student, y)
+    """The task's distillation loss at ``cfg``'s temperature and alpha (classification:
+    Hinton KD on logits)."""
+    task = task or Classification()
+    return task.distill_loss(student, teacher, y, temperature=cfg.temperature, alpha=cfg.alpha)
 
 
 _MEMO: dict[str, torch.Tensor] = {}
@@ -60,18 +63,26 @@ _MEMO: dict[str, torch.Tensor] = {}
 @torch.no_grad()
 def teacher_logits(
     teacher: nn.Module, split: Split, *, key: str, cache: Path | None = None, batch_size: int = 512
-) -> torch.Tensor:
-    """The teacher's logits on ``split``, computed once per (teacher, subset) key."""
+) -> torch.Tensor | None:
+    """The teacher's outputs on ``split``, computed once per (teacher, subset) key; None where
+    the split's task says they are too large to cache (dense outputs: the teacher then runs on
+    each recovery batch). A dense task's outputs are cached in fp16."""
+    dense = split.task.dense
     digest = hashlib.sha256(f"{key}|{len(split)}".encode()).hexdigest()[:16]
     if digest in _MEMO:
         return _MEMO[digest]
+    teacher.eval()
+    one = teacher(split.images(slice(0, 1)).to(device_of(teacher)))
+    if not split.task.cache_outputs(samples=len(split), output_numel=int(one[0].numel())):
+        return None
     path = cache / f"{digest}.pt" if cache else None
     if path is not None and path.is_file():
         out = torch.load(path, weights_only=True)
     else:
         teacher.eval()
         dev = device_of(teacher)
-        out = torch.cat([teacher(xb.to(dev)).cpu() for xb in split.batches(batch_size)])
+        dtype = torch.float16 if dense else torch.float32
+        out = torch.cat([teacher(xb.to(dev)).to(dtype).cpu() for xb in split.batches(batch_size)])
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -174,8 +185,9 @@ def distill(
                 with torch.no_grad():
                     target = teacher(x)
             else:
-                target = logits[idx].to(dev, non_blocking=True)
-            loss = kd_loss(student(x), target, split.y[idx].to(dev, non_blocking=True), cfg)
+                target = logits[idx].to(dev, non_blocking=True).float()
+            y = split.y[idx].to(dev, non_blocking=True)
+            loss = kd_loss(student(x), target, y, cfg, split.task)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"recovery loss became {loss.item()} at step {s}")
             opt.zero_grad(set_to_none=True)

@@ -95,6 +95,12 @@ def _groups(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]):
     return dg, out, names
 
 
+def _heads(mods: dict[str, nn.Module], classifier: str | None) -> list[nn.Module]:
+    """The modules named by ``classifier`` (one name, or several comma-separated: every layer
+    that writes the model's class scores), whose outputs are never pruned."""
+    return [mods[n] for n in (classifier or "").split(",") if n in mods]
+
+
 def list_groups(
     model: nn.Module, example: torch.Tensor, *, classifier: str | None = None
 ) -> list[GroupInfo]:
@@ -108,7 +114,7 @@ def groups_and_note(
     """:func:`list_groups`, plus why ``model`` cannot be pruned at all (one line; None when its
     graph traces), from one trace of the dependency graph."""
     mods = dict(model.named_modules())
-    ignored = [mods[classifier]] if classifier in mods else []
+    ignored = _heads(mods, classifier)
     try:
         _, groups, names = _groups(model, example, ignored)
     except UntraceableGraph as e:
@@ -136,7 +142,7 @@ def prune_model(
     report = PassReport("prune")
     ratios = {k: float(v) for k, v in config.prune.items() if v > 0}
     mods = dict(model.named_modules())
-    ignored = [mods[classifier]] if classifier in mods else []
+    ignored = _heads(mods, classifier)
     if not ratios:
         return report
     try:

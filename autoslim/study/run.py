@@ -185,6 +185,8 @@ def _setup(study: optuna.Study, task: Task, creator: bool, *, log: Any = None) -
     study.set_user_attr(
         "teacher", {k: v for k, v in task.teacher.meta.items() if isinstance(v, (str, int, float))}
     )
+    # what the accuracy columns hold (name, metric key, label): read by tables and plots
+    study.set_user_attr("task", task.data.task.describe())
     device = {k: v for k, v in task.teacher_timing.items() if k != "latency_ms"}
     study.set_user_attr("device", {"backend": spec.backend, **device})
     if creator and not study.get_trials(deepcopy=False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -52,6 +53,10 @@ class StudySpec:
     resize: int | None = None  # imagefolder: shorter side before the crop (image_size * 8 / 7)
     bad_images: str = "refuse"  # imagefolder: unreadable files refused, or "skip"ped
     stream: bool | None = None  # imagefolder: decode from files per batch (None: when large)
+    # what the model is for: None (the dataset's own task: classification, or segmentation for
+    # fashion-mnist-seg and maskfolder:), "classification", "segmentation", or a user's
+    # "path/to/file.py:factory" returning an autoslim.tasks.Task
+    task: str | None = None
     teacher_checkpoint: str | None = None
     teacher_epochs: int = 6
     teacher_max_steps: int | None = None
@@ -103,6 +108,9 @@ class StudySpec:
     # the final recovery's distillation loss (None: each trial's own sampled settings)
     final_temperature: float | None = None
     final_alpha: float | None = None
+    # a Task object given to autoslim.search(task=...): used in this process, never stored
+    # (the study records ``task = "object:NAME"``)
+    task_object: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -180,10 +188,32 @@ class StudySpec:
         return self.storage or default_storage_url(self.run_dir)
 
     def load_data(self) -> DataSplits:
-        """The dataset splits this study searches on (same split every time)."""
+        """The dataset splits this study searches on (same split every time), for the study's
+        task (a user task may bring its own dataset: :meth:`autoslim.tasks.Task.load_data`)."""
         from ..data import load_dataset
+        from ..tasks import BUILTIN_TASKS, load_task
 
-        return load_dataset(
+        user = self.task_object
+        if user is None and self.task is not None and self.task.startswith("object:"):
+            raise UsageError(
+                f"study {self.name!r} was searched with a Python task object "
+                f"({self.task[7:]}); pass the same object again (autoslim.search(..., "
+                "task=...)), or give the task as a file: --task path/to/file.py:factory"
+            )
+        if user is None and self.task is not None and self.task not in BUILTIN_TASKS:
+            user = load_task(self.task, num_classes=None)
+        if user is not None:
+            own = user.load_data(
+                data_dir=self.data_dir,
+                val_size=self.val_size,
+                seed=self.split_seed,
+                limit_train=self.limit_train,
+                limit_test=self.limit_test,
+                image_size=self.image_size,
+            )
+            if own is not None:
+                return own if own.task is user else own.with_task(user)
+        data = load_dataset(
             self.dataset,
             data_dir=self.data_dir,
             val_size=self.val_size,
@@ -195,6 +225,16 @@ class StudySpec:
             bad_images=self.bad_images,
             stream=self.stream,
         )
+        if user is not None:
+            return data.with_task(user)
+        if self.task is not None and self.task != data.task.name:
+            raise UsageError(
+                f"task {self.task} does not fit dataset {self.dataset}, whose targets are for "
+                f"{data.task.name}; use a {self.task} dataset (e.g. "
+                f"{'fashion-mnist-seg' if self.task == 'segmentation' else 'fashion-mnist'}) or "
+                "drop --task"
+            )
+        return data
 
     def recovery(self) -> Recovery:
         from ..passes.distill import Recovery
@@ -209,7 +249,11 @@ class StudySpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "task_object"  # an object, never stored
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudySpec:
@@ -222,7 +266,7 @@ class StudySpec:
         return spec
 
 
-_FIELDS = {f.name for f in dataclasses.fields(StudySpec)}
+_FIELDS = {f.name for f in dataclasses.fields(StudySpec)} - {"task_object"}
 
 
 # lower bounds of the numeric fields (None: unset, allowed where the field is optional)

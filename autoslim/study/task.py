@@ -85,6 +85,8 @@ class Task:
             "budget": str(s.budget),
             "recovery": json.dumps(recovery, sort_keys=True),
         }
+        if self.data.task.name != "classification":  # classifiers' studies resume unchanged
+            fp["task"] = self.data.task.key()
         device = getattr(self.latency, "device_identity", None)
         if device is not None:  # a device agent: resuming on another device is another study
             fp["device"] = json.dumps(device(), sort_keys=True)
