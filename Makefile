@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data browser postgres test lint demo bench-compress bench-search bench-refine bench-models bench-data bench-latency bench-workers bench-final clean
+.PHONY: install data browser postgres test lint demo bench-compress bench-search bench-refine bench-models bench-data bench-latency bench-workers bench-final bench-tasks clean
 
 install: $(STAMP)
 
@@ -42,8 +42,8 @@ postgres:
 	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check autoslim tests benchmarks
-	$(BIN)/ruff format --check autoslim tests benchmarks
+	$(BIN)/ruff check autoslim tests benchmarks examples
+	$(BIN)/ruff format --check autoslim tests benchmarks examples
 	$(BIN)/lint-imports
 
 test: $(STAMP) data browser postgres lint
@@ -81,6 +81,10 @@ bench-workers: $(STAMP) data postgres
 # autoslim's final front vs by hand, sensitivity-greedy and random search; hours on 2 cores
 bench-final: $(STAMP) data
 	$(BIN)/python benchmarks/bench_final.py
+
+# segmentation (LR-ASPP on fashion-mnist-seg) against the by-hand pipeline; the detection example
+bench-tasks: $(STAMP) data
+	$(BIN)/python benchmarks/bench_tasks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache studies/runs

@@ -231,11 +231,11 @@ def _train(a: argparse.Namespace) -> int:
     else:
         t = get_teacher(a.model, data, recipe=recipe)
     m = t.meta
+    metric = "" if data.task.metric == "accuracy" else f" {data.task.metric_label}"
     _out(
         {**m, "path": str(t.path)},
         a.json,
-        f"teacher {m['model']} on {m['dataset']}: val {data.task.metric_label} "
-        f"{m['val_accuracy']:.4f}, "
+        f"teacher {m['model']} on {m['dataset']}: val{metric} {m['val_accuracy']:.4f}, "
         f"test {m['test_accuracy']:.4f}, {m['size_bytes'] / 1e6:.1f} MB, "
         f"trained in {m.get('train_seconds', float('nan'))} s\ncheckpoint: {t.path}\n"
         "(accuracies of the PyTorch model; `search` reports its exported fp32 ONNX file, "
@@ -255,6 +255,7 @@ def _models(a: argparse.Namespace) -> int:
 @_command("search")
 def _search(a: argparse.Namespace) -> int:
     from .report.text import final_table, front_table
+    from .results.table import task_of
     from .study.spec import load_study_spec
     from .workflow import search, summary_json
 
@@ -302,8 +303,9 @@ def _search(a: argparse.Namespace) -> int:
         _emit(summary_json(result))
     else:
         attrs = result.study.user_attrs
-        print(front_table(result.frame, attrs.get("baseline"), attrs.get("spec")))
-        final = final_table(result.frame)
+        task = task_of(attrs)
+        print(front_table(result.frame, attrs.get("baseline"), attrs.get("spec"), task))
+        final = final_table(result.frame, task=task)
         if final:
             print(f"\n{final}")
         n_ok = int((result.frame["status"] == OK).sum()) if len(result.frame) else 0
@@ -369,7 +371,7 @@ def _report(a: argparse.Namespace) -> int:
     from .report.data import report_data
     from .report.html import render_html
     from .report.text import final_table, front_table
-    from .results.table import table_records
+    from .results.table import output_frame, table_records
     from .results.view import load_study
 
     if a.images:  # before anything is written
@@ -382,8 +384,8 @@ def _report(a: argparse.Namespace) -> int:
     )
     df = view.trials
     if a.format == "table":
-        print(front_table(df, view.baseline, view.spec))
-        final = final_table(df)
+        print(front_table(df, view.baseline, view.spec, view.task))
+        final = final_table(df, task=view.task)
         if final:  # the front of the finally-recovered models, as the search printed it
             print(f"\n{final}")
         if a.all and len(df):
@@ -391,11 +393,12 @@ def _report(a: argparse.Namespace) -> int:
 
             cols = [c for c in TABLE_COLUMNS if c not in ("config",)]
             print()
-            print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            every = output_frame(df[cols], view.task)  # val_miou: the metric's own name
+            print(every.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     elif a.format == "json":
-        _emit(json.dumps(table_records(df), indent=1, default=str))
+        _emit(json.dumps(table_records(df, view.task), indent=1, default=str))
     elif a.format == "csv":
-        _emit(df.to_csv(index=False), end="")
+        _emit(output_frame(df, view.task).to_csv(index=False), end="")
     else:
         data = report_data(view)
         if a.output:  # just the HTML, where asked
@@ -423,8 +426,11 @@ def _report(a: argparse.Namespace) -> int:
 
 def _print_trial(view, r, prefix: str = "") -> None:
     base = view.baseline
+    label = view.task["label"]
+    m = "" if label == "accuracy" else f" {label}"  # a classifier's line reads as before
     line = (
-        f"{prefix}trial {int(r.trial)}: val {r.val_accuracy:.4f}  test {r.test_accuracy:.4f}  "
+        f"{prefix}trial {int(r.trial)}: val{m} {r.val_accuracy:.4f}  test{m} "
+        f"{r.test_accuracy:.4f}  "
         f"{r.size_bytes:,.0f} bytes  {r.latency_ms:.3f} ms"
     )
     if base:
@@ -456,6 +462,7 @@ def _pick(a: argparse.Namespace) -> int:
         view,
         max_size=parse_size(a.max_size) if a.max_size else None,
         min_accuracy=a.min_accuracy,
+        min_metric=a.min_metric,
         max_latency_ms=parse_latency_ms(a.max_latency) if a.max_latency else None,
         prefer=a.prefer,
         feasible_only=not a.include_infeasible,
@@ -464,7 +471,7 @@ def _pick(a: argparse.Namespace) -> int:
     if a.json:
         from .results.table import table_records
 
-        rec = table_records(r.to_frame().T)[0]
+        rec = table_records(r.to_frame().T, view.task)[0]
         _emit(json.dumps({**rec, "export_command": view.export_command(int(r.trial))}, indent=1))
         return 0
     _print_trial(view, r, prefix="picked ")
@@ -745,8 +752,18 @@ def _parser() -> argparse.ArgumentParser:
     study_arg(pk)
     pk.add_argument("--max-size", help="e.g. 2MB (10^6 bytes) or 1.5MiB")
     pk.add_argument("--min-accuracy", type=_FRACTION, help="min val accuracy, e.g. 0.91")
+    pk.add_argument(
+        "--min-metric",
+        type=_FRACTION,
+        help="min val value of the study's metric (accuracy, mIoU, ...), e.g. 0.6",
+    )
     pk.add_argument("--max-latency", help="e.g. 0.2ms")
-    pk.add_argument("--prefer", choices=["latency", "size", "accuracy"], default="latency")
+    pk.add_argument(
+        "--prefer",
+        choices=["latency", "size", "accuracy", "metric"],
+        default="latency",
+        help="best by latency, size, or the study's metric (accuracy and metric alike)",
+    )
     pk.add_argument(
         "--include-infeasible", action="store_true", help="also trials outside the study budgets"
     )

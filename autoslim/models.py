@@ -24,7 +24,7 @@ import torchvision
 from torch import nn
 
 from ._user import load_callable
-from .errors import ModelError
+from .errors import ModelError, one_line
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -225,7 +225,8 @@ def build_model(
         model = factory(**kwargs)
     except Exception as e:  # the user's code: their error to fix, named as such
         raise ModelError(
-            f"model factory {name!r} raised {type(e).__name__}: {e}; fix the factory (it is "
+            f"model factory {name!r} raised {type(e).__name__}: {one_line(str(e))}; fix the "
+            "factory (it is "
             f"called with {kwargs or 'no arguments'})"
         ) from e
     if not isinstance(model, nn.Module):

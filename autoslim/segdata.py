@@ -103,18 +103,20 @@ def _read_pair(img: Path, mask: Path, image_size: int | None) -> tuple[np.ndarra
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
+    mode = None
     try:
         with Image.open(img) as im:
             x = np.asarray(im.convert("RGB"), np.uint8).transpose(2, 0, 1).copy()
         with Image.open(mask) as mm:
-            if mm.mode not in ("P", "L", "I;16", "I"):
-                raise DataError(
-                    f"maskfolder: mask {mask} is a {mm.mode} image; expected class indices "
-                    "(a palette or greyscale PNG, 255 = ignore)"
-                )
+            mode = mm.mode
             y = np.asarray(mm).astype(np.int64)
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"maskfolder: cannot decode {img} or {mask}: {one_line(str(e))}") from None
+    if mode not in ("P", "L", "I;16", "I"):
+        raise DataError(
+            f"maskfolder: mask {mask} is a {mode} image; expected class indices "
+            "(a palette or greyscale PNG, 255 = ignore)"
+        )
     if y.shape != x.shape[1:]:
         raise DataError(
             f"maskfolder: mask {mask} is {y.shape[1]}x{y.shape[0]} px, its image "

@@ -15,7 +15,7 @@ from .errors import UsageError
 from .report.html import write_outputs
 from .results.refinement import RefineRecipe, refine
 from .results.selection import final_picks
-from .results.table import final_numbers, table_records
+from .results.table import final_numbers, table_records, task_of
 from .results.view import _view
 from .study.run import run_trials
 from .study.spec import StudySpec
@@ -132,13 +132,14 @@ def summary_json(result: SearchResult) -> str:
     """The front (same columns as ``autoslim report --format json``), the final front (level 2:
     the finally-recovered models, their final numbers in the usual columns), outputs and
     baseline."""
-    front = table_records(result.front) if len(result.front) else []
+    task = task_of(result.study.user_attrs)
+    front = table_records(result.front, task) if len(result.front) else []
     df = result.frame
     final = df[df["final_front"]] if "final_front" in df.columns else df.iloc[:0]
     return json.dumps(
         {
             "front": front,
-            "final_front": table_records(final_numbers(final)) if len(final) else [],
+            "final_front": table_records(final_numbers(final), task) if len(final) else [],
             "outputs": {k: str(v) for k, v in result.outputs.items()},
             "baseline": result.study.user_attrs.get("baseline"),
         },

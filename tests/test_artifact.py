@@ -168,7 +168,7 @@ def test_model_that_torch_export_cannot_batch_exports_with_a_static_batch(tmp_pa
     assert q.exporter == "dynamo-static-batch" and q.size_bytes < 0.6 * res.size_bytes
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classification"))
 def test_int8_file_quantises_exactly_the_tensors_training_simulated(name, tmp_path: Path, fmnist):
     """Every activation the int8 file quantises is one training fake-quantised, with the same
     scale and zero point, and nothing else (residual adds included, SE multiplies, pools and

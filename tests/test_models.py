@@ -21,7 +21,7 @@ def test_list_models_names_the_builtins() -> None:
 
 
 @pytest.mark.parametrize("in_channels,size", [(1, 28), (3, 32)], ids=["1x28", "3x32"])
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classification"))
 def test_builtin_model_forward_and_backward(name: str, in_channels: int, size: int) -> None:
     torch.manual_seed(0)
     model = build_model(name, in_channels=in_channels, num_classes=10, image_size=size)
@@ -40,7 +40,7 @@ def test_builtin_model_forward_and_backward(name: str, in_channels: int, size: i
     assert isinstance(mods[classifier], nn.Linear) and mods[classifier].out_features == 10
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classification"))
 def test_stem_and_classifier_name_real_layers_for_large_images(name: str) -> None:
     """Above 64 px the torchvision heads are kept; the classifier named for pruning to leave
     alone must still be the final Linear (otherwise the class outputs become prunable)."""

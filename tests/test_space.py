@@ -60,7 +60,11 @@ def test_default_space_is_per_stage_int8_for_resnets(resnet):
     }
 
 
-@pytest.mark.parametrize("name", [*list_models(), SHUFFLENET], ids=[*list_models(), "shufflenet"])
+@pytest.mark.parametrize(
+    "name",
+    [*list_models("classification"), SHUFFLENET],
+    ids=[*list_models("classification"), "shufflenet"],
+)
 def test_default_space_is_small_and_per_stage_for_every_cnn(name):
     """Stages come from the graph (feature-map resolution), not from ResNet's layer names: every
     CNN gets one pruning ratio and one low-rank choice per stage, every group covered once."""

@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..pareto import OBJECTIVE_COLUMNS, OBJECTIVES, hypervolume
 from ..record import OK
-from ..results.table import table_records
+from ..results.table import table_records, task_info
 
 
 def _natural(name: str) -> list[Any]:
@@ -91,12 +91,17 @@ def layer_knobs(df: pd.DataFrame, columns_from: pd.DataFrame | None = None) -> d
 
 
 def report_data(view: Any) -> dict[str, Any]:
-    """The pure data step of the report: everything the HTML shows, as plain data."""
+    """The pure data step of the report: everything the HTML shows, as plain data.
+
+    ``task``: the study's (name, metric key, label); ``table`` and ``details`` name the metric
+    columns by its key (``val_miou``; ``val_accuracy`` for accuracy), while ``baseline``,
+    ``accuracy_floor`` and the objectives keep the study's own names (``accuracy``)."""
     df = view.trials
     spec = view.study_spec
+    task = task_info(getattr(view, "task", None))
     objectives = spec.objectives
     ref = _hv_reference(df, objectives, view.baseline) if len(df) else []
-    table = table_records(df) if len(df) else []
+    table = table_records(df, task) if len(df) else []
     details = {}
     for rec, config in zip(table, df["config"] if len(df) else [], strict=True):
         d = {**rec, "config": json.loads(config) if config else None}
@@ -107,6 +112,7 @@ def report_data(view: Any) -> dict[str, Any]:
     return {
         "study": view.name,
         "cli_ref": view.cli_ref,
+        "task": task,
         "objectives": objectives,
         "budget": spec.budget,
         "max_latency_ms": spec.max_latency_ms,

@@ -9,14 +9,34 @@ import pandas as pd
 
 from ..pareto import OBJECTIVE_COLUMNS
 from ..record import OK
+from ..results.table import metric_columns, task_info
 from .data import _natural
 
 
-def _two_panels():
-    """A figure of two panels side by side: accuracy vs size (MB, log), vs latency (ms, log)."""
+def _label(data: dict) -> str:
+    """How the figures name the study's metric ("accuracy", "mIoU": ``data["task"]``)."""
+    return task_info(data.get("task"))["label"]
+
+
+def _val(label: str) -> str:
+    """The hover texts' word for a validation value: "val" (accuracy), "val mIoU"."""
+    return "val" if label == "accuracy" else f"val {label}"
+
+
+def _test(label: str) -> str:
+    return "test" if label == "accuracy" else f"test {label}"
+
+
+def objective_name(objective: str, label: str) -> str:
+    """How the report names an objective: the metric's label for "accuracy"."""
+    return label if objective == "accuracy" else objective
+
+
+def _two_panels(label: str = "accuracy"):
+    """A figure of two panels side by side: the metric vs size (MB, log), vs latency (ms, log)."""
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy vs size", "accuracy vs latency"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"{label} vs size", f"{label} vs latency"))
     fig.update_xaxes(title_text="artifact size (MB, log)", type="log", row=1, col=1)
     fig.update_xaxes(title_text="latency (ms, log)", type="log", row=1, col=2)
     return fig
@@ -51,7 +71,7 @@ def _points(fig, name: str, g: pd.DataFrame, prefix: str, hover: list[str], mark
     )
 
 
-def _teacher(fig, base: dict | None) -> None:
+def _teacher(fig, base: dict | None, label: str = "accuracy") -> None:
     """The fp32 teacher as a star on both panels."""
     if base:
         _on_both(
@@ -61,7 +81,7 @@ def _teacher(fig, base: dict | None) -> None:
             [base["latency_ms"]],
             [base["val_accuracy"]],
             mode="markers",
-            hovertext=f"teacher fp32: val {base['val_accuracy']:.4f}, "
+            hovertext=f"teacher fp32: {_val(label)} {base['val_accuracy']:.4f}, "
             f"{base['size_bytes'] / 1e6:.2f} MB, {base['latency_ms']:.3f} ms",
             hoverinfo="text",
             marker={"color": "black", "symbol": "star", "size": 13},
@@ -69,7 +89,9 @@ def _teacher(fig, base: dict | None) -> None:
 
 
 def _scatter(data: dict, df: pd.DataFrame):
-    fig = _two_panels()
+    label = _label(data)
+    val, test = _val(label), _test(label)
+    fig = _two_panels(label)
     ok = df[df["status"] == OK] if len(df) else df
     groups = [
         ("front", ok[ok["front"]], "#d62728", "circle"),
@@ -78,7 +100,7 @@ def _scatter(data: dict, df: pd.DataFrame):
     ]
     for name, g, color, symbol in groups:
         hover = [
-            f"trial {int(r.trial)}<br>val {r.val_accuracy:.4f} test {r.test_accuracy:.4f}"
+            f"trial {int(r.trial)}<br>{val} {r.val_accuracy:.4f} {test} {r.test_accuracy:.4f}"
             f"<br>{r.size_bytes / 1e6:.3f} MB, {r.latency_ms:.3f} ms<br>"
             f"{r.speedup:.1f}x faster, {r.compression:.1f}x smaller<br>{r.summary}"
             for _, r in g.iterrows()
@@ -87,15 +109,15 @@ def _scatter(data: dict, df: pd.DataFrame):
     if "refined_val_accuracy" in ok.columns:
         ref = ok[ok["refined_val_accuracy"].notna()]
         hover = [
-            f"trial {int(r.trial)} refined ({int(r.refined_epochs)} epochs)<br>val "
-            f"{r.refined_val_accuracy:.4f} test {r.refined_test_accuracy:.4f} (search-time val "
-            f"{r.val_accuracy:.4f})<br>{r.refined_size_bytes / 1e6:.3f} MB, "
+            f"trial {int(r.trial)} refined ({int(r.refined_epochs)} epochs)<br>{val} "
+            f"{r.refined_val_accuracy:.4f} {test} {r.refined_test_accuracy:.4f} (search-time "
+            f"{val} {r.val_accuracy:.4f})<br>{r.refined_size_bytes / 1e6:.3f} MB, "
             f"{r.refined_latency_ms:.3f} ms"
             for _, r in ref.iterrows()
         ]
         marker = {"color": "#2ca02c", "symbol": "diamond", "size": 11}
         _points(fig, "refined", ref, "refined_", hover, marker)
-    _teacher(fig, data["baseline"])
+    _teacher(fig, data["baseline"], label)
     if data["budget"]:
         fig.add_vline(x=data["budget"] / 1e6, line_dash="dash", line_color="green", row=1, col=1)
         fig.add_annotation(
@@ -118,14 +140,14 @@ def _scatter(data: dict, df: pd.DataFrame):
             x=0,
             xref="x domain",
             y=data["accuracy_floor"],
-            text="accuracy floor",
+            text=f"{label} floor",
             showarrow=False,
             yshift=-9,
             xanchor="left",
             row=1,
             col=1,
         )
-    fig.update_yaxes(title_text="validation accuracy (artifact)", row=1, col=1)
+    fig.update_yaxes(title_text=f"validation {label} (artifact)", row=1, col=1)
     fig.update_layout(title="Pareto front (click a point for its config and export command)")
     fig.update_layout(height=520, clickmode="event")
     return fig
@@ -138,7 +160,9 @@ def _final(data: dict, df: pd.DataFrame):
         return None
     fin = df[df["final"]]
     epochs = int(fin["refined_epochs"].iloc[0])
-    fig = _two_panels()
+    label = _label(data)
+    val, test = _val(label), _test(label)
+    fig = _two_panels(label)
     paths = {}
     for key, then, now in (
         ("size", fin["size_bytes"] / 1e6, fin["refined_size_bytes"] / 1e6),
@@ -161,14 +185,15 @@ def _final(data: dict, df: pd.DataFrame):
         ("final, dominated", fin[~fin["final_front"]], "#1f77b4", "diamond-open"),
     ):
         hover = [
-            f"trial {int(r.trial)} final ({epochs} epochs)<br>val {r.refined_val_accuracy:.4f} "
-            f"test {r.refined_test_accuracy:.4f} (search-time val {r.val_accuracy:.4f})<br>"
+            f"trial {int(r.trial)} final ({epochs} epochs)<br>{val} "
+            f"{r.refined_val_accuracy:.4f} {test} {r.refined_test_accuracy:.4f} (search-time "
+            f"{val} {r.val_accuracy:.4f})<br>"
             f"{r.refined_size_bytes / 1e6:.3f} MB, {r.refined_latency_ms:.3f} ms<br>{r.summary}"
             for _, r in g.iterrows()
         ]
         _points(fig, name, g, "refined_", hover, {"color": color, "symbol": symbol, "size": 12})
-    _teacher(fig, data["baseline"])
-    fig.update_yaxes(title_text="validation accuracy (final artifact)", row=1, col=1)
+    _teacher(fig, data["baseline"], label)
+    fig.update_yaxes(title_text=f"validation {label} (final artifact)", row=1, col=1)
     fig.update_layout(
         title=f"Final front: {len(fin)} points after the {epochs}-epoch final recovery "
         "(dotted: from their search-time numbers)",
@@ -219,8 +244,10 @@ def _history(data: dict):
     h = data["hv_history"]
     if not h:
         return None
+    label = _label(data)
     ref = ", ".join(
-        f"{o} {v:.4g}" for o, v in zip(data["objectives"], data["hv_reference"], strict=True)
+        f"{objective_name(o, label)} {v:.4g}"
+        for o, v in zip(data["objectives"], data["hv_reference"], strict=True)
     )
     fig = go.Figure(
         go.Scatter(x=[t for t, _ in h], y=[v for _, v in h], mode="lines+markers", name="HV")
@@ -257,12 +284,19 @@ def _parcoords(data: dict, df: pd.DataFrame):
                     "ticktext": cats,
                 }
             )
+    names = metric_columns(OBJECTIVE_COLUMNS.values(), data.get("task"))  # val_miou, ...
     for o in data["objectives"]:
         col = OBJECTIVE_COLUMNS[o]
-        dims.append({"label": col, "values": ok[col].tolist()})
+        dims.append({"label": names.get(col, col), "values": ok[col].tolist()})
+    bar = {"title": {"text": names.get("val_accuracy", "val_accuracy")}}
     fig = go.Figure(
         go.Parcoords(
-            line={"color": ok["val_accuracy"].tolist(), "colorscale": "Viridis", "showscale": True},
+            line={
+                "color": ok["val_accuracy"].tolist(),
+                "colorscale": "Viridis",
+                "showscale": True,
+                "colorbar": bar,
+            },
             dimensions=dims,
             labelangle=-20,
         )
@@ -282,11 +316,18 @@ def _importance(data: dict):
     imp = data["importances"]
     if not imp:
         return None
-    fig = make_subplots(rows=1, cols=len(imp), subplot_titles=list(imp))
+    label = _label(data)
+    titles = [objective_name(o, label) for o in imp]
+    fig = make_subplots(rows=1, cols=len(imp), subplot_titles=titles)
     for i, (obj, vals) in enumerate(imp.items(), start=1):
         top = sorted(vals.items(), key=lambda kv: kv[1])[-12:]
         fig.add_trace(
-            go.Bar(x=[v for _, v in top], y=[k for k, _ in top], orientation="h", name=obj),
+            go.Bar(
+                x=[v for _, v in top],
+                y=[k for k, _ in top],
+                orientation="h",
+                name=objective_name(obj, label),
+            ),
             row=1,
             col=i,
         )

@@ -14,8 +14,17 @@ import pandas as pd
 
 from ..errors import UsageError, one_line
 from ..results.export import check_folder
+from ..results.table import output_frame, task_info
 from .data import report_data
-from .figures import _final, _heatmap, _history, _importance, _parcoords, _scatter
+from .figures import (
+    _final,
+    _heatmap,
+    _history,
+    _importance,
+    _parcoords,
+    _scatter,
+    objective_name,
+)
 
 # what the report names of the device that timed the study (host_identity, agent identity)
 _DEVICE_KEYS = (
@@ -37,7 +46,7 @@ _CSS = (resources.files(__package__) / "report.css").read_text()  # a package fi
 _JS = (resources.files(__package__) / "report.js").read_text()  # a package file
 
 
-def _fmt(col: str, v: Any) -> str:
+def _fmt(col: str, v: Any, metric: str = "accuracy") -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return ""
     if col in ("size_bytes", "size_estimate", "refined_size_bytes"):
@@ -45,11 +54,11 @@ def _fmt(col: str, v: Any) -> str:
     if col in ("speedup", "compression"):
         return f"{v:.1f}x"
     if isinstance(v, float):
-        return f"{v:.4f}" if "accuracy" in col else f"{v:.3f}"
+        return f"{v:.4f}" if "accuracy" in col or col.endswith(f"_{metric}") else f"{v:.3f}"
     return str(v)
 
 
-def _table_html(records: list[dict[str, Any]]) -> str:
+def _table_html(records: list[dict[str, Any]], metric: str = "accuracy") -> str:
     if not records:
         return "<p>no trials yet</p>"
     cols = list(records[0])
@@ -61,7 +70,7 @@ def _table_html(records: list[dict[str, Any]]) -> str:
             v = r[c]
             cls = ' class="text"' if isinstance(v, str) else ""
             dv = "" if v is None else html.escape(str(v), quote=True)
-            cells.append(f'<td{cls} data-v="{dv}">{html.escape(_fmt(c, v))}</td>')
+            cells.append(f'<td{cls} data-v="{dv}">{html.escape(_fmt(c, v, metric))}</td>')
         row_cls = ' class="front"' if r.get("front") else ""
         body.append(f'<tr{row_cls} data-trial="{r["trial"]}">{"".join(cells)}</tr>')
     return (
@@ -101,9 +110,13 @@ def render_html(data: dict[str, Any], df: pd.DataFrame, path: Path) -> Path:
         )
         first = False
     base = data["baseline"]
+    task = task_info(data.get("task"))
+    label = task["label"]
+    metric = "" if label == "accuracy" else f" {label}"  # "val 0.91" for accuracy, as ever
     teacher = (
-        f"teacher (fp32 ONNX): val {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f},"
-        f" {base['size_bytes'] / 1e6:.2f} MB, {base['latency_ms']:.3f} ms"
+        f"teacher (fp32 ONNX): val{metric} {base['val_accuracy']:.4f}, test{metric} "
+        f"{base['test_accuracy']:.4f}, {base['size_bytes'] / 1e6:.2f} MB, "
+        f"{base['latency_ms']:.3f} ms"
         if base
         else ""
     )
@@ -118,7 +131,7 @@ def render_html(data: dict[str, Any], df: pd.DataFrame, path: Path) -> Path:
     predictor = (data.get("latency_predictor") or {}).get("line", "")
     budget = f"size budget {data['budget']:,} bytes" if data["budget"] else "no size budget"
     if data.get("accuracy_floor") is not None:
-        budget += f"; accuracy floor {data['accuracy_floor']:.4f} (val)"
+        budget += f"; {label} floor {data['accuracy_floor']:.4f} (val)"
     # "</" inside the JSON would end the script element: escape it
     payload = json.dumps(data["details"], default=str).replace("</", "<\\/")
     n_front = sum(1 for r in data["table"] if r.get("front"))
@@ -128,7 +141,8 @@ def render_html(data: dict[str, Any], df: pd.DataFrame, path: Path) -> Path:
 <style>{_CSS}</style></head><body>
 <h1>autoslim study <code>{html.escape(data["study"])}</code></h1>
 <p>{len(data["table"])} trials, {n_front} on the feasible front; {budget};
-objectives {", ".join(data["objectives"])}. {html.escape(teacher)}</p>
+objectives {html.escape(", ".join(objective_name(o, label) for o in data["objectives"]))}.
+{html.escape(teacher)}</p>
 <p id="device">{html.escape(device)} {html.escape(predictor + "." if predictor else "")}</p>
 {"".join(parts[: len(top)])}
 <h2>Picked: <span id="picked">click a point or a table row</span></h2>
@@ -137,7 +151,7 @@ objectives {", ".join(data["objectives"])}. {html.escape(teacher)}</p>
 <pre id="details"></pre>
 {"".join(parts[len(top) :])}
 <h2>All trials (click a header to sort, a row to pick)</h2>
-{_table_html(data["table"])}
+{_table_html(data["table"], task["metric"])}
 <script type="application/json" id="trial-data">{payload}</script>
 <script>{_JS}</script>
 </body></html>
@@ -151,15 +165,17 @@ objectives {", ".join(data["objectives"])}. {html.escape(teacher)}</p>
 def write_outputs(view: Any, data: dict[str, Any] | None = None) -> dict[str, Path]:
     """trials.csv, trials.parquet and report.html in the study folder (each written atomically).
 
-    ``data``: the view's :func:`report_data`, if the caller already has it.
+    ``data``: the view's :func:`report_data`, if the caller already has it. The tables name
+    the metric columns by the study's metric (``val_miou``; ``val_accuracy`` for accuracy).
     """
     run_dir = view.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     df = view.trials
+    table = output_frame(df, getattr(view, "task", None))
     out = {}
     for name, fn in (
-        ("csv", lambda p: df.to_csv(p, index=False)),
-        ("parquet", lambda p: df.to_parquet(p, index=False)),
+        ("csv", lambda p: table.to_csv(p, index=False)),
+        ("parquet", lambda p: table.to_parquet(p, index=False)),
     ):
         p = run_dir / f"trials.{name}"
         tmp = run_dir / f".trials.{name}.tmp"

@@ -12,7 +12,7 @@ from ..record import OK
 from .table import final_numbers
 from .view import StudyView
 
-PREFERENCES = ("latency", "size", "accuracy")
+PREFERENCES = ("latency", "size", "accuracy", "metric")  # accuracy, metric: the task's metric
 
 
 ACCURACY_TOLERANCE = 0.001  # 0.1 pt: a replayed artifact may differ by float noise in training
@@ -24,11 +24,24 @@ class NothingQualifies(AutoslimError):
     exit_code = 3
 
 
+def _metric_floor(min_metric: float | None, min_accuracy: float | None) -> float | None:
+    """The least metric value asked for, by either name (UsageError for both, or not a fraction)."""
+    if min_metric is not None and min_accuracy is not None:
+        raise UsageError("give --min-metric or --min-accuracy, not both (they are one constraint)")
+    flag, floor = (
+        ("--min-accuracy", min_accuracy) if min_metric is None else ("--min-metric", min_metric)
+    )
+    if floor is not None and not 0 <= floor <= 1:
+        raise UsageError(f"{flag} is a fraction in [0, 1] (0.91 = 91%); got {floor}")
+    return floor
+
+
 def qualifying(
     view: StudyView,
     *,
     max_size: int | None = None,
     min_accuracy: float | None = None,
+    min_metric: float | None = None,
     max_latency_ms: float | None = None,
     feasible_only: bool = True,
     front_only: bool = False,
@@ -36,15 +49,17 @@ def qualifying(
 ) -> pd.DataFrame:
     """The measured trials (feasible ones, or the front's) that meet every given constraint.
 
-    Constraints apply to the measurements of the artifact (val accuracy, bytes on disk,
-    latency on the study's backend): the final ones (level 2, the finally-recovered models)
-    when the study has a final level and ``final`` is not False, else the search-time ones.
-    With final numbers, the rows carry them in the usual columns and the search-time values
-    in ``search_*`` columns. Raises :class:`NothingQualifies` (exit code 3), saying how many
-    trials failed each constraint, when none does.
+    Constraints apply to the measurements of the artifact (the task's metric on validation,
+    bytes on disk, latency on the study's backend): the final ones (level 2, the
+    finally-recovered models) when the study has a final level and ``final`` is not False,
+    else the search-time ones. ``min_metric``: the least value of the study's metric
+    (``view.task``, a fraction); ``min_accuracy`` is the same constraint by its older name
+    (one of the two). With final numbers, the rows carry them in the usual columns and the
+    search-time values in ``search_*`` columns. Raises :class:`NothingQualifies` (exit code 3),
+    saying how many trials failed each constraint, when none does.
     """
-    if min_accuracy is not None and not 0 <= min_accuracy <= 1:
-        raise UsageError(f"--min-accuracy is a fraction in [0, 1] (0.91 = 91%); got {min_accuracy}")
+    floor = _metric_floor(min_metric, min_accuracy)
+    label = view.task["label"]
     df = view.trials
     if final is None:
         final = view.has_final
@@ -67,8 +82,8 @@ def qualifying(
     checks = []
     if max_size is not None:
         checks.append(("size", cand["size_bytes"] <= max_size))
-    if min_accuracy is not None:
-        checks.append(("accuracy", cand["val_accuracy"] >= min_accuracy))
+    if floor is not None:  # the task's metric, kept in the val_accuracy column
+        checks.append((label, cand["val_accuracy"] >= floor))
     if max_latency_ms is not None:
         checks.append(("latency", cand["latency_ms"] <= max_latency_ms))
     ok = pd.Series(True, index=cand.index)
@@ -89,15 +104,17 @@ def pick(
     *,
     max_size: int | None = None,
     min_accuracy: float | None = None,
+    min_metric: float | None = None,
     max_latency_ms: float | None = None,
     prefer: str = "latency",
     feasible_only: bool = True,
     final: bool | None = None,
 ) -> pd.Series:
-    """The measured trial that meets every constraint and is best by ``prefer``.
+    """The measured trial that meets every constraint and is best by ``prefer`` ("metric" and
+    "accuracy" both prefer the study's metric, ``view.task``).
 
     Constraints and ``final`` as in :func:`qualifying` (by default the final numbers when the
-    study has a final level). Ties go to higher accuracy, then smaller size.
+    study has a final level). Ties go to the higher metric, then smaller size.
     Raises :class:`NothingQualifies` (exit code 3) when none qualifies.
     """
     if prefer not in PREFERENCES:
@@ -106,11 +123,12 @@ def pick(
         view,
         max_size=max_size,
         min_accuracy=min_accuracy,
+        min_metric=min_metric,
         max_latency_ms=max_latency_ms,
         feasible_only=feasible_only,
         final=final,
     )
-    key = {"latency": "latency_ms", "size": "size_bytes", "accuracy": "val_accuracy"}[prefer]
+    key = {"latency": "latency_ms", "size": "size_bytes"}.get(prefer, "val_accuracy")
     order = [key] + [k for k in ("val_accuracy", "size_bytes", "latency_ms") if k != key]
     asc = [k != "val_accuracy" for k in order]
     return chosen.sort_values(order, ascending=asc, kind="stable").iloc[0]

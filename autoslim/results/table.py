@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,47 @@ TABLE_COLUMNS = [
     "agreement",
     "host",
 ]
+
+
+# the task of a study recorded before autoslim recorded one (study attribute "task")
+DEFAULT_TASK = {"name": "classification", "metric": "accuracy", "label": "accuracy"}
+
+
+def task_info(task: Mapping[str, Any] | None) -> dict[str, str]:
+    """A recorded task description (``Task.describe()``: name, metric key, label) with the
+    defaults filled in: none recorded is classification by accuracy; no label is the key."""
+    task = task or {}
+    metric = str(task.get("metric") or DEFAULT_TASK["metric"])
+    default_label = DEFAULT_TASK["label"] if metric == DEFAULT_TASK["metric"] else metric
+    return {
+        "name": str(task.get("name") or DEFAULT_TASK["name"]),
+        "metric": metric,
+        "label": str(task.get("label") or default_label),
+    }
+
+
+def task_of(user_attrs: Mapping[str, Any]) -> dict[str, str]:
+    """The task of a study from its user attributes (:func:`task_info` of ``task``)."""
+    return task_info(user_attrs.get("task"))
+
+
+def metric_columns(columns: Any, task: Mapping[str, Any] | None) -> dict[str, str]:
+    """How the output tables (CSV, Parquet, JSON) name the trial table's metric columns.
+
+    The table keeps the task's metric in its ``*_accuracy`` columns whatever the task (so
+    studies of every autoslim version read alike); outputs name them by the metric key:
+    ``val_miou``, ``test_miou``, ``refined_val_miou``. Empty for an accuracy metric.
+    """
+    metric = task_info(task)["metric"]
+    if metric == "accuracy":
+        return {}
+    return {c: f"{c[: -len('accuracy')]}{metric}" for c in columns if c.endswith("_accuracy")}
+
+
+def output_frame(df: pd.DataFrame, task: Mapping[str, Any] | None) -> pd.DataFrame:
+    """The trial table with its metric columns named as outputs name them (:func:`metric_columns`)."""
+    names = metric_columns(df.columns, task)
+    return df.rename(columns=names) if names else df
 
 
 _FRAME_COLUMNS = [
@@ -150,13 +192,17 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def table_records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """The trial table as JSON-ready records (NaN -> None), for ``--format json`` and the HTML."""
+def table_records(df: pd.DataFrame, task: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The trial table as JSON-ready records (NaN -> None), for ``--format json`` and the HTML;
+    ``task``: the study's (:func:`task_of`), whose metric names the metric keys
+    (:func:`metric_columns`; classification by default: ``val_accuracy``)."""
     cols = [c for c in TABLE_COLUMNS if c in df.columns] + [
         c for c in df.columns if c.startswith("refined_")
     ]
+    names = metric_columns(cols, task)
+    keys = [names.get(c, c) for c in cols]
     return [
-        {c: _clean(v) for c, v in zip(cols, row, strict=True)}
+        {k: _clean(v) for k, v in zip(keys, row, strict=True)}
         for row in df[cols].itertuples(index=False)
     ]
 

@@ -21,7 +21,7 @@ from ..record import OK
 from ..study.spec import StudySpec, default_storage_url, runs_dir
 from ..study.storage import _locate, _open, redact
 from ..study.store import TrialStore, open_store
-from .table import refined_records, trials_frame
+from .table import refined_records, task_info, trials_frame
 
 
 @dataclass
@@ -41,6 +41,17 @@ class StudyView:
     # opens the study's artifact store (autoslim.study.store.TrialStore) when a file is read
     store_opener: Callable[[], Any] | None = field(default=None, repr=False)
     refined: dict[int, dict[str, Any]] = field(default_factory=dict)  # refine records by trial
+    # the study's "task" attribute as recorded (empty: a study from before tasks; see ``task``)
+    task_record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task(self) -> dict[str, str]:
+        """What the study's models are for: ``{"name", "metric", "label"}`` (e.g.
+        ``segmentation``, ``miou``, ``mIoU``); a study recorded before autoslim recorded its
+        task is ``classification`` by ``accuracy``. The metric's values are in the table's
+        ``*_accuracy`` columns whatever the task; outputs name them by the metric
+        (``results.table.metric_columns``)."""
+        return task_info(self.task_record)
 
     @property
     def has_final(self) -> bool:
@@ -238,6 +249,7 @@ def _view(
         latency_predictor=dict(study.user_attrs.get("latency_predictor", {})),
         store_opener=store,
         refined=refined_records(study.user_attrs, run_dir),
+        task_record=dict(study.user_attrs.get("task") or {}),
     )
 
 

@@ -28,11 +28,16 @@ def load_task(spec: str, *, num_classes: int | None) -> Task:
     import inspect
 
     from .._user import load_callable
-    from ..errors import UsageError
+    from ..errors import UsageError, one_line
 
     if spec == "classification":
         return Classification()
-    if spec == "segmentation" and num_classes is not None:
+    if spec == "segmentation":
+        if num_classes is None:
+            raise UsageError(
+                "task segmentation needs the dataset's number of classes; load the data first "
+                "(StudySpec.load_data) or build autoslim.tasks.Segmentation(num_classes=N)"
+            )
         return Segmentation(num_classes=num_classes)
     if ":" not in spec:  # "segmentation" needs the dataset's classes: see StudySpec.load_data
         raise UsageError(
@@ -50,7 +55,7 @@ def load_task(spec: str, *, num_classes: int | None) -> Task:
         task = factory(**kwargs)
     except Exception as e:  # the user's code: their error to fix
         raise UsageError(
-            f"task factory {spec!r} raised {type(e).__name__}: {e}; fix the factory"
+            f"task factory {spec!r} raised {type(e).__name__}: {one_line(str(e))}; fix the factory"
         ) from e
     if not isinstance(task, Task):
         raise UsageError(

@@ -59,6 +59,28 @@ def test_accuracy_floor_is_drawn_where_the_study_sets_one(view, tmp_path) -> Non
     assert f"accuracy floor {data['accuracy_floor']:.4f} (val)" in html
 
 
+def test_the_report_names_the_study_metric(view, tmp_path) -> None:
+    """A segmentation study's report says mIoU where a classification one says accuracy."""
+    floored = {**view.spec, "max_accuracy_drop": 0.05}
+    seg = dataclasses.replace(
+        view,
+        spec=floored,
+        task_record={"name": "segmentation", "metric": "miou", "label": "mIoU"},
+    )
+    data = report_data(seg)
+    assert data["task"]["label"] == "mIoU"
+    assert all("val_miou" in r and "val_accuracy" not in r for r in data["table"])
+    assert all("test_miou" in d for d in data["details"].values())
+    html = render_html(data, seg.trials, tmp_path / "seg.html").read_text()
+    assert "validation mIoU (artifact)" in html and "<th>val_miou</th>" in html
+    assert f"mIoU floor {data['accuracy_floor']:.4f} (val)" in html
+    assert "accuracy floor" not in html and "val mIoU" in html
+    cls = dataclasses.replace(view, spec=floored)
+    html = render_html(report_data(cls), cls.trials, tmp_path / "cls.html").read_text()
+    assert "validation accuracy (artifact)" in html and "<th>val_accuracy</th>" in html
+    assert "mIoU" not in html
+
+
 def test_layer_knobs_fill_unnamed_layers_with_the_default() -> None:
     import pandas as pd
 

@@ -325,7 +325,7 @@ def two_threads():
     torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("model", list_models())
+@pytest.mark.parametrize("model", list_models("classification"))
 def test_every_registered_model_gives_a_measured_int8_trial(tmp_path: Path, model, two_threads):
     """A one-trial default search (per-stage int8 space; the first trial is uniform int8) on
     each registered model stores a measured trial that passed the gate: the artifact's top-1
