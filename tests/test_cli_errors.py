@@ -141,6 +141,10 @@ CASES = [
     ("model-factory-raises", "train --model {tmp}/raises.py:build --max-steps 1", 2, "raised"),
     ("model-wrong-classes", "train --model {tmp}/three.py:build --max-steps 1", 2, "per class"),
     ("model-wrong-input", "train --model {tmp}/rgb.py:build --max-steps 1", 2, "fails on a batch"),
+    ("task-unknown", "search --task nope --trials 1", 2, "unknown task 'nope'"),
+    ("task-file-missing", "search --task {tmp}/none.py:task --trials 1", 2, "does not exist"),
+    ("task-not-the-datasets", "search --task segmentation --trials 1", 2, "does not fit dataset"),
+    ("model-of-another-task", "train --model unet_tiny --max-steps 1", 2, "segmentation model"),
     ("space-model-raises", "space check default --model {tmp}/raises.py:build", 2, "raised"),
     # user data
     (

@@ -15,12 +15,9 @@ predictions only.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
-
-if TYPE_CHECKING:
-    from ..data import DataSplits
 
 __all__ = ["Task", "CACHE_BYTES"]
 
@@ -89,8 +86,8 @@ class Task(ABC):
             return f"a tensor (got {type(output).__name__})"
         return None
 
-    def check_data(self, data: DataSplits) -> str | None:
-        """None if ``data``'s targets are this task's, else what was expected."""
+    def check_data(self, data: Any) -> str | None:
+        """None if ``data``'s (an :class:`autoslim.data.DataSplits`) targets are this task's, else what was expected."""
         return None
 
     def cache_outputs(self, *, samples: int, output_numel: int) -> bool:
@@ -98,8 +95,8 @@ class Task(ABC):
         are cached for recovery (fp16, under :data:`CACHE_BYTES`) or recomputed per batch."""
         return samples * output_numel * 2 <= CACHE_BYTES
 
-    def load_data(self, **options: Any) -> DataSplits | None:
-        """The task's own dataset, or None to use the study's ``dataset`` by name. ``options``
+    def load_data(self, **options: Any) -> Any:
+        """The task's own dataset (an :class:`autoslim.data.DataSplits`), or None to use the study's ``dataset`` by name. ``options``
         are the study's data options (``data_dir``, ``val_size``, ``seed``, ``limit_train``,
         ``limit_test``, ``image_size``)."""
         return None

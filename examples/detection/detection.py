@@ -79,6 +79,10 @@ def load_boxes(
     """``fashion-mnist-boxes``: ``train`` mosaics from the training images (``val_size`` of
     them the validation split), ``test`` from the test images."""
     xtr, ytr, xte, yte = _fashion_mnist(Path(data_dir) if data_dir else None)
+    if limit_train is not None:  # only the mosaics the splits use are made
+        train = min(train, val_size + limit_train)
+    if limit_test is not None:
+        test = min(test, limit_test)
     a, b = mosaics(xtr[:, 0], ytr, train, seed=11)
     c, d = mosaics(xte[:, 0], yte, test, seed=12)
     perm = np.random.default_rng(seed).permutation(train)
@@ -138,6 +142,11 @@ class CenterNetTiny(nn.Module):
 def build(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """The model factory autoslim calls (``--model examples/detection/detection.py:build``)."""
     return CenterNetTiny(in_channels, num_classes)
+
+
+def build_small(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """A quarter of the compute (half the width): the ``--quick`` run's model."""
+    return CenterNetTiny(in_channels, num_classes, width=16)
 
 
 # -- the task -------------------------------------------------------------------------------
@@ -292,7 +301,7 @@ def search(out_dir: Path, *, quick: bool = False, progress: bool = True):
     here = Path(__file__).resolve()
     spec = autoslim.load_study_spec(
         name="detection",
-        model=f"{here}:build",
+        model=f"{here}:{'build_small' if quick else 'build'}",
         # the task as a file (like the model): every later verb (report, pick, export, refine)
         # and every worker process finds it again; autoslim.search(spec, task=DetectionTask())
         # works too, for this process
@@ -300,23 +309,23 @@ def search(out_dir: Path, *, quick: bool = False, progress: bool = True):
         dataset="fashion-mnist-boxes",
         space=str(out_dir / "space.toml"),
         out_dir=str(out_dir / "study"),
-        val_size=300 if quick else 1000,
-        limit_train=1500 if quick else None,
+        val_size=200 if quick else 1000,
+        limit_train=1200 if quick else None,
         limit_test=200 if quick else None,
         trials=2 if quick else 12,
         budget=None,
-        teacher_max_steps=150 if quick else 1500,
+        teacher_max_steps=120 if quick else 1500,
         teacher_batch_size=64,
         teacher_max_lr=0.05,
-        recovery_steps=20 if quick else 150,
+        recovery_steps=10 if quick else 150,
         recovery_batch_size=64,
         recovery_subset=1000 if quick else 5000,
         latency_runs=20 if quick else 200,
-        gate_images=200,
+        gate_images=100 if quick else 500,
         gate_agreement=0.9 if quick else 0.95,
         final_points=1 if quick else 3,
         final_epochs=1 if quick else 3,
-        final_steps_per_epoch=20 if quick else 200,
+        final_steps_per_epoch=10 if quick else 200,
     )
     return autoslim.search(spec, progress=progress)
 

@@ -35,12 +35,12 @@ def _study_file(tmp: Path, name: str, trials: int) -> Path:
     (tmp / "space.toml").write_text(_example().SPACE)
     f = tmp / f"{name}.toml"
     f.write_text(
-        f'name = "{name}"\nmodel = "{EXAMPLE}:build"\ntask = "{EXAMPLE}:task"\n'
+        f'name = "{name}"\nmodel = "{EXAMPLE}:build_small"\ntask = "{EXAMPLE}:task"\n'
         f'dataset = "fashion-mnist-boxes"\nspace = "{tmp / "space.toml"}"\n'
-        f"trials = {trials}\nval_size = 300\nlimit_train = 1500\nlimit_test = 200\n"
-        f'latency_runs = 20\ngate_images = 200\ngate_agreement = 0.9\nout_dir = "{tmp / name}"\n'
-        "[teacher]\nmax_steps = 150\nbatch_size = 64\nmax_lr = 0.05\n"
-        "[recovery]\nsteps = 20\nbatch_size = 64\nsubset = 1000\n"
+        f"trials = {trials}\nval_size = 200\nlimit_train = 1200\nlimit_test = 200\n"
+        f'latency_runs = 20\ngate_images = 100\ngate_agreement = 0.9\nout_dir = "{tmp / name}"\n'
+        "[teacher]\nmax_steps = 120\nbatch_size = 64\nmax_lr = 0.05\n"
+        "[recovery]\nsteps = 10\nbatch_size = 64\nsubset = 1000\n"
     )
     return f
 
@@ -63,11 +63,11 @@ def test_detection_example_end_to_end(tmp_path: Path, autoslim_cache: Path) -> N
     trial = int(r.front.iloc[0]["trial"])
     path = tmp_path / "picked.onnx"
     autoslim.export_trial(view, trial, str(path))
-    data = ex.load_boxes(val_size=300, limit_train=1500, limit_test=200)
+    data = ex.load_boxes(val_size=200, limit_train=1200, limit_test=200)
     scores, pred = artifact_scores(path, data.val)
     recorded = float(r.frame.set_index("trial").loc[trial, "val_accuracy"])
     assert scores["map"] == pytest.approx(recorded, abs=1e-6)
-    assert pred.shape == (300, ex.TOP_K, 6)  # boxes decoded after the file
+    assert pred.shape == (200, ex.TOP_K, 6)  # boxes decoded after the file
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert not ops & {"NonMaxSuppression", "TopK"}  # no post-processing in the graph
 

@@ -9,6 +9,7 @@ import pytest
 from autoslim.cli import main
 from autoslim.study.spec import load_study_spec
 from autoslim.study.task import Task
+from autoslim.tasks import Classification
 
 
 def test_default_study_has_an_accuracy_floor_that_a_flag_changes_or_lifts() -> None:
@@ -31,7 +32,7 @@ def _task(**overrides: object) -> Task:
     spec = load_study_spec(None, **overrides)
     return Task(
         spec=spec,
-        data=SimpleNamespace(fingerprint=lambda: "data"),  # type: ignore[arg-type]
+        data=SimpleNamespace(fingerprint=lambda: "data", task=Classification()),  # type: ignore[arg-type]
         teacher=SimpleNamespace(content_hash="teacher"),  # type: ignore[arg-type]
         space=SimpleNamespace(fingerprint=lambda: "space"),  # type: ignore[arg-type]
         classifier="fc",
