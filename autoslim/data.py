@@ -641,8 +641,10 @@ def load_dataset(
             f"image_size applies to imagefolder:, maskfolder: and fashion-mnist-seg; {name} has "
             "a fixed size (drop it)"
         )
-    if stream and not name.startswith("imagefolder:"):
-        raise DataError(f"stream applies to imagefolder: datasets; {name} is held in memory")
+    if stream and not name.startswith(("imagefolder:", "maskfolder:")):
+        raise DataError(
+            f"stream applies to imagefolder: and maskfolder: datasets; {name} is held in memory"
+        )
     if image_size is not None and image_size < 8:
         raise DataError(f"image_size must be >= 8 pixels; got {image_size}")
     if resize is not None and (image_size is None or resize < image_size):
@@ -657,9 +659,16 @@ def load_dataset(
     if name == "fashion-mnist-seg":
         xtr, ytr, xte, yte, seg_classes = fashion_mnist_seg(_fashion_mnist(dd), side=image_size)
     elif name.startswith("maskfolder:"):
-        xtr, ytr, xte, yte, seg_classes = maskfolder(
-            name.split(":", 1)[1], seed=seed, image_size=image_size
+        xtr, ytr, xte, yte, seg_classes, shape = maskfolder(
+            name.split(":", 1)[1],
+            seed=seed,
+            image_size=image_size,
+            resize=resize,
+            stream=stream,
+            stream_above=STREAM_ABOVE_BYTES,
         )
+        if shape is not None:  # streamed: the image arrays are paths, the masks in memory
+            files = (xtr, xte, shape)
     elif name == "fashion-mnist":
         xtr, ytr, xte, yte = _fashion_mnist(dd)
     elif name == "cifar10":

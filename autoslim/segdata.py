@@ -97,48 +97,76 @@ def _pairs(root: Path) -> list[tuple[Path, Path]]:
     return [(images[s], masks[s]) for s in sorted(images)]
 
 
-def _read_pair(img: Path, mask: Path, image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _side(image_size: int, resize: int | None) -> int:
+    """The shorter side before the center crop (as ``autoslim.data.short_side``)."""
+    return resize or round(image_size * 8 / 7)
+
+
+def _read_mask(
+    mask: Path, image_size: int | None, resize: int | None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """One mask's class indices (int64 (H, W)), with ``image_size`` resized (nearest) and
+    center-cropped as its image is; and its own (height, width)."""
     import torch
     from PIL import Image
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
-    mode = None
     try:
-        with Image.open(img) as im:
-            x = np.asarray(im.convert("RGB"), np.uint8).transpose(2, 0, 1).copy()
         with Image.open(mask) as mm:
             mode = mm.mode
             y = np.asarray(mm).astype(np.int64)
+            raw = y.shape
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"maskfolder: cannot decode {img} or {mask}: {one_line(str(e))}") from None
+        raise DataError(f"maskfolder: cannot decode mask {mask}: {one_line(str(e))}") from None
     if mode not in ("P", "L", "I;16", "I"):
         raise DataError(
             f"maskfolder: mask {mask} is a {mode} image; expected class indices "
             "(a palette or greyscale PNG, 255 = ignore)"
         )
-    if y.shape != x.shape[1:]:
-        raise DataError(
-            f"maskfolder: mask {mask} is {y.shape[1]}x{y.shape[0]} px, its image "
-            f"{x.shape[2]}x{x.shape[1]}; expected the same size"
-        )
     if image_size is not None:
-        side = round(image_size * 8 / 7)
-        tx = TF.center_crop(
-            TF.resize(torch.from_numpy(x), [side], antialias=True), [image_size] * 2
+        t = TF.resize(
+            torch.from_numpy(y)[None],
+            [_side(image_size, resize)],
+            interpolation=InterpolationMode.NEAREST_EXACT,
         )
-        ty = TF.resize(
-            torch.from_numpy(y)[None], [side], interpolation=InterpolationMode.NEAREST_EXACT
-        )
-        x, y = tx.numpy(), TF.center_crop(ty, [image_size] * 2)[0].numpy()
-    return x, y
+        y = TF.center_crop(t, [image_size] * 2)[0].numpy()
+    return y, raw
+
+
+def _image_size(img: Path) -> tuple[int, int]:
+    """(width, height) from the header."""
+    from PIL import Image
+
+    try:
+        with Image.open(img) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"maskfolder: cannot decode image {img}: {one_line(str(e))}") from None
+
+
+def _read_image(img: Path, image_size: int | None, resize: int | None) -> np.ndarray:
+    from .data import _decode_named, fit
+
+    return fit(_decode_named(img, None), image_size, resize).numpy()
 
 
 def maskfolder(
-    path: str, *, seed: int, image_size: int | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Train and test (images, masks) of ``maskfolder:PATH`` and the number of classes (the
-    largest index below 255, plus one)."""
+    path: str,
+    *,
+    seed: int,
+    image_size: int | None,
+    resize: int | None = None,
+    stream: bool | None = None,
+    stream_above: int = 1 << 30,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, tuple[int, int, int] | None]:
+    """Train and test images, masks, the number of classes (the largest index below 255, plus
+    one) and, when streamed, the (C, H, W) images are served at.
+
+    Masks are held in memory (uint8, a byte per pixel). Images are too, unless ``stream`` (by
+    default: when their uint8 bytes exceed ``stream_above``): then the image arrays are their
+    file paths and ``autoslim.data`` decodes them per batch, as for ``imagefolder:``.
+    """
     root = Path(path)
     if not root.is_dir():
         raise DataError(
@@ -157,25 +185,32 @@ def maskfolder(
         train = [train[i] for i in sorted(perm[n_test:])]
     if len(train) < 2:
         raise DataError(f"maskfolder: {root} has {len(train)} training pairs; need at least 2")
-    xs, ys = {}, {}
-    shapes = set()
-    for part, pairs in (("train", train), ("test", test)):
-        got = [_read_pair(i, m, image_size) for i, m in pairs]
-        shapes |= {g[0].shape for g in got}
-        xs[part], ys[part] = got, None
-    if len(shapes) > 1:
+    sizes = {_image_size(i) for i, _ in train + test}
+    if image_size is None and len(sizes) > 1:
         raise DataError(
-            f"maskfolder: images under {root} have {len(shapes)} different sizes; give "
+            f"maskfolder: images under {root} have {len(sizes)} different sizes; give "
             "image_size (study file) or --image-size N to resize and crop them"
         )
-    side = min(next(iter(shapes))[1:])
-    if side < 8:
-        raise DataError(f"maskfolder: images under {root} are under 8 px; give --image-size N")
-    out = []
+    w, h = next(iter(sizes))
+    if image_size is None and min(w, h) < 8:
+        raise DataError(f"maskfolder: images under {root} are {w}x{h} px; give --image-size N")
+    shape = (3, image_size, image_size) if image_size else (3, h, w)
+    if stream is None:
+        stream = len(train + test) * int(np.prod(shape)) > stream_above
+    out: list[np.ndarray] = []
     top = 0
-    for part in ("train", "test"):
-        x = np.stack([g[0] for g in xs[part]])
-        y = np.stack([g[1] for g in xs[part]])
+    for pairs in (train, test):
+        ys = []
+        for img, mask in pairs:
+            y, raw = _read_mask(mask, image_size, resize)
+            iw, ih = _image_size(img)
+            if raw != (ih, iw):
+                raise DataError(
+                    f"maskfolder: mask {mask} is {raw[1]}x{raw[0]} px, its image "
+                    f"{iw}x{ih}; expected the same size"
+                )
+            ys.append(y)
+        y = np.stack(ys)
         bad = (y < 0) | ((y > 254) & (y != 255))
         if bad.any():
             raise DataError(
@@ -184,7 +219,11 @@ def maskfolder(
             )
         valid = y[y != 255]
         top = max(top, int(valid.max()) if valid.size else 0)
+        if stream:
+            x = np.array([str(i) for i, _ in pairs])
+        else:
+            x = np.stack([_read_image(i, image_size, resize) for i, _ in pairs])
         out += [x, y.astype(np.uint8)]
     if top < 1:
         raise DataError(f"maskfolder: masks under {root} hold a single class; expected >= 2")
-    return out[0], out[1], out[2], out[3], top + 1
+    return out[0], out[1], out[2], out[3], top + 1, shape if stream else None

@@ -298,3 +298,39 @@ def test_maskfolder_refuses_an_undecodable_mask(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_dataset(f"maskfolder:{root}", val_size=2)
     assert "img_002" in _one_line(e)
+
+
+def test_maskfolder_streams_images_and_keeps_masks_in_memory(tmp_path: Path) -> None:
+    """stream=True: images decoded from their files per batch (a FolderSplit), masks in memory;
+    the same masks, images and classes as the in-memory load; dense: no crop or flip."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from autoslim.data import FolderSplit, TensorSplit
+
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+            root / "images" / f"p{i}.png"
+        )
+        m = np.zeros((20, 24), np.uint8)
+        m[4:16, 6:18] = 1 + i % 3
+        Image.fromarray(m, "L").save(root / "masks" / f"p{i}.png")
+    held = load_dataset(f"maskfolder:{root}", val_size=2, image_size=16, stream=False)
+    streamed = load_dataset(f"maskfolder:{root}", val_size=2, image_size=16, stream=True)
+    assert isinstance(held.train, TensorSplit) and isinstance(streamed.train, FolderSplit)
+    assert streamed.num_classes == held.num_classes == 4
+    assert torch.equal(streamed.train.y, held.train.y) and streamed.train.y.dtype == torch.uint8
+    assert torch.allclose(
+        streamed.train.images(slice(0, 3)), held.train.images(slice(0, 3)), atol=1e-4
+    )  # the same pixels; mean and std computed in float64 when streamed
+    batch = next(
+        streamed.train.train_batches(
+            [torch.arange(3)], gen=torch.Generator().manual_seed(0), padding=4, flip=True
+        )
+    )
+    assert torch.allclose(batch, streamed.train.images(torch.arange(3)))
