@@ -666,6 +666,7 @@ def load_dataset(
             resize=resize,
             stream=stream,
             stream_above=STREAM_ABOVE_BYTES,
+            read_image=lambda p: fit(_decode_named(p, None), image_size, resize).numpy(),
         )
         if shape is not None:  # streamed: the image arrays are paths, the masks in memory
             files = (xtr, xte, shape)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -145,12 +146,6 @@ def _image_size(img: Path) -> tuple[int, int]:
         raise DataError(f"maskfolder: cannot decode image {img}: {one_line(str(e))}") from None
 
 
-def _read_image(img: Path, image_size: int | None, resize: int | None) -> np.ndarray:
-    from .data import _decode_named, fit
-
-    return fit(_decode_named(img, None), image_size, resize).numpy()
-
-
 def maskfolder(
     path: str,
     *,
@@ -159,6 +154,7 @@ def maskfolder(
     resize: int | None = None,
     stream: bool | None = None,
     stream_above: int = 1 << 30,
+    read_image: Callable[[Path], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, tuple[int, int, int] | None]:
     """Train and test images, masks, the number of classes (the largest index below 255, plus
     one) and, when streamed, the (C, H, W) images are served at.
@@ -166,6 +162,8 @@ def maskfolder(
     Masks are held in memory (uint8, a byte per pixel). Images are too, unless ``stream`` (by
     default: when their uint8 bytes exceed ``stream_above``): then the image arrays are their
     file paths and ``autoslim.data`` decodes them per batch, as for ``imagefolder:``.
+    ``read_image``: one image file -> its uint8 (C, H, W) evaluation view (``autoslim.data``'s
+    decode and fit, so held and streamed images are the same pixels).
     """
     root = Path(path)
     if not root.is_dir():
@@ -222,7 +220,7 @@ def maskfolder(
         if stream:
             x = np.array([str(i) for i, _ in pairs])
         else:
-            x = np.stack([_read_image(i, image_size, resize) for i, _ in pairs])
+            x = np.stack([read_image(i) for i, _ in pairs])
         out += [x, y.astype(np.uint8)]
     if top < 1:
         raise DataError(f"maskfolder: masks under {root} hold a single class; expected >= 2")

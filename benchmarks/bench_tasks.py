@@ -80,7 +80,8 @@ def segmentation(a: argparse.Namespace, out: Path) -> None:
         alpha=spec.final_alpha,
     )
     wall: dict[str, float] = {}
-    run, wall["autoslim"] = run_search(f, out, "seg-tpe", f"{budget}B", "tpe", [])
+    extra = [] if a.max_drop is None else ["--max-accuracy-drop", a.max_drop]
+    run, wall["autoslim"] = run_search(f, out, "seg-tpe", f"{budget}B", "tpe", extra)
     points = final_points(run, "autoslim", out / "files")
     view = autoslim.load_study(run)
     df = view.trials
@@ -177,6 +178,11 @@ def main() -> int:
     ap.add_argument("--final-epochs", type=int, default=2)
     ap.add_argument("--final-steps", type=int, default=200, help="steps per final epoch")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--max-drop",
+        default=None,
+        help="the search's --max-accuracy-drop (default: the default study's 0.05; 'none')",
+    )
     ap.add_argument("--out-dir", default=".cache/bench-tasks")
     a = ap.parse_args()
     out = Path(a.out_dir).resolve()
