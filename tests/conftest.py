@@ -253,25 +253,3 @@ def postgres_url():
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
     with throwaway_postgres() as new_database:
         yield new_database
-
-
-# -- order: the longest tests first -----------------------------------------------------------
-
-# Tests that each run a search end to end (25-70 s apiece, measured with --durations). Started
-# first, they go to one pytest-xdist worker while the other takes the short tests (worksteal
-# hands out contiguous chunks, then balances by stealing), so no worker idles behind a long test
-# at the end of the run.
-_LONGEST = (
-    "test_detection.py",
-    "test_segmentation_search.py",
-    "test_every_registered_model",
-    "test_workers.py",
-    "test_fidelity.py",
-    "calibrated_predictor",
-    "killed_search",
-    "interrupted_search",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: not any(k in item.nodeid for k in _LONGEST))  # stable
