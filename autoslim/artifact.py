@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -496,15 +497,19 @@ def export_onnx(
     return result
 
 
-def onnx_predict(session, x: torch.Tensor | Split, batch_size: int = 256) -> torch.Tensor:
-    """Logits of the artifact on the images ``x`` or a split's (batched; in the file's own
-    batch size if it is fixed)."""
+def onnx_outputs(session, x: torch.Tensor | Split, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """The artifact's raw outputs on the images ``x`` or a split's, batch by batch (in the
+    file's own batch size if it is fixed)."""
     inp = session.get_inputs()[0]
-    name = inp.name
     if isinstance(inp.shape[0], int) and inp.shape[0] > 0:
         batch_size = inp.shape[0]
-    outs = [session.run(None, {name: xb.numpy()})[0] for xb in batched(x, batch_size)]
-    return torch.from_numpy(np.concatenate(outs))
+    for xb in batched(x, batch_size):
+        yield torch.from_numpy(session.run(None, {inp.name: xb.numpy()})[0])
+
+
+def onnx_predict(session, x: torch.Tensor | Split, batch_size: int = 256) -> torch.Tensor:
+    """Logits of the artifact on the images ``x`` or a split's, all at once."""
+    return torch.cat(list(onnx_outputs(session, x, batch_size)))
 
 
 def diagnose_divergence(
@@ -757,14 +762,7 @@ def artifact_predictions(
     """The split task's compact predictions of the ONNX file (run by ONNX Runtime) on
     ``split``, batch by batch (in the file's own batch size if it is fixed)."""
     session = ort_session(artifact, threads=threads)
-    inp = session.get_inputs()[0]
-    if isinstance(inp.shape[0], int) and inp.shape[0] > 0:
-        batch_size = inp.shape[0]
-    task = split.task
-    outs = [
-        task.predictions(torch.from_numpy(session.run(None, {inp.name: xb.numpy()})[0]))
-        for xb in batched(split, batch_size)
-    ]
+    outs = [split.task.predictions(o) for o in onnx_outputs(session, split, batch_size)]
     return torch.cat(outs) if outs else torch.empty(0)
 
 

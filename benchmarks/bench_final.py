@@ -125,6 +125,17 @@ def by_recipe(task, config, recipe, out: Path, label: str, what: str) -> tuple[d
     return {"pipeline": label, "what": what, "path": Path(res.path), "config": config}, secs
 
 
+def uniform_by_hand(task, budget: int) -> tuple[dict, dict]:
+    """The by-hand pipeline's choice: the smallest uniform int8 pruning ratio (0.05 grid) whose
+    size estimate fits ``budget``."""
+    for i in range(20):
+        r = round(i * 0.05, 2)
+        params = task.space.uniform_params(prune=r, weight_bits=8, act_bits=8)
+        if estimate(task, task.space.to_config(params)) <= budget:
+            break
+    return params, {"what": f"uniform {r:.2f}, int8"}
+
+
 def by_params(task, recipe, out: Path, label: str, choose, wall: dict) -> dict:
     """A hand-made or greedy pipeline: ``choose()`` -> (params, info), then the final recovery.
     A finished part (its params, file and wall time in ``out/label.json``) is reused."""
@@ -265,16 +276,9 @@ def main() -> int:
             return 0
     task = build_task(spec)
     if "b" in parts:
-
-        def by_hand() -> tuple[dict, dict]:
-            for i in range(20):
-                r = round(i * 0.05, 2)
-                params = task.space.uniform_params(prune=r, weight_bits=8, act_bits=8)
-                if estimate(task, task.space.to_config(params)) <= budget:
-                    break
-            return params, {"what": f"uniform {r:.2f}, int8"}
-
-        points.append(by_params(task, recipe, out, "by hand", by_hand, wall))
+        points.append(
+            by_params(task, recipe, out, "by hand", lambda: uniform_by_hand(task, budget), wall)
+        )
     if "c" in parts:
 
         def greedy() -> tuple[dict, dict]:

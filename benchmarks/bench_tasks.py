@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_final import by_params, final_points, run_search, time_went_to
+from bench_final import by_params, final_points, run_search, time_went_to, uniform_by_hand
 
 import autoslim
 from autoslim.artifact import artifact_scores
@@ -94,15 +94,9 @@ def segmentation(a: argparse.Namespace, out: Path) -> None:
     print(time_went_to(run, "autoslim", wall["autoslim"]))
     task = build_task(spec)  # the study's own (its size calibration, its teacher)
 
-    def by_hand() -> tuple[dict, dict]:
-        for i in range(20):
-            r = round(i * 0.05, 2)
-            params = task.space.uniform_params(prune=r, weight_bits=8, act_bits=8)
-            if estimate(task, task.space.to_config(params)) <= budget:
-                break
-        return params, {"what": f"uniform {r:.2f}, int8"}
-
-    points.append(by_params(task, recipe, out, "by hand", by_hand, wall))
+    points.append(
+        by_params(task, recipe, out, "by hand", lambda: uniform_by_hand(task, budget), wall)
+    )
     teacher = run / "teacher_fp32.onnx"
     timed = time_files(
         [teacher] + [p["path"] for p in points],
