@@ -52,7 +52,7 @@ def write_probe(folder: Path) -> str | None:
 
 
 def atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writing process
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
 

@@ -30,6 +30,8 @@ from torch import nn
 from .config import CompressionConfig, LayerConfig
 from .data import Split, batched
 from .errors import ExportError
+from .measure.backends import artifact_kind
+from .measure.executorch import pte_outputs
 from .measure.ort import ort_session
 from .passes.quantize import QRANGE, act_qparams, layer_config, split_add_key
 from .tasks import Classification, Task
@@ -46,6 +48,7 @@ __all__ = [
     "artifact_accuracy",
     "artifact_scores",
     "artifact_predictions",
+    "runtime_agreement",
     "agreement",
     "diagnose_divergence",
     "OPSET",
@@ -743,12 +746,16 @@ def calibrate_size(
     t32 = sum(_layer_tensor_bytes(m, fp32.layer(n)) for n, m in layers)
     t8 = sum(_layer_tensor_bytes(m, int8_config.layer(n)) for n, m in layers)
     n8 = sum(1 for n, _ in layers if int8_config.layer(n).weight_bits < 16)
-    g = onnx.load(str(fp32_file), load_external_data=False).graph
-    shapes = {v.name: v.ByteSize() for v in g.value_info}
-    nodes = [n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")]
-    node = sum(n.ByteSize() + sum(shapes.get(o, 0) for o in n.output) for n in nodes)
+    fp32_graph = fp32_file.stat().st_size - t32
+    if artifact_kind(fp32_file) == "pte":  # a program's per-layer bytes: its mean share
+        node, nodes = max(0, fp32_graph), layers
+    else:
+        g = onnx.load(str(fp32_file), load_external_data=False).graph
+        shapes = {v.name: v.ByteSize() for v in g.value_info}
+        nodes = [n for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+        node = sum(n.ByteSize() + sum(shapes.get(o, 0) for o in n.output) for n in nodes)
     return SizeCalibration(
-        fp32_graph=fp32_file.stat().st_size - t32,
+        fp32_graph=fp32_graph,
         int8_graph=int8_file.stat().st_size - t8,
         layers=len(layers),
         int8_layers=n8,
@@ -759,11 +766,31 @@ def calibrate_size(
 def artifact_predictions(
     artifact: str | Path, split: Split, *, threads: int = 2, batch_size: int = 256
 ) -> torch.Tensor:
-    """The split task's compact predictions of the ONNX file (run by ONNX Runtime) on
-    ``split``, batch by batch (in the file's own batch size if it is fixed)."""
-    session = ort_session(artifact, threads=threads)
-    outs = [split.task.predictions(o) for o in onnx_outputs(session, split, batch_size)]
+    """The split task's compact predictions of the artifact on ``split``, batch by batch: an
+    ONNX file run by ONNX Runtime (in the file's own batch size if it is fixed), or an
+    ExecuTorch ``.pte`` program run by ExecuTorch (one image per execution, its shape)."""
+    if artifact_kind(artifact) == "pte":
+        batches = (xb.numpy() for xb in split.batches(batch_size))
+        raw: Iterator[torch.Tensor] = (torch.from_numpy(o) for o in pte_outputs(artifact, batches))
+    else:
+        raw = onnx_outputs(ort_session(artifact, threads=threads), split, batch_size)
+    outs = [split.task.predictions(o) for o in raw]
     return torch.cat(outs) if outs else torch.empty(0)
+
+
+def runtime_agreement(artifact: str | Path, split: Split, *, runtime: str) -> float:
+    """How far ``runtime``'s outputs of the ONNX file agree with ONNX Runtime's on ``split``, by
+    the split's task (1.0 for ONNX Runtime itself). OpenVINO reads the same file but fuses and
+    rounds on its own: a candidate it runs differently is refused by the search."""
+    if not runtime.startswith("openvino"):
+        return 1.0
+    from .measure.openvino import openvino_outputs
+
+    batches = (xb.numpy() for xb in split.batches(64))
+    ov = torch.cat(
+        [split.task.predictions(torch.from_numpy(o)) for o in openvino_outputs(artifact, batches)]
+    )
+    return split.task.agreement(ov, artifact_predictions(artifact, split))
 
 
 def artifact_scores(

@@ -534,14 +534,15 @@ def _refine(a: argparse.Namespace) -> int:
         trials = front.sort_values("val_accuracy", ascending=False)["trial"].astype(int).tolist()
         folder = Path(a.output) if a.output else None
         if folder is not None:
-            if folder.suffix == ".onnx":
+            if folder.suffix in (".onnx", ".pte"):
                 raise UsageError(f"with --front, -o is a folder; got {folder}")
             from .results.export import check_folder
 
             check_folder(folder, "with --front, -o")
             folder.mkdir(parents=True, exist_ok=True)
         print(f"refining {len(trials)} front points: {trials}", file=sys.stderr)
-        outs = [folder / f"model-t{t}.onnx" if folder else None for t in trials]
+        ext = view.artifact_name.rpartition(".")[2]
+        outs = [folder / f"model-t{t}.{ext}" if folder else None for t in trials]
     else:
         trials, outs = [a.trial], [a.output]
     results = []
@@ -669,7 +670,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--backend",
-        help="latency backend: onnxruntime-cpu, onnxruntime-cuda or remote:HOST:PORT (an agent)",
+        help="the runtime candidates are exported for and timed on: onnxruntime-cpu, "
+        "onnxruntime-cuda, openvino-cpu, executorch-xnnpack (.pte programs), or "
+        "remote:HOST:PORT[/RUNTIME] (a device agent)",
     )
     s.add_argument(
         "--workers",
@@ -793,13 +796,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--json", action="store_true")
     ms = sub.add_parser(
-        "measure", help="time ONNX files side by side (latency and ratio to the first file)"
+        "measure", help="time artifacts side by side (latency and ratio to the first file)"
     )
-    ms.add_argument("files", nargs="+", metavar="FILE", help=".onnx files; the first is the base")
+    ms.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help=".onnx files (.pte on executorch-xnnpack); the first is the base",
+    )
     ms.add_argument(
         "--backend",
         default="onnxruntime-cpu",
-        help="onnxruntime-cpu (default), onnxruntime-cuda or remote:HOST:PORT (an agent)",
+        help="onnxruntime-cpu (default), onnxruntime-cuda, openvino-cpu, executorch-xnnpack or "
+        "remote:HOST:PORT[/RUNTIME] (an agent)",
     )
     _add_agent_secret_arg(ms)
     ms.add_argument(

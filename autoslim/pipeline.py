@@ -20,6 +20,7 @@ from .artifact import ExportResult, agreement, artifact_accuracy, diagnose_diver
 from .config import CompressionConfig
 from .data import DataSplits, Split
 from .errors import ExportError
+from .measure.backends import KINDS
 from .models import stem_and_classifier
 from .passes import PassReport
 from .passes.distill import Recovery, distill, recalibrate_bn, teacher_logits
@@ -34,7 +35,7 @@ from .passes.quantize import (
 )
 from .teacher import cache_dir, predictions, state_hash
 
-__all__ = ["Compressed", "compress", "export", "GATE_AGREEMENT"]
+__all__ = ["Compressed", "compress", "export", "export_float", "GATE_AGREEMENT"]
 
 GATE_AGREEMENT = 0.99
 
@@ -199,38 +200,70 @@ def compress(
     return Compressed(student, config, reports, example, calib, act_ranges, factorized, loss)
 
 
+def export_float(
+    model: nn.Module, path: str | Path, *, example: torch.Tensor, kind: str = "onnx"
+) -> ExportResult:
+    """Write ``model`` unchanged (float) as an artifact of ``kind``: the teacher's baseline."""
+    if kind == "pte":
+        from .pte import export_pte
+
+        return export_pte(copy.deepcopy(model), path, example=example)
+    return export_onnx(copy.deepcopy(model), path, example=example)
+
+
 def export(
     compressed: Compressed,
     path: str | Path,
     *,
     check: Split | None = None,
     min_agreement: float = GATE_AGREEMENT,
+    kind: str = "onnx",
 ) -> ExportResult:
-    """Write the deployable ONNX file for ``compressed``; optionally gate it on ``check``.
+    """Write the deployable artifact for ``compressed``; optionally gate it on ``check``.
 
-    The gate runs the file in ONNX Runtime on ``check`` and compares its predictions with the
-    PyTorch model's by the task's agreement (classification: top-1, segmentation: pixels);
-    below ``min_agreement`` the file is removed and :class:`ExportError` says why.
+    ``kind``: ``onnx`` (one self-contained ONNX file, for ONNX Runtime and OpenVINO) or ``pte``
+    (an ExecuTorch program lowered to XNNPACK). The gate runs the file in its runtime on
+    ``check`` and compares its predictions with the PyTorch model's by the task's agreement
+    (classification: top-1, segmentation: pixels); below ``min_agreement`` the file is removed
+    and :class:`ExportError` says why.
     """
+    if kind not in KINDS:
+        raise ExportError(f"unknown artifact kind {kind!r}; expected one of {sorted(KINDS)}")
     ref = predictions(compressed.model, check) if check is not None else None
     float_model = strip_fake_quant(copy.deepcopy(compressed.model), snap=True)
-    result = export_onnx(
-        float_model,
-        path,
-        example=compressed.example,
-        config=compressed.config,
-        act_ranges=compressed.act_ranges,
-        calib=compressed.calib,
-        factorized=compressed.factorized,
-    )
+    if kind == "pte":
+        from .pte import export_pte
+
+        result = export_pte(
+            float_model,
+            path,
+            example=compressed.example,
+            config=compressed.config,
+            calib=compressed.calib,
+            factorized=compressed.factorized,
+        )
+    else:
+        result = export_onnx(
+            float_model,
+            path,
+            example=compressed.example,
+            config=compressed.config,
+            act_ranges=compressed.act_ranges,
+            calib=compressed.calib,
+            factorized=compressed.factorized,
+        )
     if check is not None:
         _, pred = artifact_accuracy(result.path, check)
         agree = agreement(pred, ref, check.task)
         result.agreement = agree
         if agree < min_agreement:
             try:
-                why = diagnose_divergence(
-                    compressed.model, result.path, check.head(64), result.tensors
+                why = (
+                    "the ExecuTorch program's int8 layers were calibrated by PT2E's observers"
+                    if kind == "pte"
+                    else diagnose_divergence(
+                        compressed.model, result.path, check.head(64), result.tensors
+                    )
                 )
             except Exception as e:  # noqa: BLE001 - the diagnosis must not hide the gate
                 why = f"no diagnosis ({type(e).__name__}: {e})"

@@ -28,6 +28,7 @@ Activation bits apply where the weights are integer (8 or 4); float weights keep
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -59,6 +60,9 @@ __all__ = [
 # shipped spaces: package data (importlib.resources), so an installed wheel has them
 SPACES_DIR = shipped_dir("search_spaces")
 _KNOBS = ("prune", "weight_bits", "act_bits", "rank")
+# weight_bits = "runtime": int8, and fp32 beside it per matched layer or stage where the study's
+# runtime does not run int8 clearly faster than fp32 (see autoslim.study.task.runtime_precisions)
+RUNTIME = "runtime"
 _RULE_KEYS = {"match", "regex", *_KNOBS, "share"}
 _TOP_KEYS = {"name", "description", "skip", "distill", "rules", "round_to", "importance"}
 
@@ -109,6 +113,8 @@ def _knob(file: str, path: str, raw: Any, kind: str) -> Knob:
         if kind == "alpha" and not (0 <= lo and hi <= 1):
             raise _err(file, path, raw, "alpha must lie in [0, 1]")
         return Knob(low=float(lo), high=float(hi), step=None if st is None else float(st))
+    if kind == "weight_bits" and raw == RUNTIME:
+        return Knob(choices=(RUNTIME,))  # resolved at bind: the precisions the runtime runs well
     vals = tuple(raw) if isinstance(raw, list) else (raw,)
     if not vals:
         raise _err(file, path, raw, "empty choice list: give at least one value")
@@ -171,6 +177,11 @@ class SearchSpace:
                 return r if knob in r.knobs else None
         return None
 
+    @property
+    def runtime_bits(self) -> bool:
+        """Whether a rule leaves its weight bits to the runtime (``weight_bits = "runtime"``)."""
+        return any(r.knobs.get("weight_bits") == Knob(choices=(RUNTIME,)) for r in self.rules)
+
     def bind(
         self,
         model: nn.Module,
@@ -178,8 +189,21 @@ class SearchSpace:
         *,
         classifier: str | None,
         stem: str | None = None,
+        precisions: tuple[int, ...] = (8,),
     ) -> BoundSpace:
-        return BoundSpace.build(self, model, example, classifier=classifier, stem=stem)
+        """The space on ``model``; ``weight_bits = "runtime"`` becomes ``precisions`` (a
+        choice where there are several)."""
+        space = self
+        if self.runtime_bits:
+            knob = Knob(choices=tuple(precisions))
+            rules = tuple(
+                dataclasses.replace(r, knobs={**r.knobs, "weight_bits": knob})
+                if r.knobs.get("weight_bits") == Knob(choices=(RUNTIME,))
+                else r
+                for r in self.rules
+            )
+            space = dataclasses.replace(self, rules=rules)
+        return BoundSpace.build(space, model, example, classifier=classifier, stem=stem)
 
 
 def load_space(path: str | Path) -> SearchSpace:

@@ -60,6 +60,8 @@ from ..measure.auth import (
     create_secret,
     load_secret,
 )
+from ..measure.backends import available_runtimes, get_backend
+from ..measure.executorch import is_pte
 from ..measure.latency import host_identity
 from ..measure.ort import OPTIMIZATIONS, OrtBackend
 
@@ -220,6 +222,7 @@ class _Agent:
         self.store, self.max_upload, self.optimization = store, max_upload, optimization
         self.lock = threading.Lock()
         self.providers = list(ort.get_available_providers())
+        self.runtimes = available_runtimes()  # name -> version, of the runtimes installed here
         self.identity = host_identity()
         self.version = _version()
 
@@ -240,6 +243,7 @@ class _Agent:
                 "version": self.version,
                 "onnxruntime": ort.__version__,
                 "providers": self.providers,
+                "runtimes": self.runtimes,
                 "identity": self.identity,
                 "threads": DEFAULT_THREADS,
                 "ort_optimization": self.optimization,
@@ -265,29 +269,47 @@ class _Agent:
                 f"upload's sha256 is {got}, not {sha} named in the path; expected the file's "
                 "own sha256 (was it cut short or changed?)",
             )
-        target = self.store / f"{sha}.onnx"
+        pte = is_pte(body[:8])
+        target = self.store / f"{sha}.{'pte' if pte else 'onnx'}"
         if target.is_file():
             return JSONResponse({"sha256": sha, "size": len(body), "stored": False}, 200)
-        try:
-            await run_in_threadpool(_check_onnx, body)
-        except Exception as e:
+        if pte and "executorch-xnnpack" not in self.runtimes:
             return _error(
                 422,
-                f"onnxruntime cannot load the uploaded model: {first_line(e)}; expected an "
-                "ONNX file with its weights inside (no external data)",
+                "the upload is an ExecuTorch .pte program, but this agent has no ExecuTorch "
+                "runtime; install it on the device (pip install 'autoslim[executorch]') and "
+                "restart the agent",
+            )
+        try:
+            await run_in_threadpool(_check_pte if pte else _check_onnx, body)
+        except Exception as e:
+            what = "an ExecuTorch .pte program" if pte else "an ONNX file with its weights inside"
+            return _error(
+                422,
+                f"{'executorch' if pte else 'onnxruntime'} cannot load the uploaded model: "
+                f"{first_line(e)}; expected {what}",
             )
         await run_in_threadpool(_store, self.store, target, body)
         return JSONResponse({"sha256": sha, "size": len(body), "stored": True}, 201)
 
     async def measure(self, request: Request) -> JSONResponse:
         try:
-            req = _measure_request(await request.body(), self.providers)
+            req = _measure_request(await request.body(), self.providers, self.runtimes)
         except ValueError as e:
             return _error(400, str(e))
-        path = self.store / f"{req['sha256']}.onnx"
-        ref = self.store / f"{req['reference']}.onnx" if req["reference"] else None
+        ext = "pte" if req["runtime"] == "executorch-xnnpack" else "onnx"
+        path = self.store / f"{req['sha256']}.{ext}"
+        ref = self.store / f"{req['reference']}.{ext}" if req["reference"] else None
         for sha, p in ((req["sha256"], path), (req["reference"], ref)):
             if p is not None and not p.is_file():
+                other = p.with_suffix(".onnx" if ext == "pte" else ".pte")
+                if other.is_file():
+                    return _error(
+                        422,
+                        f"model {sha[:12]} is {'an ONNX file' if ext == 'pte' else 'a .pte program'}"
+                        f", but runtime {req['runtime']} runs {'.pte programs' if ext == 'pte' else 'ONNX files'}; "
+                        "upload the artifact exported for that runtime",
+                    )
                 return _error(
                     404,
                     f"model {sha} is not stored on this agent; expected "
@@ -300,7 +322,11 @@ class _Agent:
                 retry=True,
             )
         try:
-            backend = OrtBackend(req["provider"], req["threads"], self.optimization)
+            if req["runtime"].startswith("onnxruntime"):
+                backend = OrtBackend(req["provider"], req["threads"], self.optimization)
+            else:
+                backend = get_backend(req["runtime"])
+                backend.threads = req["threads"]
             lat = await run_in_threadpool(
                 backend.measure,
                 path,
@@ -322,6 +348,7 @@ class _Agent:
             **(lat.device or {}),
             **self.device(req["provider"], req["threads"]),
             "backend": lat.backend,
+            "runtime": self.runtimes.get(req["runtime"], req["runtime"]),
         }
         return JSONResponse(out, 200)
 
@@ -331,6 +358,15 @@ def _check_onnx(body: bytes) -> None:
     so.log_severity_level = 4
     so.intra_op_num_threads = 1
     ort.InferenceSession(body, so, providers=["CPUExecutionProvider"])
+
+
+def _check_pte(body: bytes) -> None:
+    from ..measure.executorch import load_method
+
+    with tempfile.NamedTemporaryFile(suffix=".pte") as f:
+        f.write(body)
+        f.flush()
+        load_method(f.name)
 
 
 def _store(store: Path, target: Path, body: bytes) -> None:
@@ -353,7 +389,9 @@ def _int_field(req: dict, name: str, default: int, low: int, high: int) -> int:
     return value
 
 
-def _measure_request(body: bytes, providers: list[str]) -> dict[str, Any]:
+def _measure_request(
+    body: bytes, providers: list[str], runtimes: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The fields of a measure request, checked; ValueError names the bad field."""
     try:
         req = json.loads(body)
@@ -361,7 +399,16 @@ def _measure_request(body: bytes, providers: list[str]) -> dict[str, Any]:
         raise ValueError(f"malformed JSON body: {e}; expected a JSON object") from None
     if not isinstance(req, dict):
         raise ValueError(f"JSON body is a {type(req).__name__}; expected an object")
-    known = {"sha256", "input_shape", "runs", "warmup", "provider", "threads", "reference"}
+    known = {
+        "sha256",
+        "input_shape",
+        "runs",
+        "warmup",
+        "provider",
+        "threads",
+        "reference",
+        "runtime",
+    }
     unknown = sorted(set(req) - known)
     if unknown:
         raise ValueError(f"unknown field(s) {unknown}; expected only {sorted(known)}")
@@ -397,7 +444,18 @@ def _measure_request(body: bytes, providers: list[str]) -> dict[str, Any]:
             f"bad field 'provider': {str(provider)[:80]!r}; expected one of this device's "
             f"{providers}"
         )
+    runtime = req.get(
+        "runtime", "onnxruntime-cuda" if provider.startswith("CUDA") else "onnxruntime-cpu"
+    )
+    runtimes = runtimes if runtimes is not None else {"onnxruntime-cpu": ""}
+    if runtime not in runtimes:
+        raise ValueError(
+            f"bad field 'runtime': {str(runtime)[:80]!r}; this device has {sorted(runtimes)} "
+            f"(install another with pip install 'autoslim[{str(runtime).split('-')[0][:20]}]' "
+            "and restart the agent)"
+        )
     return {
+        "runtime": runtime,
         "sha256": sha.lower(),
         "reference": ref.lower() if ref else None,
         "input_shape": shape,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,22 +11,96 @@ from ..errors import UsageError
 from .latency import Latency, LatencyBackend
 from .ort import OrtBackend, ort_session
 
-_BACKENDS = {
+
+def _openvino() -> LatencyBackend:
+    from .openvino import OpenVinoBackend
+
+    return OpenVinoBackend("CPU")
+
+
+def _executorch() -> LatencyBackend:
+    from .executorch import ExecutorchBackend
+
+    return ExecutorchBackend()
+
+
+_BACKENDS: dict[str, Callable[[], LatencyBackend]] = {
     "onnxruntime-cpu": lambda: OrtBackend("CPUExecutionProvider"),
     "onnxruntime-cuda": lambda: OrtBackend("CUDAExecutionProvider"),
+    "openvino-cpu": _openvino,
+    "executorch-xnnpack": _executorch,
 }
+# what each runtime needs where it is missing
+_NEEDS = {
+    "onnxruntime-cuda": "onnxruntime-gpu and an NVIDIA GPU",
+    "openvino-cpu": "the openvino package: pip install 'autoslim[openvino]'",
+    "executorch-xnnpack": "the executorch package: pip install 'autoslim[executorch]'",
+}
+# the artifact kind of each kind's file suffix
+KINDS = {"onnx": ".onnx", "pte": ".pte"}
 
 
 def list_backends() -> list[str]:
-    """Local backend names (a device agent is ``remote:HOST:PORT``)."""
+    """Local backend names (a device agent is ``remote:HOST:PORT[/RUNTIME]``)."""
     return sorted(_BACKENDS)
+
+
+def available_runtimes() -> dict[str, str]:
+    """The local runtimes this machine can time on, each with its version."""
+    out = {}
+    for name in list_backends():
+        backend = _BACKENDS[name]()
+        if backend.available():
+            out[name] = backend.version()
+    return out
+
+
+def runtime_of(name: str) -> str:
+    """The runtime a backend name times on: itself, or a remote one's ``/RUNTIME`` (default
+    onnxruntime-cpu)."""
+    if name.startswith("remote:"):
+        _, _, runtime = name.partition("/")
+        return runtime or "onnxruntime-cpu"
+    return name
+
+
+def backend_kind(name: str) -> str:
+    """The artifact kind (``onnx`` or ``pte``) the backend ``name`` runs."""
+    return "pte" if runtime_of(name) == "executorch-xnnpack" else "onnx"
+
+
+def artifact_kind(path: str | Path) -> str:
+    """``pte`` for an ExecuTorch program, else ``onnx`` (by the file's first bytes; a missing
+    or unreadable file by its suffix)."""
+    from .executorch import is_pte
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return "pte" if Path(path).suffix == ".pte" else "onnx"
+    return "pte" if is_pte(head) else "onnx"
+
+
+def check_kind(path: str | Path, backend: str) -> None:
+    """Refuse, in one line, a file of another kind than the backend runs."""
+    want, got = backend_kind(backend), artifact_kind(path)
+    if want != got:
+        label = {"onnx": "an ONNX file", "pte": "an ExecuTorch .pte program"}
+        fits = "executorch-xnnpack" if got == "pte" else "onnxruntime-cpu or openvino-cpu"
+        raise UsageError(
+            f"{Path(path).name} is {label[got]}, but backend {backend} runs {label[want]}; "
+            f"time it on {fits}, or export the trial for {runtime_of(backend)} "
+            f"(`autoslim export ... --backend {runtime_of(backend)}`)"
+        )
 
 
 def get_backend(
     name: str = "onnxruntime-cpu", *, secret_file: str | Path | None = None
 ) -> LatencyBackend:
-    """The latency backend ``name``: a local one, or ``remote:HOST:PORT`` (a device agent,
-    signed with the secret in ``secret_file``, else ``$AUTOSLIM_AGENT_SECRET``'s file)."""
+    """The latency backend ``name``: a local one, or ``remote:HOST:PORT[/RUNTIME]`` (a device
+    agent timing on RUNTIME, default onnxruntime-cpu, signed with the secret in
+    ``secret_file``, else ``$AUTOSLIM_AGENT_SECRET``'s file)."""
     if name.startswith("remote:"):
         from .remote import RemoteBackend
 
@@ -33,13 +108,13 @@ def get_backend(
     if name not in _BACKENDS:
         raise UsageError(
             f"unknown latency backend {name!r}; expected one of {list_backends()} or "
-            "remote:HOST:PORT (a device agent)"
+            "remote:HOST:PORT[/RUNTIME] (a device agent)"
         )
     backend = _BACKENDS[name]()
     if not backend.available():
         raise UsageError(
-            f"latency backend {name!r} is not available on this machine "
-            "(onnxruntime-cuda needs onnxruntime-gpu and a GPU); use onnxruntime-cpu"
+            f"latency backend {name!r} is not available on this machine (it needs "
+            f"{_NEEDS.get(name, 'its runtime')}); or use onnxruntime-cpu"
         )
     return backend
 
@@ -73,14 +148,21 @@ class FileTiming:
 
 def file_input_shape(path: Path, given: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The per-image input shape (``C, H, W``) an ONNX file declares, batch dimension left out,
-    or ``given`` in its place; either way the file must be one ONNX Runtime loads."""
-    try:
-        shape = ort_session(path).get_inputs()[0].shape
-    except Exception as e:  # noqa: BLE001 - ORT's load errors have no common type
-        raise UsageError(
-            f"{path} is not an ONNX model ONNX Runtime can load ({' '.join(str(e).split())[:200]})"
-            "; give the .onnx file that `autoslim export` wrote"
-        ) from e
+    or ``given`` in its place; either way the file must be one ONNX Runtime loads (or an
+    ExecuTorch program, whose method declares its input)."""
+    if artifact_kind(path) == "pte":
+        from .executorch import pte_input_shape
+
+        shape: list = list(pte_input_shape(path))
+    else:
+        try:
+            shape = ort_session(path).get_inputs()[0].shape
+        except Exception as e:  # noqa: BLE001 - ORT's load errors have no common type
+            raise UsageError(
+                f"{path} is not an ONNX model ONNX Runtime can load "
+                f"({' '.join(str(e).split())[:200]}); give the .onnx file that `autoslim export` "
+                "wrote"
+            ) from e
     if given:
         fixed = shape[1:]
         if len(given) != len(fixed) or any(
@@ -111,7 +193,7 @@ def time_files(
     runs: int = 200,
     input_shape: tuple[int, ...] | None = None,
 ) -> list[FileTiming]:
-    """Time ONNX files side by side on one backend: ``rounds`` rounds, each timing every
+    """Time artifact files (ONNX, or .pte on executorch-xnnpack) side by side on one backend: ``rounds`` rounds, each timing every
     distinct file once by the protocol, in the given order; each file's number is the median of
     its rounds' medians, its ratio that over the first file's (say, the fp32 teacher's).
     Interleaving puts every file through the same spells of a shared machine; byte-identical
@@ -133,6 +215,8 @@ def time_files(
             raise UsageError(f"no such file {f}; give the path of an ONNX file")
     digest = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
     unique = {d: files[digest.index(d)] for d in dict.fromkeys(digest)}  # one file per content
+    for f in unique.values():
+        check_kind(f, backend)
     shape = {d: file_input_shape(f, input_shape) for d, f in unique.items()}
     meter = get_backend(backend, secret_file=secret_file)
     got: dict[str, list[Latency]] = {d: [] for d in unique}

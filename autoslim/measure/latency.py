@@ -240,9 +240,14 @@ def host_lock():
 
 
 class LatencyBackend(Protocol):
+    """Times artifacts of one kind (``kind``: ``onnx`` or ``pte``) on one runtime."""
+
     name: str
+    kind: str
 
     def available(self) -> bool: ...
+
+    def version(self) -> str: ...
 
     def measure(
         self,

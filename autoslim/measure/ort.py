@@ -48,6 +48,8 @@ class OrtBackend:
     On CUDA the input and output live on the device through IO binding, so the timed run is
     the model, not host/device copies."""
 
+    kind = "onnx"  # the artifact it runs
+
     def __init__(
         self, provider: str = "CPUExecutionProvider", threads: int = 1, optimization: str = "all"
     ) -> None:
@@ -58,6 +60,11 @@ class OrtBackend:
         import onnxruntime as ort
 
         return self.provider in ort.get_available_providers()
+
+    def version(self) -> str:
+        import onnxruntime as ort
+
+        return f"onnxruntime {ort.__version__}"
 
     def measure(
         self,

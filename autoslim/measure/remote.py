@@ -53,9 +53,12 @@ class RemoteBackend:
         secret: bytes,
         timeout: float = 120.0,
         retries_busy: int = 30,
+        runtime: str = "onnxruntime-cpu",
     ) -> None:
-        self.host, self.port = host, int(port)
-        self.name = f"remote:{host}:{port}"
+        self.host, self.port, self.runtime = host, int(port), runtime
+        self.kind = "pte" if runtime == "executorch-xnnpack" else "onnx"
+        suffix = "" if runtime == "onnxruntime-cpu" else f"/{runtime}"
+        self.name = f"remote:{host}:{port}{suffix}"
         self.timeout, self.retries_busy = timeout, retries_busy
         self._secret = secret
         netloc = f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -79,17 +82,45 @@ class RemoteBackend:
     ) -> RemoteBackend:
         """The backend of ``remote:HOST:PORT``; with ``check``, asks the agent once for its
         info, so that an unreachable agent or a wrong secret fails here, before any work."""
-        form = "remote:HOST:PORT (e.g. remote:127.0.0.1:8765)"
+        form = "remote:HOST:PORT[/RUNTIME] (e.g. remote:127.0.0.1:8765/openvino-cpu)"
         rest = name[len("remote:") :] if name.startswith("remote:") else ""
+        rest, _, runtime = rest.partition("/")
+        runtime = runtime or "onnxruntime-cpu"
         host, _, port_text = rest.rpartition(":")
         host = host.strip("[]")
         if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise UsageError(f"bad latency backend {name!r}; expected {form}")
+        from .backends import list_backends
+
+        if runtime not in list_backends():
+            raise UsageError(
+                f"bad latency backend {name!r}: unknown runtime {runtime!r}; expected one of "
+                f"{list_backends()} after the '/'"
+            )
         secret = load_secret(_secret_file(secret_file))
-        backend = cls(host, int(port_text), secret=secret)
+        backend = cls(host, int(port_text), secret=secret, runtime=runtime)
         if check:
-            backend.info()
+            backend.check_runtime()
         return backend
+
+    def check_runtime(self) -> None:
+        """Ask the agent for its info; refuse, in one line, a runtime it does not have."""
+        info = self.info()
+        runtimes = info.get("runtimes", {"onnxruntime-cpu": info.get("onnxruntime")})
+        if self.runtime not in runtimes:
+            raise UsageError(
+                f"the device agent at {self.host}:{self.port} has no {self.runtime} runtime (it "
+                f"has {sorted(runtimes)}); install it there (pip install "
+                f"'autoslim[{self.runtime.split('-')[0]}]') and restart the agent, or pick one "
+                "of those"
+            )
+
+    def version(self) -> str:
+        info = self._info if self._info is not None else self.info()
+        runtimes = info.get(
+            "runtimes", {"onnxruntime-cpu": f"onnxruntime {info.get('onnxruntime')}"}
+        )
+        return str(runtimes.get(self.runtime, "unknown"))
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -269,6 +300,8 @@ class RemoteBackend:
                 "runs": int(runs),
                 "warmup": int(warmup),
             }
+            if self.runtime != "onnxruntime-cpu":  # older agents know no such field
+                request["runtime"] = self.runtime
             if reference is not None:
                 request["reference"] = shas[1]
             response = self._measure(json.dumps(request).encode())

@@ -17,11 +17,15 @@ from .selection import ACCURACY_TOLERANCE
 from .view import StudyView
 
 
-def check_onnx_output(output: str | Path) -> Path:
-    """The ``-o`` path of an artifact: an ``.onnx`` file in an existing folder."""
+def check_onnx_output(output: str | Path, kind: str = "onnx") -> Path:
+    """The ``-o`` path of an artifact: an ``.onnx`` file (``.pte`` for a study searched on
+    ExecuTorch: ``kind``) in an existing folder."""
     out = Path(output)
-    if out.suffix != ".onnx":
-        raise UsageError(f"output must be an .onnx file; got {str(out)!r} (e.g. -o model.onnx)")
+    if out.suffix != f".{kind}":
+        why = " (this study's trials are ExecuTorch programs)" if kind == "pte" else ""
+        raise UsageError(
+            f"output must be an .{kind} file{why}; got {str(out)!r} (e.g. -o model.{kind})"
+        )
     if not out.parent.is_dir():
         above = nearest_existing(out.parent)
         if above.exists() and not above.is_dir():
@@ -72,7 +76,7 @@ def _replay(view: StudyView, trial: int, out_dir: Path) -> Path:
     res = evaluate(task, view.config(trial), out_dir)
     if res["status"] != OK:
         raise ExportError(f"replay of trial {trial} did not produce an artifact: {res['status']}")
-    return out_dir / "model.onnx"
+    return out_dir / view.artifact_name
 
 
 def export_trial(
@@ -113,9 +117,9 @@ def export_trial(
                 "test_accuracy": rec["test_accuracy"],
             }
         )
-    output = check_onnx_output(output)
+    output = check_onnx_output(output, view.artifact_name.rpartition(".")[2])
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".autoslim-export-") as tmp:
-        path = Path(tmp) / "model.onnx"
+        path = Path(tmp) / view.artifact_name
         if refined or (not replay and view.has_artifact(trial)):  # never replay a refine
             source = "refined" if refined else "stored"
             view.fetch(trial, path, refined=refined)  # verified against this digest

@@ -236,9 +236,10 @@ def train_and_export(
     )
     res = export(
         c,
-        workdir / "model.onnx",
+        workdir / f"model.{task.kind}",
         check=data.val.subset(spec.gate_images),
         min_agreement=spec.gate_agreement,
+        kind=task.kind,
     )
     return res, history, before + time.perf_counter() - t0
 
@@ -263,7 +264,11 @@ def refine(
     from ..study.task import build_task, time_candidate, time_teacher
 
     recipe = recipe or RefineRecipe()
-    out = check_onnx_output(output) if output is not None else None
+    out = (
+        check_onnx_output(output, view.artifact_name.rpartition(".")[2])
+        if output is not None
+        else None
+    )
     row = view.measured_row(trial)
     if not row["feasible"]:
         raise UsageError(
@@ -293,7 +298,7 @@ def refine(
     res, history, seconds = train_and_export(
         task, config, recipe, rdir, ident=ident, progress=progress, label=f"refine trial {trial}"
     )
-    art = rdir / "model.onnx"
+    art = rdir / f"model.{task.kind}"
     data = task.data
     want = view.artifact_size(trial)
     if res.size_bytes != want:

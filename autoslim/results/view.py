@@ -108,6 +108,14 @@ class StudyView:
     def trial_dir(self, trial: int) -> Path:
         return self.run_dir / "trials" / f"{trial:05d}"
 
+    @property
+    def artifact_name(self) -> str:
+        """The file name of a trial's artifact: ``model.onnx``, or ``model.pte`` in a study
+        searched on ExecuTorch."""
+        from ..measure.backends import backend_kind
+
+        return f"model.{backend_kind(str(self.spec.get('backend') or 'onnxruntime-cpu'))}"
+
     def artifact_size(self, trial: int) -> int:
         """Bytes an export of the trial's config writes now (what a replay or refine must match).
 
@@ -120,7 +128,7 @@ class StudyView:
 
         size = int(self.measured_row(trial)["size_bytes"])
         stored = self.trial_dir(trial) / "model.onnx"
-        if stored.is_file():
+        if self.artifact_name == "model.onnx" and stored.is_file():
             model = onnx.load(str(stored))
             before = model.ByteSize()
             drop_stack_traces(model)
@@ -152,7 +160,7 @@ class StudyView:
                     "artifact store; pass --replay to rebuild it"
                 )
             return store.get(str(aid), str(sha), dest)
-        local = local / "model.onnx"
+        local = local / self.artifact_name
         if not local.is_file():
             raise ExportError(f"the artifact of trial {trial} ({local}) is missing")
         tmp = dest.with_name(f".{dest.name}.part")
@@ -170,7 +178,9 @@ class StudyView:
     def has_artifact(self, trial: int) -> bool:
         """Whether the study holds a file for the trial (in its store, or beside it)."""
         row = self.row(trial)
-        return bool(row.get("artifact_id")) or (self.trial_dir(trial) / "model.onnx").is_file()
+        return (
+            bool(row.get("artifact_id")) or (self.trial_dir(trial) / self.artifact_name).is_file()
+        )
 
     def refined_dir(self, trial: int) -> Path:
         """Where ``autoslim refine`` stores the trial's refined result and artifact."""

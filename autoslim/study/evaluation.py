@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from .._files import sha256_file
-from ..artifact import (
-    artifact_accuracy,
-)
+from ..artifact import artifact_accuracy, runtime_agreement
 from ..config import CompressionConfig
 from ..errors import AutoslimError
+from ..measure.backends import runtime_of
+from ..measure.openvino import openvino_version
 from ..pareto import promoted
 from ..pipeline import compress, export
 from ..record import OK, OVER_BUDGET, OVER_LATENCY, SCREENED
@@ -80,13 +80,23 @@ def evaluate(
     except (FloatingPointError, RuntimeError) as e:
         raise CandidateFailed(f"compression/recovery failed: {type(e).__name__}: {e}") from e
     trial_dir.mkdir(parents=True, exist_ok=True)
-    path = trial_dir / "model.onnx"
+    path = trial_dir / f"model.{task.kind}"
+    gate = task.data.val.subset(spec.gate_images)
     try:
-        res = export(
-            c, path, check=task.data.val.subset(spec.gate_images), min_agreement=spec.gate_agreement
-        )
+        res = export(c, path, check=gate, min_agreement=spec.gate_agreement, kind=task.kind)
     except AutoslimError as e:
         raise CandidateFailed(str(e)) from e
+    runtime = runtime_of(spec.backend)
+    if runtime.startswith("openvino") and openvino_version() is not None:
+        # OpenVINO runs the file ONNX Runtime was gated on: it must give the same predictions
+        agree = runtime_agreement(path, gate, runtime=runtime)
+        if agree < spec.gate_agreement:
+            path.unlink(missing_ok=True)
+            raise CandidateFailed(
+                f"runtime gate: {runtime} agrees with ONNX Runtime on {agree:.2%} of the "
+                f"{'pixels of the ' if gate.task.dense else ''}{len(gate)} gate images (need >= "
+                f"{spec.gate_agreement:.1%}); this file is not measured on {runtime}"
+            )
     val_acc, _ = artifact_accuracy(path, task.data.val)
     test_acc, _ = artifact_accuracy(path, task.data.test)
     if not math.isfinite(val_acc):

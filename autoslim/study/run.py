@@ -23,7 +23,15 @@ from .sensitivity import can_factorise, greedy_params, stage_sensitivity
 from .spec import StudySpec
 from .storage import _open_or_create, _wait_for, preflight, redact, storage_of
 from .store import open_store
-from .task import CandidateFailed, Task, build_task, estimate, measure_baseline, time_teacher
+from .task import (
+    CandidateFailed,
+    Task,
+    adopt_legacy_space,
+    build_task,
+    estimate,
+    measure_baseline,
+    time_teacher,
+)
 from .trial import _objective
 from .workers import (
     _creator_died,
@@ -252,6 +260,10 @@ def run_trials(
     if spec.budget is not None and outputs:  # echoed once every input is known to be good
         log(
             f"budget: {spec.budget:,} bytes ({format_size(spec.budget)}; MB = 10^6 bytes, MiB = 2^20)"
+        )
+    if adopt_legacy_space(task):
+        log(
+            f"study {spec.name}: resuming with the earlier int8-only default space it was made with"
         )
     study, creator = _open_or_create(
         spec, fingerprint=task.fingerprint(), sampler=None, storage=storage_of(spec)

@@ -91,7 +91,8 @@ def _open_or_create(
     if stored is None:  # made by an older autoslim, or its creator died at once: adopt it
         study.set_user_attr("fingerprint", fingerprint)
         study.set_user_attr("spec", _stored_spec(spec))
-    elif stored != fingerprint:
+    elif stored != _as_stored(fingerprint, stored):
+        fingerprint = _as_stored(fingerprint, stored)
         diff = sorted(
             k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)
         )
@@ -102,6 +103,14 @@ def _open_or_create(
             f"{spec.run_dir} to start over"
         )
     return study, creator
+
+
+def _as_stored(fingerprint: dict[str, str], stored: dict[str, str]) -> dict[str, str]:
+    """``fingerprint`` as a study stored before the runtime's version entered it would have
+    recorded it: an ONNX Runtime CPU study of then resumes (its runtime was not recorded)."""
+    if "runtime" not in stored and fingerprint.get("backend") == "onnxruntime-cpu":
+        return {k: v for k, v in fingerprint.items() if k != "runtime"}
+    return fingerprint
 
 
 def _stored_spec(spec: StudySpec) -> dict[str, Any]:

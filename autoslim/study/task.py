@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
+from .._files import atomic_json
 from ..artifact import (
     SizeCalibration,
     artifact_accuracy,
     calibrate_size,
     estimate_size,
-    export_onnx,
     latency_features,
 )
 from ..config import CompressionConfig
@@ -27,9 +27,9 @@ from ..measure import Latency, LatencyBackend, get_backend, host_identity
 from ..measure.predictor import LatencyPredictor
 from ..models import stem_and_classifier
 from ..passes.distill import Recovery
-from ..pipeline import build_student, compress, export
+from ..pipeline import build_student, compress, export, export_float
 from ..space import BoundSpace, load_space
-from ..teacher import Teacher, TeacherRecipe, evaluate_accuracy, get_teacher
+from ..teacher import Teacher, TeacherRecipe, cache_dir, evaluate_accuracy, get_teacher
 from .spec import StudySpec
 
 
@@ -58,6 +58,9 @@ class Task:
     # every screened candidate so far (level 0: proxy accuracy, size estimate), set by the runner
     screened: list[dict[str, float]] = field(default_factory=list)
     shapes: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict, repr=False)
+    # the teacher's uniform-int8 file's latency over its fp32 file's on the study's runtime,
+    # where a "runtime" weight-bits rule asked for it (0: not timed)
+    int8_ratio: float = 0.0
 
     @property
     def latency(self) -> LatencyBackend:
@@ -65,6 +68,16 @@ class Task:
         if self.backend is None:
             self.backend = get_backend(self.spec.backend, secret_file=self.spec.agent_secret)
         return self.backend
+
+    @property
+    def kind(self) -> str:
+        """The artifact kind the study's runtime runs: ``onnx`` or ``pte`` (ExecuTorch)."""
+        return getattr(self.latency, "kind", "onnx")
+
+    @property
+    def teacher_file(self) -> str:
+        """The teacher's fp32 artifact's name in the study's folder."""
+        return f"teacher_fp32.{self.kind}"
 
     @property
     def example(self) -> torch.Tensor:
@@ -82,6 +95,7 @@ class Task:
             "space": self.space.fingerprint(),
             "objectives": ",".join(s.objectives),
             "backend": s.backend,
+            "runtime": self.latency.version(),  # e.g. "openvino 2026.4.1": its kernels decide
             "budget": str(s.budget),
             "recovery": json.dumps(recovery, sort_keys=True),
         }
@@ -116,10 +130,43 @@ def build_task(spec: StudySpec, *, progress: bool = True) -> Task:
         spec.model, data, recipe=recipe, checkpoint=spec.teacher_checkpoint, progress=progress
     )
     stem, classifier = stem_and_classifier(spec.model, teacher.model)
-    bound = space.bind(
-        teacher.model, torch.zeros(1, *data.input_shape), classifier=classifier, stem=stem
+    example = torch.zeros(1, *data.input_shape)
+    bound = space.bind(teacher.model, example, classifier=classifier, stem=stem)
+    task = Task(spec, data, teacher, bound, classifier, stem, backend=backend)
+    if space.runtime_bits:  # weight bits the runtime runs well: int8, or int8 and fp32
+        precisions = runtime_precisions(task)
+        if precisions != (8,):
+            task.space = space.bind(
+                teacher.model, example, classifier=classifier, stem=stem, precisions=precisions
+            )
+            task.shapes.clear()
+    return task
+
+
+LEGACY_DEFAULT = "default-int8"  # the default space before weight_bits = "runtime"
+
+
+def adopt_legacy_space(task: Task, stored: dict[str, str] | None = None) -> bool:
+    """Bind the earlier int8-only default space where the study of ``task`` (its spec asks for
+    ``default``) was made with it: ``stored`` is the study's recorded fingerprint (default:
+    read from its storage, if it exists). True when the task now has the legacy space."""
+    if task.spec.space != "default":
+        return False
+    if stored is None:
+        from .storage import _existing_study
+
+        study = _existing_study(task.spec)
+        stored = study.user_attrs.get("fingerprint") if study is not None else None
+    if not stored or stored.get("space") in (None, task.space.fingerprint()):
+        return False
+    example = torch.zeros(1, *task.data.input_shape)
+    legacy = load_space(LEGACY_DEFAULT).bind(
+        task.teacher.model, example, classifier=task.classifier, stem=task.stem
     )
-    return Task(spec, data, teacher, bound, classifier, stem, backend=backend)
+    if stored["space"] != legacy.fingerprint():
+        return False
+    task.space, task.shapes = legacy, {}
+    return True
 
 
 def measure_baseline(task: Task, out_dir: Path) -> dict[str, float]:
@@ -127,8 +174,8 @@ def measure_baseline(task: Task, out_dir: Path) -> dict[str, float]:
 
     Also sets ``task.teacher_timing`` (the latency a trial's speed-up is computed against).
     """
-    path = out_dir / "teacher_fp32.onnx"
-    res = export_onnx(copy.deepcopy(task.teacher.model), path, example=task.example)
+    path = out_dir / task.teacher_file
+    res = export_float(task.teacher.model, path, example=task.example, kind=task.kind)
     task.baseline = {
         "size_bytes": res.size_bytes,
         "val_accuracy": artifact_accuracy(path, task.data.val)[0],
@@ -141,13 +188,13 @@ def measure_baseline(task: Task, out_dir: Path) -> dict[str, float]:
 def time_teacher(task: Task, out_dir: Path) -> float:
     """Time the teacher's fp32 file now, in this process, on the study's backend.
 
-    Exports ``out_dir/teacher_fp32.onnx`` if missing. The result, with the host it was measured
+    Exports ``out_dir/teacher_fp32.onnx`` (``.pte`` for ExecuTorch) if missing. The result, with the host it was measured
     on, becomes ``task.teacher_timing``: the denominator of the speed-ups of the trials this
     process runs next (timings of other runs or machines are never mixed in).
     """
-    path = out_dir / "teacher_fp32.onnx"
+    path = out_dir / task.teacher_file
     if not path.is_file():
-        export_onnx(copy.deepcopy(task.teacher.model), path, example=task.example)
+        export_float(task.teacher.model, path, example=task.example, kind=task.kind)
     lat = task.latency.measure(
         path,
         input_shape=task.data.input_shape,
@@ -164,7 +211,7 @@ def time_candidate(task: Task, path: Path, *, run_dir: Path | None = None) -> tu
     latency of record: the paired ratio times the teacher's timing in this process
     (``task.teacher_timing``), which a machine's slow spells move far less than either time."""
     run_dir = run_dir or task.spec.run_dir
-    teacher = run_dir / "teacher_fp32.onnx"
+    teacher = run_dir / task.teacher_file
     if not task.teacher_timing or not teacher.is_file():
         time_teacher(task, run_dir)
     lat = task.latency.measure(
@@ -174,29 +221,119 @@ def time_candidate(task: Task, path: Path, *, run_dir: Path | None = None) -> tu
 
 
 def size_calibration(task: Task) -> SizeCalibration:
-    """The architecture's graph bytes, measured once per task on two files of the unpruned
-    teacher (fp32, and uniform int8 with no training): a few seconds, then cached. The fp32
-    file is the study's ``teacher_fp32.onnx`` where the baseline already wrote it."""
+    """The architecture's graph bytes, measured on two files of the unpruned teacher (fp32, and
+    uniform int8 with no training): a few seconds once per teacher, then read from the cache
+    (every worker and every resume of a study reuses it). The fp32 file is the study's
+    ``teacher_fp32.onnx`` where the baseline already wrote it."""
     if task.size_calibration is None:
-        int8 = task.space.to_config(task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8))
-        with tempfile.TemporaryDirectory(prefix="autoslim-size-") as tmp:
-            f32, f8 = task.spec.run_dir / "teacher_fp32.onnx", Path(tmp) / "int8.onnx"
-            if not f32.is_file():
-                f32 = Path(tmp) / "fp32.onnx"
-                export_onnx(copy.deepcopy(task.teacher.model), f32, example=task.example)
-            c = compress(
-                task.teacher.model,
-                int8,
-                data=task.data,
-                recovery=Recovery(steps=0, bn_batches=0),
-                classifier=task.classifier,
-                stem=task.stem,
-            )
-            export(c, f8)
+        _references(task, timed=False)
+    assert task.size_calibration is not None
+    return task.size_calibration
+
+
+# int8 must run at most this share of fp32's latency (the teacher's uniform-int8 file against
+# its fp32 file, on the study's runtime) for "runtime" weight bits to be int8 only
+INT8_GAIN = 0.5
+
+
+def runtime_precisions(task: Task) -> tuple[int, ...]:
+    """The weight precisions a ``weight_bits = "runtime"`` rule offers on the study's runtime:
+    ``(8,)`` where the teacher's uniform-int8 file runs in at most ``INT8_GAIN`` of its fp32
+    file's latency there, else ``(8, 32)`` (int8 buys too little speed on this runtime and CPU
+    for it to be the only choice: each stage may stay float). Timed once per teacher, runtime
+    and device (paired, by the protocol), then read from the cache; the ratio is kept in
+    ``task.int8_ratio``."""
+    ratio = _references(task, timed=True)
+    return (8,) if ratio <= INT8_GAIN else (8, 32)
+
+
+def _cache_key(task: Task, int8: CompressionConfig, *extra: object) -> str:
+    import onnx
+    import onnxruntime
+
+    key = json.dumps(
+        [
+            1,  # the cached records' own format
+            task.teacher.content_hash,
+            list(task.data.input_shape),
+            int8.to_json(),
+            task.kind,
+            torch.__version__,
+            onnx.__version__,
+            onnxruntime.__version__,
+            *extra,
+        ],
+        default=str,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_json(obj, path)
+    except OSError:
+        pass  # a read-only cache: measured again next time
+
+
+def _references(task: Task, *, timed: bool) -> float:
+    """Export the unpruned teacher as fp32 and as uniform int8 (no training) where the cache
+    lacks what they give: the size calibration (``task.size_calibration``) and, with
+    ``timed``, the int8/fp32 latency ratio on the study's runtime (returned; else 0)."""
+    int8 = task.space.to_config(task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8))
+    root = cache_dir() / "size-calibration"
+    cal_file = root / f"{_cache_key(task, int8)}.json"
+    device = getattr(task.latency, "device_identity", None)
+    where = device() if device is not None else host_identity()
+    ratio_file = (
+        root
+        / f"{_cache_key(task, int8, task.spec.backend, task.latency.version(), where.get('cpu'), where.get('host'))}.ratio.json"
+    )
+    if task.size_calibration is None:
+        got = _read_json(cal_file)
+        try:
+            task.size_calibration = SizeCalibration(**got) if got else None
+        except TypeError:
+            task.size_calibration = None
+    ratio = (_read_json(ratio_file) or {}).get("int8_ratio") if timed else 0.0
+    if task.size_calibration is not None and ratio is not None:
+        task.int8_ratio = ratio or task.int8_ratio
+        return float(ratio)
+    with tempfile.TemporaryDirectory(prefix="autoslim-size-") as tmp:
+        ext = task.kind
+        f32, f8 = task.spec.run_dir / task.teacher_file, Path(tmp) / f"int8.{ext}"
+        if not f32.is_file():
+            f32 = Path(tmp) / f"fp32.{ext}"
+            export_float(task.teacher.model, f32, example=task.example, kind=ext)
+        c = compress(
+            task.teacher.model,
+            int8,
+            data=task.data,
+            recovery=Recovery(steps=0, bn_batches=0),
+            classifier=task.classifier,
+            stem=task.stem,
+        )
+        export(c, f8, kind=ext)
+        if task.size_calibration is None:
             task.size_calibration = calibrate_size(
                 task.teacher.model, fp32_file=f32, int8_file=f8, int8_config=int8
             )
-    return task.size_calibration
+            _write_json(dataclasses.asdict(task.size_calibration), cal_file)
+        if timed and ratio is None:
+            lat = task.latency.measure(
+                f8, input_shape=task.data.input_shape, runs=task.spec.latency_runs, reference=f32
+            )
+            ratio = lat.ratio or lat.median_ms / lat.reference_ms
+            _write_json({"int8_ratio": ratio, "device": where}, ratio_file)
+    task.int8_ratio = float(ratio or task.int8_ratio)
+    return float(ratio or 0.0)
 
 
 def shape(task: Task, config: CompressionConfig) -> tuple[int, dict[str, float]]:

@@ -11,10 +11,14 @@ import torch
 from autoslim import UsageError
 from autoslim.artifact import agreement, artifact_accuracy
 from autoslim.measure import Latency, get_backend, list_backends
+from autoslim.measure.backends import backend_kind
 from autoslim.teacher import evaluate_accuracy
 
+# the backends that run ONNX files (ExecuTorch's .pte programs: tests/measure/test_runtimes.py)
+ONNX_BACKENDS = [n for n in list_backends() if backend_kind(n) == "onnx"]
 
-@pytest.mark.parametrize("name", list_backends())
+
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
 def test_latency_backend_contract(name: str, resnet_artifact, fmnist) -> None:
     try:
         backend = get_backend(name)
@@ -94,7 +98,12 @@ def test_unknown_backend() -> None:
 
 def test_every_backend_times_the_artifact() -> None:
     """No backend times the PyTorch module: what ships is what is measured."""
-    assert list_backends() == ["onnxruntime-cpu", "onnxruntime-cuda"]
+    assert list_backends() == [
+        "executorch-xnnpack",
+        "onnxruntime-cpu",
+        "onnxruntime-cuda",
+        "openvino-cpu",
+    ]
     with pytest.raises(UsageError, match="unknown latency backend 'torch-cpu'"):
         get_backend("torch-cpu")
 
@@ -184,7 +193,7 @@ def test_an_uncalibrated_predictor_is_reported_and_not_used() -> None:
         LatencyPredictor().fit(feats, [-1.0] * len(feats))
 
 
-@pytest.mark.parametrize("name", list_backends())
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
 def test_paired_timing_gives_the_ratio_to_the_reference(name: str, resnet_artifact, fmnist) -> None:
     """With ``reference=``, candidate and reference blocks interleave: the ratio of a file to
     itself is ~1, a 30% pruned int8 file to the fp32 one well below, and the reference's own
