@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data browser postgres test lint demo bench-compress bench-search bench-refine bench-models bench-data bench-latency bench-workers bench-final bench-tasks clean
+.PHONY: install data browser postgres test lint demo bench-compress bench-search bench-refine bench-models bench-data bench-latency bench-workers bench-final bench-tasks bench-runtimes clean
 
 install: $(STAMP)
 
@@ -85,6 +85,10 @@ bench-final: $(STAMP) data
 # segmentation (LR-ASPP on fashion-mnist-seg) against the by-hand pipeline; the detection example
 bench-tasks: $(STAMP) data
 	$(BIN)/python benchmarks/bench_tasks.py
+
+# three searches (ONNX Runtime, OpenVINO, ExecuTorch XNNPACK) and their cross-timing
+bench-runtimes: $(STAMP) data
+	$(BIN)/python benchmarks/bench_runtimes.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache studies/runs

@@ -58,6 +58,6 @@ def atomic_json(obj: Any, path: Path) -> None:
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # one per writing process
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)

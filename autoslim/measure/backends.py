@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
-from .latency import Latency, LatencyBackend
+from .latency import RUNTIMES, Latency, LatencyBackend
 from .ort import OrtBackend, ort_session
 
 
@@ -38,6 +38,9 @@ _NEEDS = {
 }
 # the artifact kind of each kind's file suffix
 KINDS = {"onnx": ".onnx", "pte": ".pte"}
+
+
+assert tuple(sorted(_BACKENDS)) == RUNTIMES  # one list of names (latency.RUNTIMES)
 
 
 def list_backends() -> list[str]:

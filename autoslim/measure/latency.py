@@ -18,6 +18,9 @@ import numpy as np
 
 from ..errors import UsageError
 
+# the runtimes a backend can time on (local names; a device agent's are given after "/")
+RUNTIMES = ("executorch-xnnpack", "onnxruntime-cpu", "onnxruntime-cuda", "openvino-cpu")
+
 WARMUP_S = 0.5  # warm-up lasts at least this long (caches, frequency ramp, ORT's arenas)
 
 

@@ -21,7 +21,7 @@ import httpx
 
 from ..errors import AutoslimError, UsageError, one_line
 from .auth import DEFAULT_SECRET_FILE, load_secret, sign
-from .latency import Latency
+from .latency import RUNTIMES, Latency
 
 __all__ = ["AgentError", "RemoteBackend", "SECRET_ENV"]
 
@@ -90,12 +90,10 @@ class RemoteBackend:
         host = host.strip("[]")
         if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise UsageError(f"bad latency backend {name!r}; expected {form}")
-        from .backends import list_backends
-
-        if runtime not in list_backends():
+        if runtime not in RUNTIMES:
             raise UsageError(
                 f"bad latency backend {name!r}: unknown runtime {runtime!r}; expected one of "
-                f"{list_backends()} after the '/'"
+                f"{list(RUNTIMES)} after the '/'"
             )
         secret = load_secret(_secret_file(secret_file))
         backend = cls(host, int(port_text), secret=secret, runtime=runtime)

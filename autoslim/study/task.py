@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .._files import atomic_json
+from .._files import atomic_copy, atomic_json
 from ..artifact import (
     SizeCalibration,
     artifact_accuracy,
@@ -24,6 +25,7 @@ from ..config import CompressionConfig
 from ..data import DataSplits
 from ..errors import AutoslimError
 from ..measure import Latency, LatencyBackend, get_backend, host_identity
+from ..measure.executorch import executorch_version
 from ..measure.predictor import LatencyPredictor
 from ..models import stem_and_classifier
 from ..passes.distill import Recovery
@@ -169,15 +171,30 @@ def adopt_legacy_space(task: Task, stored: dict[str, str] | None = None) -> bool
     return True
 
 
+def teacher_artifact(task: Task) -> Path:
+    """The teacher's fp32 artifact of the study's kind, exported once per teacher, kind and
+    exporter versions into the cache (the export is deterministic: every study of the teacher,
+    its baseline, its size calibration and its runtime probe share the file)."""
+    path = cache_dir() / "teacher-files" / f"{_cache_key(task, 'fp32')}.{task.kind}"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+            res = export_float(
+                task.teacher.model, Path(tmp) / path.name, example=task.example, kind=task.kind
+            )
+            os.replace(res.path, path)
+    return path
+
+
 def measure_baseline(task: Task, out_dir: Path) -> dict[str, float]:
     """The teacher as an fp32 ONNX artifact: size, val/test accuracy, latency (same backend).
 
     Also sets ``task.teacher_timing`` (the latency a trial's speed-up is computed against).
     """
     path = out_dir / task.teacher_file
-    res = export_float(task.teacher.model, path, example=task.example, kind=task.kind)
+    atomic_copy(teacher_artifact(task), path)
     task.baseline = {
-        "size_bytes": res.size_bytes,
+        "size_bytes": path.stat().st_size,
         "val_accuracy": artifact_accuracy(path, task.data.val)[0],
         "test_accuracy": artifact_accuracy(path, task.data.test)[0],
         "latency_ms": time_teacher(task, out_dir),
@@ -194,7 +211,7 @@ def time_teacher(task: Task, out_dir: Path) -> float:
     """
     path = out_dir / task.teacher_file
     if not path.is_file():
-        export_float(task.teacher.model, path, example=task.example, kind=task.kind)
+        atomic_copy(teacher_artifact(task), path)
     lat = task.latency.measure(
         path,
         input_shape=task.data.input_shape,
@@ -247,7 +264,7 @@ def runtime_precisions(task: Task) -> tuple[int, ...]:
     return (8,) if ratio <= INT8_GAIN else (8, 32)
 
 
-def _cache_key(task: Task, int8: CompressionConfig, *extra: object) -> str:
+def _cache_key(task: Task, *extra: object) -> str:
     import onnx
     import onnxruntime
 
@@ -256,8 +273,8 @@ def _cache_key(task: Task, int8: CompressionConfig, *extra: object) -> str:
             1,  # the cached records' own format
             task.teacher.content_hash,
             list(task.data.input_shape),
-            int8.to_json(),
             task.kind,
+            executorch_version() if task.kind == "pte" else None,
             torch.__version__,
             onnx.__version__,
             onnxruntime.__version__,
@@ -289,12 +306,12 @@ def _references(task: Task, *, timed: bool) -> float:
     ``timed``, the int8/fp32 latency ratio on the study's runtime (returned; else 0)."""
     int8 = task.space.to_config(task.space.uniform_params(prune=0.0, weight_bits=8, act_bits=8))
     root = cache_dir() / "size-calibration"
-    cal_file = root / f"{_cache_key(task, int8)}.json"
+    cal_file = root / f"{_cache_key(task, int8.to_json())}.json"
     device = getattr(task.latency, "device_identity", None)
     where = device() if device is not None else host_identity()
     ratio_file = (
         root
-        / f"{_cache_key(task, int8, task.spec.backend, task.latency.version(), where.get('cpu'), where.get('host'))}.ratio.json"
+        / f"{_cache_key(task, int8.to_json(), task.spec.backend, task.latency.version(), where.get('cpu'), where.get('host'))}.ratio.json"
     )
     if task.size_calibration is None:
         got = _read_json(cal_file)
@@ -308,10 +325,7 @@ def _references(task: Task, *, timed: bool) -> float:
         return float(ratio)
     with tempfile.TemporaryDirectory(prefix="autoslim-size-") as tmp:
         ext = task.kind
-        f32, f8 = task.spec.run_dir / task.teacher_file, Path(tmp) / f"int8.{ext}"
-        if not f32.is_file():
-            f32 = Path(tmp) / f"fp32.{ext}"
-            export_float(task.teacher.model, f32, example=task.example, kind=ext)
+        f32, f8 = teacher_artifact(task), Path(tmp) / f"int8.{ext}"
         c = compress(
             task.teacher.model,
             int8,

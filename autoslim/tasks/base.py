@@ -71,10 +71,11 @@ class Task(ABC):
         """Metrics of ``predictions`` against ``targets`` (same samples, in order); the
         result holds :attr:`metric` (higher is better) and may hold others."""
 
-    @abstractmethod
     def agreement(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """How far two models' predictions agree, in [0, 1]: the correctness gate compares the
-        exported file's with the trained model's (1.0: identical)."""
+        exported file's with the trained model's (1.0: identical). Default: the share of equal
+        elements (classes for a classifier, pixels for a segmenter); a detector overrides it."""
+        return float((a == b).float().mean())
 
     # -- checks and plumbing --------------------------------------------------------------
     def check_output(

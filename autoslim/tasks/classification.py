@@ -49,9 +49,6 @@ class Classification(Task):
             return {"accuracy": float("nan")}
         return {"accuracy": float((predictions == targets).float().mean())}
 
-    def agreement(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a == b).float().mean())
-
     def check_output(
         self, output: Any, *, batch: int, num_classes: int, image_shape: tuple[int, int, int]
     ) -> str | None:

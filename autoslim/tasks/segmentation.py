@@ -86,9 +86,6 @@ class Segmentation(Task):
             "pixel_accuracy": float(hit.sum() / cm.sum()),
         }
 
-    def agreement(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a == b).float().mean())
-
     def check_output(
         self, output: Any, *, batch: int, num_classes: int, image_shape: tuple[int, int, int]
     ) -> str | None:
