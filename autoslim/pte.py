@@ -45,7 +45,9 @@ CALIBRATION_IMAGES = 64  # PT2E observers' images (batch 1 each: the program's s
 @contextlib.contextmanager
 def _quiet():
     """ExecuTorch and torch.export log and warn while lowering; the CLI keeps one line."""
-    loggers = [logging.getLogger(n) for n in ("executorch", "torch", "torchao")]
+    loggers = [
+        logging.getLogger(n) for n in ("executorch", "torch", "torchao", "torch.utils._pytree")
+    ]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
@@ -113,8 +115,9 @@ def export_pte(
     """Write ``model`` (float weights, fake quantization stripped) as the ``.pte`` program of
     ``config``: its int8 layers quantized by PT2E with the XNNPACK quantizer (calibrated on
     ``calib``), lowered to XNNPACK. Raises :class:`ExportError` naming what failed."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    with _quiet():  # torchao, imported by ExecuTorch, warns at import
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

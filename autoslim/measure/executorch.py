@@ -6,6 +6,7 @@ so this backend is the one part of the measuring side that loads torch: an agent
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -37,17 +38,38 @@ def _quiet() -> None:
     """ExecuTorch's runtime logs CPU probing to stderr at load; keep the one-line contract."""
     import logging
 
-    logging.getLogger("executorch").setLevel(logging.ERROR)
+    # torchao (which ExecuTorch imports) warns through torch's pytree logger at import time
+    for name in ("executorch", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _no_native_stderr():
+    """The runtime's C++ side prints CPU probing lines to file descriptor 2 when it starts;
+    keep them off the terminal (Python exceptions still carry any failure)."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def load_method(path: str | Path, *, threads: int = 1):
     """The ``forward`` method of the program at ``path``, ready to execute."""
     _quiet()
-    from executorch.runtime import Runtime
-
     try:
-        program = Runtime.get().load_program(str(path))
-        return program.load_method("forward")
+        with _no_native_stderr():
+            from executorch.runtime import Runtime
+
+            program = Runtime.get().load_program(str(path))
+            return program.load_method("forward")
     except Exception as e:  # noqa: BLE001 - the runtime raises RuntimeError and others
         raise UsageError(
             f"{path} is not an ExecuTorch program this runtime loads ({' '.join(str(e).split())[:160]}); "
