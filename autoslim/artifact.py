@@ -67,6 +67,9 @@ class ExportResult:
     agreement: float | None = None  # top-1 agreement with the PyTorch model, when gated
     exporter: str = "dynamo"  # which exporter wrote the float graph (see EXPORTERS)
     tensors: dict[str, str] = field(default_factory=dict)  # act-range key -> ONNX tensor
+    # what the file is gated against when not the trained model itself: an ExecuTorch
+    # program's quantized PyTorch graph (PT2E), batch 1
+    reference: nn.Module | None = field(default=None, repr=False)
 
 
 EXPORTERS = ("dynamo", "dynamo-static-batch", "torchscript")

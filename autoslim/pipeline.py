@@ -225,7 +225,10 @@ def export(
     (an ExecuTorch program lowered to XNNPACK). The gate runs the file in its runtime on
     ``check`` and compares its predictions with the PyTorch model's by the task's agreement
     (classification: top-1, segmentation: pixels); below ``min_agreement`` the file is removed
-    and :class:`ExportError` says why.
+    and :class:`ExportError` says why. A ``.pte`` program with int8 layers is compared with its
+    own quantized PyTorch graph (PT2E's, whose activation ranges XNNPACK's histogram observers
+    chose: 96-98% top-1 agreement with recovery's fake-quantized model on MobileNetV3-small, a
+    difference its measured accuracy carries).
     """
     if kind not in KINDS:
         raise ExportError(f"unknown artifact kind {kind!r}; expected one of {sorted(KINDS)}")
@@ -241,6 +244,7 @@ def export(
             config=compressed.config,
             calib=compressed.calib,
             factorized=compressed.factorized,
+            act_ranges=compressed.act_ranges,
         )
     else:
         result = export_onnx(
@@ -254,12 +258,16 @@ def export(
         )
     if check is not None:
         _, pred = artifact_accuracy(result.path, check)
+        if result.reference is not None:  # an ExecuTorch program: its quantized graph (PT2E)
+            from .pte import OneByOne
+
+            ref = predictions(OneByOne(result.reference), check)
         agree = agreement(pred, ref, check.task)
         result.agreement = agree
         if agree < min_agreement:
             try:
                 why = (
-                    "the ExecuTorch program's int8 layers were calibrated by PT2E's observers"
+                    "the ExecuTorch program does not compute what its quantized graph computes"
                     if kind == "pte"
                     else diagnose_divergence(
                         compressed.model, result.path, check.head(64), result.tensors
