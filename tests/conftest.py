@@ -21,6 +21,7 @@ import torch
 # suite's timings check behaviour, not figures: no least duration here (nor in the CLI
 # processes and agents the tests start, which inherit it). tests/measure/test_measure.py checks it.
 os.environ["AUTOSLIM_LATENCY_MIN_S"] = "0"
+os.environ["AUTOSLIM_LATENCY_WARMUP_S"] = "0.05"  # warm-up: 20 runs and 0.05 s (not 0.5 s)
 
 from autoslim import (  # noqa: E402
     CompressionConfig,
