@@ -189,7 +189,7 @@ def main() -> int:
         print(f"| fp32 teacher | - | - | {load_teacher_acc(runs[r]):.4f} | "
               f"{teacher.stat().st_size:,} | 1.000 ({teacher_ms:.3f} ms) |")  # fmt: skip
         for x in sorted(points, key=lambda x: x["ratio"]):
-            print(f"| {x['label']} | {SHORT.get(x['search'], '-')} | {x['summary'][:60]} | "
+            print(f"| {x['label']} | {SHORT.get(x['search'], '-')} | {x['summary'].replace(' | ', '; ')[:70]} | "
                   f"{x['test_accuracy']:.4f} | {x['size_bytes']:,} | {x['ratio']:.3f} |")  # fmt: skip
         beaten = [(o["label"], p["label"]) for p in own for o in others if dominates(o, p)]
         print(f"\nown front dominated by a configuration another search chose: "

@@ -192,6 +192,7 @@ def measure_baseline(task: Task, out_dir: Path) -> dict[str, float]:
     Also sets ``task.teacher_timing`` (the latency a trial's speed-up is computed against).
     """
     path = out_dir / task.teacher_file
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_copy(teacher_artifact(task), path)
     task.baseline = {
         "size_bytes": path.stat().st_size,
@@ -211,6 +212,7 @@ def time_teacher(task: Task, out_dir: Path) -> float:
     """
     path = out_dir / task.teacher_file
     if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_copy(teacher_artifact(task), path)
     lat = task.latency.measure(
         path,
