@@ -140,7 +140,7 @@ def time_runs(
     per_run = _warm(fn, warmup, warmup_s)
     ref_block = 0
     if reference is not None:
-        ref_ms = _warm(reference, min(warmup, 5), warmup_s / 2)
+        ref_ms = _warm(reference, warmup, warmup_s)  # warmed as long as the candidate
         ref_block = max(3, min(BLOCK, round(block * per_run / max(ref_ms, 1e-6))))
     samples: list[float] = []
     medians: list[float] = []
