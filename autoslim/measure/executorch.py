@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from .latency import Latency, host_lock, time_runs
+from .latency import LocalBackend
 
 EXTRA = "executorch"  # pip install 'autoslim[executorch]'
 MAGIC = b"ET"  # a .pte flatbuffer's file identifier (bytes 4-5: "ET12", ...)
@@ -97,7 +97,7 @@ def pte_outputs(path: str | Path, batches: Iterable[np.ndarray]) -> Iterator[np.
         yield torch.cat(outs).numpy()
 
 
-class ExecutorchBackend:
+class ExecutorchBackend(LocalBackend):
     """ExecuTorch's runtime on a ``.pte`` program (XNNPACK delegate inside), batch 1."""
 
     kind = "pte"  # the artifact it runs
@@ -116,21 +116,6 @@ class ExecutorchBackend:
 
     def version(self) -> str:
         return f"executorch {executorch_version()}"
-
-    def measure(
-        self,
-        artifact: Path,
-        *,
-        input_shape: tuple[int, ...],
-        runs: int = 200,
-        warmup: int = 20,
-        reference: Path | None = None,
-    ) -> Latency:
-        """Time the program by the protocol (paired with ``reference`` when given)."""
-        run = self._runner(artifact, input_shape)
-        ref = self._runner(reference, input_shape) if reference is not None else None
-        with host_lock():
-            return time_runs(run, backend=self.name, runs=runs, warmup=warmup, reference=ref)
 
     def _runner(self, artifact: Path, input_shape: tuple[int, ...]) -> Callable[[], None]:
         import torch

@@ -264,3 +264,30 @@ class LatencyBackend(Protocol):
         warmup: int = 20,
         reference: Path | None = None,
     ) -> Latency: ...
+
+
+class LocalBackend:
+    """A backend that times on this host: subclasses give ``_runner`` (one batch-1 inference
+    of a file, its session made once) and share the protocol and the host lock here."""
+
+    name: str
+    kind: str
+
+    def _runner(self, artifact: Path, input_shape: tuple[int, ...]) -> Callable[[], object]:
+        raise NotImplementedError
+
+    def measure(
+        self,
+        artifact: Path,
+        *,
+        input_shape: tuple[int, ...],
+        runs: int = 200,
+        warmup: int = 20,
+        reference: Path | None = None,
+    ) -> Latency:
+        """Time ``artifact`` by the protocol; with ``reference``, paired with that file. One
+        measurement at a time per host (:func:`host_lock`), whichever process asks."""
+        run = self._runner(artifact, input_shape)
+        ref = self._runner(reference, input_shape) if reference is not None else None
+        with host_lock():
+            return time_runs(run, backend=self.name, runs=runs, warmup=warmup, reference=ref)

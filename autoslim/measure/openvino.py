@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .latency import Latency, host_lock, time_runs
+from .latency import LocalBackend
 
 EXTRA = "openvino"  # pip install 'autoslim[openvino]'
 
@@ -59,7 +59,7 @@ def openvino_outputs(
             yield request.infer({0: xb})[0].copy()
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(LocalBackend):
     """OpenVINO on the ONNX artifact, batch 1, ``threads`` inference threads."""
 
     kind = "onnx"  # the artifact it runs
@@ -77,22 +77,6 @@ class OpenVinoBackend:
 
     def version(self) -> str:
         return f"openvino {openvino_version()}"
-
-    def measure(
-        self,
-        artifact: Path,
-        *,
-        input_shape: tuple[int, ...],
-        runs: int = 200,
-        warmup: int = 20,
-        reference: Path | None = None,
-    ) -> Latency:
-        """Time ``artifact`` by the protocol (paired with ``reference`` when given), one
-        measurement per host at a time."""
-        run = self._runner(artifact, input_shape)
-        ref = self._runner(reference, input_shape) if reference is not None else None
-        with host_lock():
-            return time_runs(run, backend=self.name, runs=runs, warmup=warmup, reference=ref)
 
     def _runner(self, artifact: Path, input_shape: tuple[int, ...]) -> Callable[[], None]:
         import openvino as ov

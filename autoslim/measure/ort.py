@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from .latency import Latency, host_lock, time_runs
+from .latency import LocalBackend
 
 OPTIMIZATIONS = ("all", "extended", "basic", "disabled")  # ONNX Runtime graph optimisation levels
 
@@ -42,7 +42,7 @@ def ort_session(
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
-class OrtBackend:
+class OrtBackend(LocalBackend):
     """ONNX Runtime on the artifact file, batch 1, ``threads`` intra-op threads.
 
     On CUDA the input and output live on the device through IO binding, so the timed run is
@@ -65,22 +65,6 @@ class OrtBackend:
         import onnxruntime as ort
 
         return f"onnxruntime {ort.__version__}"
-
-    def measure(
-        self,
-        artifact: Path,
-        *,
-        input_shape: tuple[int, ...],
-        runs: int = 200,
-        warmup: int = 20,
-        reference: Path | None = None,
-    ) -> Latency:
-        """Time ``artifact`` by the protocol; with ``reference``, paired with that file. One
-        measurement at a time per host (:func:`host_lock`), whichever process asks."""
-        run = self._runner(artifact, input_shape)
-        ref = self._runner(reference, input_shape) if reference is not None else None
-        with host_lock():
-            return time_runs(run, backend=self.name, runs=runs, warmup=warmup, reference=ref)
 
     def _runner(self, artifact: Path, input_shape: tuple[int, ...]) -> Callable[[], None]:
         """One batch-1 inference of ``artifact`` (a session made once, the input bound)."""
